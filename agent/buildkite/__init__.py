@@ -1,0 +1,1 @@
+"""The built-in worker: a Buildkite agent API v3 client."""

@@ -1,0 +1,311 @@
+"""Runs one accepted job: its process group, its log, its state poll, cancelling and finishing.
+
+A job is either finished or reported, never lost: every path out of :meth:`JobRunner.run`
+(normal exit, cancel, forced stop, deadline) ends in a ``finish`` call with the job's exit status,
+and the job's whole process group is gone before it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.buildkite.api import LONG_RETRY, AgentApi, ApiError, Unauthorized, now_rfc3339
+from agent.buildkite.log_streamer import Chunk, LogStreamer, pump
+from agent.buildkite.models import Job, JobFinishRequest
+from agent.buildkite.redact import Redactor
+from agent.reaper import ExitStatus, Reaper, group_alive, signal_group
+from agent.retry import RetryableError, RetryPolicy
+
+log = logging.getLogger("fleetdrain.job")
+
+#: Variables of the agent's own environment that a job must never see.
+PRIVATE_ENV = ("BUILDKITE_AGENT_TOKEN",)
+#: Seconds to wait for the output pipe to drain after the job's process group is gone.
+PIPE_DRAIN_SECONDS = 1.0
+#: Seconds kept back from a deadline for the finish call itself.
+FINISH_RESERVE = 1.0
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """What the runner needs from the agent's settings."""
+
+    agent_name: str
+    build_path: Path
+    job_status_interval: float = 5.0
+    cancel_signal: signal.Signals = signal.SIGTERM
+    signal_grace_period: float = 9.0
+    shell: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What was reported for the job."""
+
+    exit_status: str
+    signal: str | None
+    signal_reason: str | None
+    chunks_failed_count: int
+    finished: bool
+
+
+class JobRunner:
+    """One job, from ``start`` to ``finish``."""
+
+    def __init__(
+        self,
+        api: AgentApi,
+        job: Job,
+        reaper: Reaper,
+        settings: JobSettings,
+        *,
+        deadline: Callable[[], float | None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.api = api
+        self.job = job
+        self.reaper = reaper
+        self.settings = settings
+        self.deadline = deadline
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.cancel_reason: str | None = None
+        self.pgid: int | None = None
+        self._exited: asyncio.Future[ExitStatus] | None = None
+        self._streamer: LogStreamer | None = None
+        self._cancel_task: asyncio.Task[None] | None = None
+
+    # -- control -----------------------------------------------------------------------------
+
+    def cancel(self, reason: str) -> None:
+        """Cancel the job: cancel signal to its group, the signal grace, then SIGKILL.
+
+        Idempotent; the first reason is the one reported.
+        """
+        if self.cancel_reason is not None:
+            return
+        self.cancel_reason = reason
+        log.info("cancelling job %s (%s)", self.job.id, reason)
+        self._cancel_task = asyncio.get_running_loop().create_task(self._cancel())
+
+    def kill_now(self) -> None:
+        """SIGKILL the job's process group at once (synchronous; the third signal)."""
+        if self.pgid is not None:
+            signal_group(self.pgid, signal.SIGKILL)
+
+    async def _cancel(self) -> None:
+        if self.pgid is None or self._exited is None:
+            return
+        sig = self.settings.cancel_signal
+        # Signal first: a note stuck behind a full log buffer must never delay the cancel.
+        signal_group(self.pgid, sig)
+        if self._streamer is not None:
+            left = self._time_left()
+            note = "" if left is None else f", {left:.0f}s before the deadline"
+            self._streamer.write_nowait(
+                f"\n[fleetdrain-agent] cancelling job ({self.cancel_reason}{note})\n".encode()
+            )
+        try:
+            await asyncio.wait_for(asyncio.shield(self._exited), self.settings.signal_grace_period)
+        except TimeoutError:
+            log.warning(
+                "job %s still running %.1fs after %s: SIGKILL",
+                self.job.id,
+                self.settings.signal_grace_period,
+                sig.name,
+            )
+            signal_group(self.pgid, signal.SIGKILL)
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def run(self) -> JobResult:
+        """Run the job and report it; returns what was reported."""
+        job = self.job
+        if job.chunks_max_size_bytes <= 0:
+            log.error("job %s has chunks_max_size_bytes=0: refusing it", job.id)
+            return await self._finish("-1", None, "agent_refused", 0)
+        try:
+            await self.api.start(job)
+        except Unauthorized:
+            log.error("job %s: the server no longer accepts its token; not running it", job.id)
+            return JobResult("-1", None, None, 0, finished=False)
+        except (ApiError, RetryableError) as exc:
+            log.error("job %s could not be started: %s", job.id, exc)
+            return await self._finish("-1", None, "process_run_error", 0)
+
+        streamer = LogStreamer(
+            self._upload,
+            max_chunk_size=job.chunks_max_size_bytes,
+            interval=job.chunks_interval_seconds or 1.0,
+            redactor=Redactor.from_env(job.env),
+        )
+        self._streamer = streamer
+        await streamer.start()
+        try:
+            status = await self._run_process(streamer)
+        except OSError as exc:
+            await streamer.write(f"[fleetdrain-agent] could not run the job: {exc}\n".encode())
+            failed = await streamer.close(timeout=self._upload_budget())
+            return await self._finish("-1", None, "process_run_error", failed)
+        failed = await streamer.close(timeout=self._upload_budget())
+        if failed:
+            log.warning("job %s: %d log chunk(s) could not be uploaded", job.id, failed)
+        return await self._finish(
+            str(status.shell_code), status.signal_name, self.cancel_reason, failed
+        )
+
+    async def _run_process(self, streamer: LogStreamer) -> ExitStatus:
+        loop = asyncio.get_running_loop()
+        cwd = self._prepare_checkout()
+        proc, exited = self.reaper.spawn(
+            [*self._shell(), self.job.command],
+            cwd=cwd,
+            env=self._environment(cwd),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: cancel signals reach all of it
+            close_fds=True,
+        )
+        self.pgid = proc.pid
+        self._exited = exited
+        if self.cancel_reason is not None:  # cancelled before the process existed
+            self._cancel_task = loop.create_task(self._cancel())
+        assert proc.stdout is not None
+        reader = asyncio.StreamReader(limit=2**20)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), proc.stdout
+        )
+        pumping = loop.create_task(pump(reader, streamer))
+        polling = loop.create_task(self._poll_state())
+        try:
+            status = await asyncio.shield(exited)
+        finally:
+            polling.cancel()
+            # Whatever the job left in its group dies with it: nothing outlives a job.
+            signal_group(proc.pid, signal.SIGKILL)
+            if not exited.done():
+                await asyncio.wait({exited}, timeout=self.settings.signal_grace_period)
+            try:
+                await asyncio.wait_for(asyncio.shield(pumping), PIPE_DRAIN_SECONDS)
+            except TimeoutError:
+                # Something outside the group (a daemon that called setsid) holds the pipe.
+                log.warning("job %s: output pipe still open after exit; closing it", self.job.id)
+                transport.close()
+                pumping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await polling
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pumping
+            if self._cancel_task is not None:
+                self._cancel_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._cancel_task
+            transport.close()
+        if group_alive(proc.pid):
+            log.warning("job %s: process group %d still alive after SIGKILL", self.job.id, proc.pid)
+        return status
+
+    async def _poll_state(self) -> None:
+        interval = max(self.settings.job_status_interval, 0.05)
+        while True:
+            await asyncio.sleep(interval + self.rng.uniform(0, interval / 2))
+            try:
+                state = await self.api.job_state(self.job)
+            except Unauthorized:
+                log.warning("job %s: token no longer valid; the server gave up on it", self.job.id)
+                self.cancel("cancel")
+                return
+            except (ApiError, RetryableError) as exc:
+                log.debug("job %s: state poll failed: %s", self.job.id, exc)
+                continue
+            if state in ("canceling", "canceled", "timing_out", "timed_out"):
+                self.cancel("cancel")
+                return
+
+    async def _upload(self, chunk: Chunk) -> None:
+        await self.api.upload_chunk(
+            self.job, chunk.sequence, chunk.offset, chunk.size, chunk.data, policy=self._policy()
+        )
+
+    async def _finish(
+        self, exit_status: str, sig: str | None, reason: str | None, failed: int
+    ) -> JobResult:
+        request = JobFinishRequest(
+            exit_status=exit_status,
+            signal=sig,
+            signal_reason=reason,
+            finished_at=now_rfc3339(),
+            chunks_failed_count=failed,
+        )
+        try:
+            await self.api.finish(self.job, request, policy=self._policy(reserve=0.0))
+        except (ApiError, RetryableError) as exc:
+            log.error("job %s: finish could not be reported: %s", self.job.id, exc)
+            return JobResult(exit_status, sig, reason, failed, finished=False)
+        log.info(
+            "job %s finished: exit_status=%s signal=%s signal_reason=%s chunks_failed=%d",
+            self.job.id,
+            exit_status,
+            sig,
+            reason,
+            failed,
+        )
+        return JobResult(exit_status, sig, reason, failed, finished=True)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _time_left(self) -> float | None:
+        deadline = self.deadline()
+        return None if deadline is None else deadline - self.clock()
+
+    def _upload_budget(self) -> float | None:
+        left = self._time_left()
+        return None if left is None else max(0.1, left - FINISH_RESERVE)
+
+    def _policy(self, reserve: float = FINISH_RESERVE) -> RetryPolicy:
+        """The long retry policy, cut short by the deadline when there is one."""
+        left = self._time_left()
+        if left is None:
+            return LONG_RETRY
+        return RetryPolicy(
+            max_attempts=None,
+            max_elapsed=max(0.1, left - reserve),
+            base=LONG_RETRY.base,
+            max_delay=min(LONG_RETRY.max_delay, 1.0),
+        )
+
+    def _shell(self) -> tuple[str, ...]:
+        if self.settings.shell:
+            return self.settings.shell
+        bash = shutil.which("bash")
+        return (bash, "-e", "-c") if bash else ("/bin/sh", "-e", "-c")
+
+    def _prepare_checkout(self) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "-", self.settings.agent_name) or "agent"
+        path = self.settings.build_path / safe / self.job.id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _environment(self, cwd: Path) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
+        env.update(self.job.env)
+        env.setdefault("BUILDKITE_JOB_ID", self.job.id)
+        env["BUILDKITE_AGENT_NAME"] = self.settings.agent_name
+        env["BUILDKITE_BUILD_CHECKOUT_PATH"] = str(cwd)
+        env["BUILDKITE"] = "true"
+        env["CI"] = "true"
+        return env

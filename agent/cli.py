@@ -1,0 +1,93 @@
+"""``fleetdrain-agent``: ``start`` (the built-in agent) and ``health`` (container healthCheck)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from agent import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    from agent.settings import add_start_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="fleetdrain-agent",
+        description="A PID-1-safe build agent for ECS that drains without losing jobs.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    start = sub.add_parser(
+        "start",
+        help="run the built-in Buildkite agent (as PID 1 in an ECS task)",
+        description="Register, run jobs, and drain on SIGTERM without losing a job: heartbeats "
+        "continue while draining, and a job that cannot finish before --stop-timeout is "
+        "cancelled and reported (signal_reason agent_stop) before SIGKILL.",
+    )
+    add_start_arguments(start)
+    health = sub.add_parser(
+        "health",
+        help="exit 0 if the local agent is healthy (for the ECS container healthCheck)",
+        description="GET http://ADDR/health; exit 0 on 200, 1 otherwise.",
+    )
+    import os
+
+    health.add_argument(
+        "--addr",
+        default=os.environ.get("BUILDKITE_AGENT_HEALTH_CHECK_ADDR", "127.0.0.1:3901"),
+        help="the agent's --health-check-addr [$BUILDKITE_AGENT_HEALTH_CHECK_ADDR] "
+        "(default %(default)s)",
+    )
+    health.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    """One line per record on stderr (awslogs keeps it as it is)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fleetdrain-agent``."""
+    parser = _parser()
+    ns = parser.parse_args(argv)
+    if ns.command == "health":
+        from agent.health import check
+
+        return check(ns.addr, timeout=ns.timeout)
+    if ns.command == "start":
+        from agent.settings import settings_from_args
+
+        try:
+            settings = settings_from_args(ns)
+        except (ValueError, ValidationError) as exc:
+            print(f"fleetdrain-agent start: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        configure_logging(settings.log_level)
+        from agent.start import run_start
+
+        return asyncio.run(run_start(settings))
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"{where}: {err['msg']}" if where else str(err["msg"])
+    return str(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

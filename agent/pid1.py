@@ -1,0 +1,190 @@
+"""The PID-1 layer: signal policy, deadline clock and reaping. It knows nothing of Buildkite.
+
+Signals (DESIGN, "Signals"):
+
+=====================================  ==================================================
+1st SIGTERM / SIGINT                    graceful stop; the ``stop-timeout`` clock starts
+2nd SIGTERM / SIGINT, or SIGQUIT        forced stop: the worker cancels and reports its work
+3rd                                     SIGKILL the worker's processes and exit at once
+SIGHUP                                  ignored (logged)
+=====================================  ==================================================
+
+The deadline clock: once a deadline is known (SIGTERM + stop-timeout, or a spot notice), a
+worker that is still busy at ``deadline - cancel_grace_period - margin`` is stopped by force so
+that its job is cancelled *and reported* before SIGKILL can come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent.reaper import Reaper
+from agent.worker import Worker
+
+log = logging.getLogger("fleetdrain.pid1")
+
+#: What we do at the very end of the deadline: this close to SIGKILL, exit on our own terms.
+FINAL_MARGIN = 0.5
+
+
+class Supervisor:
+    """Runs a worker under the signal policy and the deadline clock, reaping as it goes."""
+
+    def __init__(
+        self,
+        worker: Worker,
+        reaper: Reaper,
+        *,
+        stop_timeout: float = 120.0,
+        cancel_grace_period: float = 10.0,
+        margin: float = 5.0,
+        exit_grace: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        is_pid1: bool | None = None,
+        exit_now: Callable[[int], None] | None = None,
+    ) -> None:
+        self.worker = worker
+        self.reaper = reaper
+        self.stop_timeout = stop_timeout
+        self.cancel_grace_period = cancel_grace_period
+        self.margin = margin
+        self.exit_grace = exit_grace
+        self.clock = clock
+        self.is_pid1 = os.getpid() == 1 if is_pid1 is None else is_pid1
+        self._exit_now = exit_now or _hard_exit
+        self.level = 0
+        self.deadline: float | None = None
+        self.drain_reason: str | None = None
+        self.signals: list[str] = []
+        self._deadline_task: asyncio.Task[None] | None = None
+        self._handled = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run the worker to completion; the exit status for this process."""
+        loop = asyncio.get_running_loop()
+        self.reaper.install(loop)
+        for sig in self._handled:
+            loop.add_signal_handler(sig, self.on_signal, sig)
+        try:
+            code = await self.worker.run()
+        finally:
+            for sig in self._handled:
+                loop.remove_signal_handler(sig)
+            if self._deadline_task is not None:
+                self._deadline_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._deadline_task
+        await self._reap_everything()
+        self.reaper.uninstall()
+        return code
+
+    async def _reap_everything(self) -> None:
+        """As PID 1, leave nothing behind: the kernel would SIGKILL it when we exit anyway,
+        but a TERM first lets it shut down cleanly."""
+        if not self.is_pid1:
+            return
+        self.reaper.reap()
+        if not self.reaper.has_children():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, signal.SIGTERM)
+        until = self.clock() + self.exit_grace
+        while self.clock() < until and self.reaper.has_children():
+            await asyncio.sleep(0.02)
+            self.reaper.reap()
+        if self.reaper.has_children():
+            log.warning("processes still running %.1fs after SIGTERM: SIGKILL", self.exit_grace)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(-1, signal.SIGKILL)
+            while self.reaper.has_children():
+                await asyncio.sleep(0.01)
+                self.reaper.reap()
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def on_signal(self, sig: int) -> None:
+        """Apply the signal policy to one delivered signal."""
+        name = signal.Signals(sig).name
+        self.signals.append(name)
+        if sig == signal.SIGHUP:
+            log.info("received SIGHUP: ignored")
+            return
+        if sig == signal.SIGQUIT:
+            self.level = max(self.level + 1, 2)
+        else:
+            self.level += 1
+        if self.level == 1:
+            log.info("received %s: graceful stop, %.0fs until SIGKILL", name, self.stop_timeout)
+            self.begin_drain(self.clock() + self.stop_timeout, reason=name)
+        elif self.level == 2:
+            log.info("received %s: forced stop, cancelling running work", name)
+            self.force("agent_stop")
+        else:
+            log.warning("received %s again: exiting now", name)
+            self.worker.kill()
+            self._exit_now(1)
+
+    # -- draining ----------------------------------------------------------------------------
+
+    def begin_drain(self, deadline: float | None, reason: str) -> None:
+        """Stop gracefully; with a deadline, start (or move earlier) the deadline clock."""
+        self.drain_reason = self.drain_reason or reason
+        if deadline is not None and (self.deadline is None or deadline < self.deadline):
+            self.deadline = deadline
+            if self._deadline_task is not None:
+                self._deadline_task.cancel()
+            self._deadline_task = asyncio.get_running_loop().create_task(self._watch_deadline())
+        self.worker.stop_gracefully(self.deadline)
+
+    def force(self, reason: str) -> None:
+        """Forced stop: the worker cancels its work and reports it with ``reason``."""
+        self.level = max(self.level, 2)
+        self.worker.stop_forcefully(reason)
+
+    def time_left(self) -> float | None:
+        """Seconds until the deadline, or None without one."""
+        return None if self.deadline is None else self.deadline - self.clock()
+
+    async def _watch_deadline(self) -> None:
+        assert self.deadline is not None
+        force_at = self.deadline - self.cancel_grace_period - self.margin
+        await asyncio.sleep(max(0.0, force_at - self.clock()))
+        if self.worker.busy() and self.level < 2:
+            log.warning(
+                "work still running with %.1fs left before SIGKILL: cancelling it (agent_stop)",
+                self.deadline - self.clock(),
+            )
+            self.force("agent_stop")
+        await asyncio.sleep(max(0.0, self.deadline - FINAL_MARGIN - self.clock()))
+        log.error("worker still running %.1fs before SIGKILL: killing it and exiting", FINAL_MARGIN)
+        self.worker.kill()
+        self._exit_now(1)
+
+    def status(self) -> dict[str, Any]:
+        """The PID-1 layer's part of /status."""
+        left = self.time_left()
+        return {
+            "pid1": self.is_pid1,
+            "signals": list(self.signals),
+            "drain_reason": self.drain_reason,
+            "deadline_in_seconds": None if left is None else round(left, 3),
+            "orphans_reaped": self.reaper.orphans_reaped,
+        }
+
+
+def _hard_exit(code: int) -> None:
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,142 @@
+"""``fleetdrain-agent start``: the PID-1 layer around the built-in Buildkite worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from typing import Any
+
+import httpx
+
+from agent.buildkite.api import AgentApi
+from agent.buildkite.job_runner import JobSettings
+from agent.buildkite.worker import BuildkiteConfig, BuildkiteWorker
+from agent.health import HealthServer, HeartbeatHealth
+from agent.pid1 import Supervisor
+from agent.reaper import Reaper, parse_signal
+from agent.settings import StartSettings
+
+log = logging.getLogger("fleetdrain.agent")
+
+
+async def gather_tags(settings: StartSettings, http: httpx.AsyncClient) -> list[str]:
+    """The configured tags plus those from ECS task metadata and EC2 metadata, if asked for.
+
+    Metadata that cannot be read is logged and skipped: an agent without ``ecs:*`` tags can
+    still run jobs (the controller then falls back to StopTask for it).
+    """
+    tags = list(settings.tags)
+    if settings.tags_from_ecs_meta_data:
+        from agent.ecs import MetadataError, ecs_task_tags
+
+        uri = os.environ.get("ECS_CONTAINER_METADATA_URI_V4")
+        if not uri:
+            log.warning("--tags-from-ecs-meta-data: $ECS_CONTAINER_METADATA_URI_V4 is not set")
+        else:
+            try:
+                tags += [f"{k}={v}" for k, v in (await ecs_task_tags(http, uri)).items()]
+            except MetadataError as exc:
+                log.warning("ECS task metadata: %s", exc)
+    if settings.tags_from_ec2_meta_data:
+        from agent.imds import ImdsClient, ImdsError
+
+        try:
+            imds = ImdsClient(http, base_url=os.environ.get("FLEETDRAIN_IMDS_ENDPOINT"))
+            tags += [f"{k}={v}" for k, v in (await imds.ec2_tags()).items()]
+        except ImdsError as exc:
+            log.warning("EC2 instance metadata: %s", exc)
+    return tags
+
+
+async def run_start(settings: StartSettings) -> int:
+    """Run the agent until it has drained; the process exit status."""
+    reaper = Reaper()
+    health = HeartbeatHealth()
+    timeout = httpx.Timeout(30.0, connect=10.0)
+    async with httpx.AsyncClient(timeout=timeout) as http:
+        tags = await gather_tags(settings, http)
+        api = AgentApi(settings.endpoint, http)
+        keeper: Any = None
+        if settings.task_protection:
+            keeper = _protection_keeper(http)
+
+        def busy_changed(busy: bool) -> None:
+            if keeper is not None:
+                keeper.notify()
+
+        worker = BuildkiteWorker(
+            BuildkiteConfig(
+                registration_token=settings.token.get_secret_value(),
+                name=settings.name,
+                tags=tags,
+                priority=settings.priority,
+                job=JobSettings(
+                    agent_name=settings.name,
+                    build_path=settings.build_path,
+                    cancel_signal=parse_signal(settings.cancel_signal),
+                    signal_grace_period=settings.effective_signal_grace,
+                ),
+                disconnect_after_job=settings.disconnect_after_job,
+                disconnect_after_idle_timeout=settings.disconnect_after_idle_timeout,
+            ),
+            api,
+            reaper,
+            on_heartbeat=health.record_success,
+            on_busy_change=busy_changed,
+        )
+        supervisor = Supervisor(
+            worker,
+            reaper,
+            stop_timeout=settings.stop_timeout,
+            cancel_grace_period=settings.cancel_grace_period,
+            margin=settings.drain_margin,
+        )
+
+        def status() -> dict[str, Any]:
+            out: dict[str, Any] = {**worker.status(), **supervisor.status()}
+            out["healthy"] = health()
+            if keeper is not None:
+                out["task_protection"] = {"enabled": keeper.enabled, "error": keeper.last_error}
+            return out
+
+        server = None
+        if settings.health_check_addr:
+            server = HealthServer(settings.health_check_addr, health=health, status=status)
+            await server.start()
+        keeping = None
+        if keeper is not None:
+            keeping = asyncio.get_running_loop().create_task(keeper.run())
+        if registration := reg_interval(worker):
+            health.interval = registration
+        started = time.monotonic()
+        try:
+            code = await supervisor.run()
+        finally:
+            if keeping is not None:
+                keeping.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keeping
+                with contextlib.suppress(Exception):
+                    await keeper.release()
+            if server is not None:
+                await server.close()
+        log.info("exiting with status %d after %.1fs", code, time.monotonic() - started)
+        return code
+
+
+def reg_interval(worker: BuildkiteWorker) -> float | None:
+    """The heartbeat interval once registered (None before)."""
+    return None if worker.registration is None else worker.registration.heartbeat_interval
+
+
+def _protection_keeper(http: httpx.AsyncClient) -> Any:
+    from agent.ecs import ProtectionKeeper, TaskProtection
+
+    agent_uri = os.environ.get("ECS_AGENT_URI")
+    if not agent_uri:
+        log.warning("--task-protection: $ECS_AGENT_URI is not set; protection disabled")
+        return None
+    return ProtectionKeeper(TaskProtection(http, agent_uri), busy=lambda: False)

@@ -1,0 +1,1 @@
+"""fleetdrain drill: the whole system on one machine (embedded coordinator, local fleet)."""

@@ -1,0 +1,270 @@
+"""The real agent process as PID 1 of its own PID namespace, against the coordinator on loopback.
+
+Each test drives a drain the way ECS does (signals from outside the namespace) and checks what
+the server saw: the job's result and log, the agent's heartbeats, its disconnect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+
+import pytest
+
+from drill.coordinator import Fault, RetryRule
+
+pytestmark = pytest.mark.pid1
+
+LINES = 15
+# A job that prints a numbered line every 0.1 s: about 1.5 s in all.
+COUNTING_JOB = f'for i in $(seq 1 {LINES}); do echo "line $i"; sleep 0.1; done; echo all-done'
+# A job that traps TERM (so the cancel signal is seen), runs until told otherwise.
+TRAPPING_JOB = "trap 'echo \"job got TERM\"; exit 143' TERM; echo started; sleep 60 & wait"
+RETRY = [RetryRule(exit_status="-1", limit=2), RetryRule(signal_reason="agent_stop", limit=2)]
+
+
+def _exit_within(proc, seconds: float) -> tuple[int, float]:
+    started = time.monotonic()
+    code = proc.wait(timeout=seconds + 5)
+    return code, time.monotonic() - started
+
+
+def _disconnected(fleet, agent_id: str) -> float:
+    events = fleet.coord.events_of("disconnect", agent_id=agent_id)
+    assert events, "the agent never disconnected"
+    return events[-1].time
+
+
+def test_sigterm_mid_job_finishes_the_job_then_exits(make_fleet):
+    fleet = make_fleet()
+    proc, name, _ = fleet.agent()
+    agent_id = fleet.agent_id(name)
+    job = fleet.coord.add_job(COUNTING_JOB, retry=RETRY)
+    fleet.wait_job_state(job.id, ("running",))
+    time.sleep(0.3)
+    proc.send(signal.SIGTERM)
+    code = proc.wait(timeout=20)
+    exited_at = time.monotonic()
+
+    assert code == 0, proc.output()
+    done = fleet.coord.job(job.id)
+    assert done.state == "finished"
+    assert done.exit_status == "0"
+    assert done.signal_reason is None
+    assert done.log_complete
+    log = done.log.decode()
+    assert all(f"line {i}\n" in log for i in range(1, LINES + 1)), log
+    assert "all-done" in log
+    assert done.chunks_failed_count == 0
+    assert not done.retried and not done.lost
+    # Disconnect and exit follow the job's end within a second.
+    finished = fleet.coord.events_of("finish", job_id=job.id)[-1].time
+    assert _disconnected(fleet, agent_id) - finished < 1.0
+    assert exited_at - finished < 1.0 + 0.2  # poll granularity of this test
+    # Heartbeats never stopped while it drained (interval 0.5 s).
+    assert fleet.coord.heartbeat_gaps(agent_id) < 0.5 * 1.5 + 0.1
+    assert not fleet.coord.agent(agent_id).request_headers_missing
+
+
+def test_idle_sigterm_exits_at_once(make_fleet):
+    fleet = make_fleet()
+    proc, name, _ = fleet.agent()
+    agent_id = fleet.agent_id(name)
+    time.sleep(0.3)
+    proc.send(signal.SIGTERM)
+    code, took = _exit_within(proc, 5)
+    assert code == 0, proc.output()
+    assert took < 0.5, f"idle agent took {took:.2f}s to exit"
+    assert fleet.coord.agent(agent_id).connection_state == "disconnected"
+
+
+@pytest.mark.parametrize(
+    "signals", [["SIGQUIT"], ["SIGTERM", "SIGTERM"]], ids=["sigquit", "2x-sigterm"]
+)
+def test_forced_stop_cancels_and_reports_agent_stop(make_fleet, signals):
+    fleet = make_fleet()
+    proc, name, _ = fleet.agent("--cancel-grace-period", "3")
+    agent_id = fleet.agent_id(name)
+    job = fleet.coord.add_job(TRAPPING_JOB, retry=RETRY)
+    fleet.wait_job_state(job.id, ("running",))
+    assert fleet.coord.wait_for(lambda c: b"started" in c.job(job.id).log, 5)
+    sent = time.monotonic()
+    for name_ in signals:
+        proc.send(getattr(signal, name_))
+        time.sleep(0.1)
+    code = proc.wait(timeout=15)
+    took = time.monotonic() - sent
+
+    assert code == 0, proc.output()
+    done = fleet.coord.job(job.id)
+    assert done.signal_reason == "agent_stop"
+    assert done.exit_status == "143"  # the job's trap answered the cancel signal
+    assert "job got TERM" in done.log.decode()
+    assert "cancelling job (agent_stop" in done.log.decode()
+    assert done.retried, "the retry rule should re-run an agent_stop job"
+    # Cancelled and reported within the cancel grace period (3 s).
+    assert took < 3.0, f"forced stop took {took:.2f}s"
+    assert fleet.coord.agent(agent_id).connection_state == "disconnected"
+
+
+def test_forced_stop_kills_a_job_that_ignores_the_cancel_signal(make_fleet):
+    fleet = make_fleet()
+    proc, name, _ = fleet.agent("--cancel-grace-period", "2", "--signal-grace-period-seconds", "1")
+    fleet.agent_id(name)
+    job = fleet.coord.add_job("trap '' TERM; echo started; sleep 60", retry=RETRY)
+    fleet.wait_job_state(job.id, ("running",))
+    assert fleet.coord.wait_for(lambda c: b"started" in c.job(job.id).log, 5)
+    proc.send(signal.SIGQUIT)
+    code, took = _exit_within(proc, 10)
+    assert code == 0
+    done = fleet.coord.job(job.id)
+    assert done.signal_reason == "agent_stop"
+    assert done.signal == "SIGKILL" and done.exit_status == "137"
+    assert took < 2.0, f"SIGKILL after the 1 s signal grace should end it; took {took:.2f}s"
+
+
+def test_third_signal_exits_immediately(make_fleet):
+    fleet = make_fleet()
+    # A long signal grace: without the third signal the agent would wait 20 s for the job.
+    proc, name, _ = fleet.agent(
+        "--cancel-grace-period", "30", "--signal-grace-period-seconds", "20"
+    )
+    fleet.agent_id(name)
+    job = fleet.coord.add_job("trap '' TERM; echo started; sleep 60")
+    fleet.wait_job_state(job.id, ("running",))
+    assert fleet.coord.wait_for(lambda c: b"started" in c.job(job.id).log, 5)
+    proc.send(signal.SIGTERM)
+    time.sleep(0.2)
+    proc.send(signal.SIGTERM)
+    time.sleep(0.3)
+    assert proc.alive(), "two signals must not end the agent while its job is cancelling"
+    proc.send(signal.SIGTERM)
+    code, took = _exit_within(proc, 5)
+    assert took < 0.5, f"third signal took {took:.2f}s"
+    assert code == 1
+
+
+def _zombie_children(pid: int) -> list[int]:
+    zombies = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as fh:
+            for child in fh.read().split():
+                try:
+                    with open(f"/proc/{child}/stat") as stat:
+                        if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                            zombies.append(int(child))
+                except FileNotFoundError:
+                    pass
+    return zombies
+
+
+def test_orphans_are_reaped(make_fleet):
+    fleet = make_fleet()
+    proc, name, addr = fleet.agent(health=True)
+    fleet.agent_id(name)
+    # Each ( ... & ) leaves an orphan that the kernel re-parents to PID 1: the agent.
+    job = fleet.coord.add_job(
+        "for i in 1 2 3 4 5; do (sleep 0.1 &); done; echo spawned; sleep 2; echo end"
+    )
+    fleet.wait_job_state(job.id, ("running",))
+    assert fleet.coord.wait_for(lambda c: b"spawned" in c.job(job.id).log, 5)
+    time.sleep(0.8)  # the orphans have exited by now
+    assert _zombie_children(proc.pid) == []
+    with urllib.request.urlopen(f"http://{addr}/status", timeout=2) as response:
+        status = json.load(response)
+    assert status["pid1"] is True
+    assert status["orphans_reaped"] >= 5, status
+    fleet.wait_job_state(job.id, ("finished",))
+    proc.send(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+
+
+def test_deadline_cancels_and_the_retry_runs_elsewhere(make_fleet):
+    fleet = make_fleet()
+    stop_timeout, grace, margin = 6.0, 2.0, 1.0
+    proc_a, name_a, _ = fleet.agent(
+        "--stop-timeout",
+        str(stop_timeout),
+        "--cancel-grace-period",
+        str(grace),
+        "--drain-margin",
+        str(margin),
+    )
+    fleet.agent_id(name_a)
+    job = fleet.coord.add_job(
+        f'echo "on $BUILDKITE_AGENT_NAME"; '
+        f'if [ "$BUILDKITE_AGENT_NAME" = "{name_a}" ]; then sleep 60; fi; echo passed',
+        retry=RETRY,
+        key="long-build",
+    )
+    fleet.wait_job_state(job.id, ("running",))
+    sigterm_at = time.monotonic()
+    proc_a.send(signal.SIGTERM)
+    # A second agent comes up elsewhere, as the service would place it.
+    _, name_b, _ = fleet.agent()
+    fleet.agent_id(name_b)
+    code = proc_a.wait(timeout=stop_timeout + 5)
+    exited_after = time.monotonic() - sigterm_at
+
+    assert code == 0, proc_a.output()
+    assert exited_after < stop_timeout, f"agent outlived its stop-timeout: {exited_after:.1f}s"
+    first = fleet.coord.job(job.id)
+    assert first.signal_reason == "agent_stop"
+    assert first.retried
+    finish = fleet.coord.events_of("finish", job_id=job.id)[-1].time
+    # Cancelled at deadline - grace - margin (3 s after SIGTERM), reported before the deadline.
+    force_at = stop_timeout - grace - margin
+    assert force_at - 0.3 < finish - sigterm_at < stop_timeout - margin, finish - sigterm_at
+    assert fleet.coord.wait_for(lambda c: c.step("long-build").outcome == "passed", 15), (
+        fleet.coord.step("long-build")
+    )
+    step = fleet.coord.step("long-build")
+    assert step.attempts[-1].agent_id == fleet.coord.agent_named(name_b).id
+    assert b"passed" in step.attempts[-1].log
+    assert step.lost_attempts == 0
+
+
+def test_heartbeats_continue_through_a_drain_longer_than_the_lost_agent_timeout(make_fleet):
+    """Regression for buildkite-agent 3.116.0 (and 3.11.1): heartbeats stopped on SIGTERM."""
+    fleet = make_fleet(heartbeat_interval=0.4, lost_agent_timeout=1.5)
+    proc, name, _ = fleet.agent()
+    agent_id = fleet.agent_id(name)
+    job = fleet.coord.add_job("echo begin; sleep 4; echo end", retry=RETRY)
+    fleet.wait_job_state(job.id, ("running",))
+    proc.send(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0, proc.output()
+    done = fleet.coord.job(job.id)
+    assert done.exit_status == "0" and not done.lost, done
+    assert b"end" in done.log
+    assert fleet.coord.agent(agent_id).connection_state == "disconnected"
+    assert fleet.coord.heartbeat_gaps(agent_id) < 0.4 * 1.5 + 0.1
+
+
+def test_faults_during_a_drain_lose_nothing(make_fleet):
+    fleet = make_fleet(heartbeat_interval=0.5, lost_agent_timeout=5.0)
+    proc, name, _ = fleet.agent()
+    agent_id = fleet.agent_id(name)
+    job = fleet.coord.add_job(COUNTING_JOB, retry=RETRY)
+    fleet.wait_job_state(job.id, ("running",))
+    for endpoint in ("heartbeat", "chunks", "finish", "job_state"):
+        fleet.coord.faults.add(Fault(endpoint=endpoint, kind="status", status=503, count=3))
+    fleet.coord.faults.add(
+        Fault(endpoint="chunks", kind="status", status=429, retry_after=0.2, count=2)
+    )
+    fleet.coord.faults.add(Fault(endpoint="chunks", kind="drop", count=1))
+    fleet.coord.faults.add(Fault(endpoint="heartbeat", kind="latency", seconds=0.3, count=2))
+    fleet.coord.faults.add(Fault(endpoint="finish", kind="latency", seconds=0.5, count=1))
+    proc.send(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, proc.output()
+    done = fleet.coord.job(job.id)
+    assert done.exit_status == "0"
+    assert done.chunks_failed_count == 0
+    assert done.log_complete
+    assert all(f"line {i}\n".encode() in done.log for i in range(1, LINES + 1))
+    fired = {e.detail.get("endpoint") for e in fleet.coord.events_of("fault")}
+    assert {"heartbeat", "chunks", "finish"} <= fired, fired
+    assert fleet.coord.agent(agent_id).connection_state == "disconnected"
+    assert fleet.coord.agent(agent_id).lost_at is None
