@@ -21,6 +21,8 @@ log = logging.getLogger("fleetdrain.ecs")
 
 #: The bounds ECS accepts for ``ExpiresInMinutes`` (1 minute to 48 hours).
 MIN_EXPIRES_IN_MINUTES = 1
+#: First retry delay after a failed protection call (doubles per failure, up to the check).
+RETRY_BASE_SECONDS = 0.25
 MAX_EXPIRES_IN_MINUTES = 2880
 
 
@@ -272,14 +274,21 @@ class ProtectionKeeper:
 
     async def run(self) -> None:
         """Evaluate until cancelled; never raises anything but cancellation."""
+        failures = 0
         while True:
             self._wake.clear()
             try:
                 await self.evaluate()
             except Exception as exc:  # run() must outlive any bug in one evaluation
                 self._record_error(f"{type(exc).__name__}: {_one_line(exc)}")
+            # A failed call is retried soon, with back-off: a job that runs for less than the
+            # check interval must still get its protection.
+            failures = failures + 1 if self.last_error is not None else 0
+            wait = self._check_interval
+            if failures:
+                wait = min(wait, RETRY_BASE_SECONDS * 2 ** min(failures - 1, 6))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._check_interval)
+                await asyncio.wait_for(self._wake.wait(), wait)
 
     async def release(self) -> None:
         """Turn protection off if it is on (at shutdown, after :meth:`run` was cancelled).

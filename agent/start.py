@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -14,6 +15,7 @@ import httpx
 from agent.buildkite.api import AgentApi
 from agent.buildkite.job_runner import JobSettings
 from agent.buildkite.worker import BuildkiteConfig, BuildkiteWorker
+from agent.ecs import ProtectionKeeper, TaskProtection
 from agent.health import HealthServer, HeartbeatHealth
 from agent.pid1 import Supervisor
 from agent.reaper import Reaper, parse_signal
@@ -59,11 +61,20 @@ async def run_start(settings: StartSettings) -> int:
     async with httpx.AsyncClient(timeout=timeout) as http:
         tags = await gather_tags(settings, http)
         api = AgentApi(settings.endpoint, http)
-        keeper: Any = None
-        if settings.task_protection:
-            keeper = _protection_keeper(http)
+        worker: BuildkiteWorker
+        keeper = (
+            _protection_keeper(http, busy=lambda: worker.busy())
+            if settings.task_protection
+            else None
+        )
 
-        def busy_changed(busy: bool) -> None:
+        def heartbeat_ok(at: float) -> None:
+            if worker.registration is not None:
+                health.heartbeat_interval = worker.registration.heartbeat_interval
+            health.record_success(at)
+
+        def busy_changed(_busy: bool) -> None:
+            # Protection follows the job within milliseconds, not at the next periodic check.
             if keeper is not None:
                 keeper.notify()
 
@@ -84,7 +95,7 @@ async def run_start(settings: StartSettings) -> int:
             ),
             api,
             reaper,
-            on_heartbeat=health.record_success,
+            on_heartbeat=heartbeat_ok,
             on_busy_change=busy_changed,
         )
         supervisor = Supervisor(
@@ -99,44 +110,41 @@ async def run_start(settings: StartSettings) -> int:
             out: dict[str, Any] = {**worker.status(), **supervisor.status()}
             out["healthy"] = health()
             if keeper is not None:
-                out["task_protection"] = {"enabled": keeper.enabled, "error": keeper.last_error}
+                out["task_protection"] = {
+                    "enabled": keeper.enabled,
+                    "expires_at": keeper.expires_at,
+                    "error": keeper.last_error,
+                }
             return out
 
         server = None
         if settings.health_check_addr:
             server = HealthServer(settings.health_check_addr, health=health, status=status)
             await server.start()
+            log.info("health and status on http://%s", settings.health_check_addr)
         keeping = None
         if keeper is not None:
-            keeping = asyncio.get_running_loop().create_task(keeper.run())
-        if registration := reg_interval(worker):
-            health.interval = registration
+            keeping = asyncio.get_running_loop().create_task(keeper.run(), name="task-protection")
         started = time.monotonic()
         try:
             code = await supervisor.run()
         finally:
-            if keeping is not None:
+            if keeping is not None and keeper is not None:
                 keeping.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await keeping
-                with contextlib.suppress(Exception):
-                    await keeper.release()
+                await keeper.release()
             if server is not None:
                 await server.close()
         log.info("exiting with status %d after %.1fs", code, time.monotonic() - started)
         return code
 
 
-def reg_interval(worker: BuildkiteWorker) -> float | None:
-    """The heartbeat interval once registered (None before)."""
-    return None if worker.registration is None else worker.registration.heartbeat_interval
-
-
-def _protection_keeper(http: httpx.AsyncClient) -> Any:
-    from agent.ecs import ProtectionKeeper, TaskProtection
-
+def _protection_keeper(
+    http: httpx.AsyncClient, busy: Callable[[], bool]
+) -> ProtectionKeeper | None:
     agent_uri = os.environ.get("ECS_AGENT_URI")
     if not agent_uri:
         log.warning("--task-protection: $ECS_AGENT_URI is not set; protection disabled")
         return None
-    return ProtectionKeeper(TaskProtection(http, agent_uri), busy=lambda: False)
+    return ProtectionKeeper(TaskProtection(http, agent_uri), busy=busy, check_interval=30.0)
