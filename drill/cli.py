@@ -57,7 +57,8 @@ def _drill(ns: argparse.Namespace) -> int:
 
     from drill.agent_drill import run_agent_drill
 
-    console = Console(stderr=False)
+    # Piped output (CI logs) would otherwise be cut to 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 120)
     started = time.monotonic()
     workdir = Path(ns.workdir) if ns.workdir else None
     with console.status("starting the embedded coordinator and agents") as status:
@@ -67,25 +68,30 @@ def _drill(ns: argparse.Namespace) -> int:
     if not fleet.pid1:
         console.print(f"[yellow]agents ran without a PID namespace: {fleet.pid1_reason}[/]")
 
-    table = Table(title="fleetdrain drill")
-    for column in (
+    table = Table(title="fleetdrain drill", title_justify="left")
+    columns = (
         "scenario",
-        "jobs run",
+        "jobs",
         "passed",
         "retried",
         "lost",
         "drain s",
-        "exit after job s",
-        "max heartbeat gap s",
+        "job end to exit s",
+        "max hb gap",
         "result",
-    ):
-        table.add_column(column, justify="left" if column == "scenario" else "right")
+    )
+    for column in columns:
+        table.add_column(
+            column,
+            justify="left" if column in ("scenario", "result") else "right",
+            no_wrap=column != "result",
+        )
     for r in results:
-        gap = "-" if r.max_heartbeat_gap is None else f"{r.max_heartbeat_gap:.2f}"
-        if r.heartbeat_interval:
-            gap += f" (interval {r.heartbeat_interval:g})"
+        gap = "-"
+        if r.max_heartbeat_gap is not None and r.heartbeat_interval:
+            gap = f"{r.max_heartbeat_gap / r.heartbeat_interval:.2f}x"
         table.add_row(
-            f"{r.name}\n[dim]{r.description}[/]",
+            r.name,
             str(r.jobs_run),
             str(r.passed),
             str(r.retried),
@@ -96,6 +102,9 @@ def _drill(ns: argparse.Namespace) -> int:
             "[green]ok[/]" if r.ok else "[red]FAILED[/] " + "; ".join(r.notes),
         )
     console.print(table)
+    for r in results:
+        console.print(f"  [bold]{r.name}[/]: {r.description}")
+    console.print("  max hb gap: longest time without a heartbeat, in heartbeat intervals")
     console.print(
         f"{sum(r.passed for r in results)} passed, {sum(r.lost for r in results)} lost, "
         f"in {time.monotonic() - started:.1f}s; agent logs under {fleet.workdir.parent}"
