@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import httpx
 
@@ -22,6 +23,8 @@ from agent.reaper import Reaper, parse_signal
 from agent.settings import StartSettings
 
 log = logging.getLogger("fleetdrain.agent")
+
+T = TypeVar("T")
 
 
 async def gather_tags(settings: StartSettings, http: httpx.AsyncClient) -> list[str]:
@@ -59,7 +62,10 @@ async def run_start(settings: StartSettings) -> int:
     health = HeartbeatHealth()
     timeout = httpx.Timeout(30.0, connect=10.0)
     async with httpx.AsyncClient(timeout=timeout) as http:
-        tags = await gather_tags(settings, http)
+        tags = await _unless_stopped_early(gather_tags(settings, http))
+        if tags is None:
+            log.info("stopped while starting up: exiting")
+            return 0
         api = AgentApi(settings.endpoint, http)
         worker: BuildkiteWorker
         keeper = (
@@ -138,6 +144,33 @@ async def run_start(settings: StartSettings) -> int:
                 await server.close()
         log.info("exiting with status %d after %.1fs", code, time.monotonic() - started)
         return code
+
+
+async def _unless_stopped_early(setup: Coroutine[Any, Any, T]) -> T | None:
+    """Run start-up work that comes before the supervisor (metadata look-ups can take seconds).
+
+    As PID 1 a signal without a handler is dropped, so SIGTERM during start-up would be lost;
+    here it ends start-up instead (None): nothing is registered yet, so there is nothing to drain.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    early = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+    for sig in early:
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.ensure_future(setup)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        for sig in early:
+            loop.remove_signal_handler(sig)
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
 
 
 def _protection_keeper(

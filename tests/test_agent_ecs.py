@@ -128,3 +128,25 @@ def test_health_command_fails_without_an_agent():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     assert _health_exit(f"127.0.0.1:{port}") == 1
+
+
+def test_sigterm_during_start_up_metadata_lookup_exits_at_once(make_fleet):
+    """As PID 1 a signal without a handler is dropped: start-up must not be deaf to SIGTERM."""
+    fleet = make_fleet()
+    with socket.socket() as silent:  # accepts, never answers: a metadata endpoint that hangs
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(10)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}/v4/abc"
+        proc, name, _ = fleet.agent(
+            "--tags-from-ecs-meta-data", env={"ECS_CONTAINER_METADATA_URI_V4": uri}
+        )
+        conn, _ = silent.accept()  # the agent is now waiting on the metadata endpoint
+        with conn:
+            sent = time.monotonic()
+            proc.send(signal.SIGTERM)
+            code = proc.wait(timeout=5)
+            took = time.monotonic() - sent
+    assert code == 0, proc.output()
+    assert took < 0.5, f"took {took:.2f}s"
+    assert fleet.coord.agent_named(name) is None  # never registered
