@@ -7,8 +7,8 @@
 - :class:`ImdsStandIn`: EC2 instance metadata, IMDSv2 only (tokens required), with settable
   spot interruption notices and Auto Scaling target lifecycle state. Several instances share
   one server under ``/instances/<instance-id>``; the unprefixed paths are the first instance.
-- :class:`ServeInThread`: runs any ASGI app with uvicorn on a free loopback port in a
-  background thread.
+
+Each serves itself with :class:`drill.serve.ServeInThread` (``serve()``).
 
 Both stand-ins take a ``clock`` (aware datetimes) so tests can move time and the drill can
 compress it. The response shapes follow the ECS agent's task protection handler
@@ -19,24 +19,21 @@ from __future__ import annotations
 
 import json
 import secrets
-import socket
 import threading
-import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
 from typing import Any, Literal
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
+
+from drill.serve import ServeInThread
 
 Clock = Callable[[], datetime]
 
@@ -50,102 +47,6 @@ def _go_time(value: datetime | None) -> str | None:
     if value is None:
         return None
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-# ------------------------------------------------------------------------------ the server
-
-
-class ServeInThread:
-    """Serve an ASGI app with uvicorn on a loopback port in a daemon thread.
-
-    Use as a context manager (or :meth:`start` / :meth:`stop`); :attr:`url` is
-    ``http://127.0.0.1:<port>``. Returns from start only once the server accepts connections.
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        startup_timeout: float = 10.0,
-    ):
-        """``port`` 0 picks a free port."""
-        self._app = app
-        self._host = host
-        self._requested_port = port
-        self._startup_timeout = startup_timeout
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        """Base URL of the running server."""
-        if self._server is None:
-            raise RuntimeError("server not started")
-        return f"http://{self._host}:{self.port}"
-
-    def start(self) -> ServeInThread:
-        """Bind, start the server thread and wait until it is accepting."""
-        if self._server is not None:
-            raise RuntimeError("server already started")
-        # Binding here, not in uvicorn, gives us the port before the thread starts. The
-        # explicit IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose
-        # proto says TCP, and without it every keep-alive response waits ~40 ms (Nagle
-        # against delayed ACK).
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self._host, self._requested_port))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self._app,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            ws="none",
-            timeout_graceful_shutdown=1,
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(
-            target=server.run,
-            kwargs={"sockets": [sock]},
-            name=f"uvicorn-{self.port}",
-            daemon=True,
-        )
-        self._server, self._thread = server, thread
-        thread.start()
-        deadline = time.monotonic() + self._startup_timeout
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                sock.close()
-                raise RuntimeError(f"uvicorn did not start on {self._host}:{self.port}")
-            time.sleep(0.005)
-        return self
-
-    def stop(self) -> None:
-        """Stop the server and wait for its thread."""
-        server, thread = self._server, self._thread
-        if server is None or thread is None:
-            return
-        server.should_exit = True
-        thread.join(timeout=5)
-        if thread.is_alive():
-            server.force_exit = True
-            thread.join(timeout=5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> ServeInThread:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class _Faults:
