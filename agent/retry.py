@@ -76,9 +76,13 @@ async def retrying(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     clock: Callable[[], float] = time.monotonic,
     rng: random.Random | None = None,
+    give_up_at: Callable[[], float | None] | None = None,
 ) -> T:
     """Run ``call`` until it succeeds, raises a non-retryable error, or the policy gives up.
 
+    ``give_up_at`` is asked before every wait: a time on ``clock`` after which no retry is
+    started. It is a callable, not a number, because a drain deadline can appear (SIGTERM)
+    while a long retry loop is already waiting out a coordinator outage.
     The last :class:`RetryableError` is re-raised when the policy is exhausted.
     """
     rng = rng or random.Random()
@@ -93,6 +97,9 @@ async def retrying(
                 raise
             wait = policy.delay(attempt, exc.retry_after, rng)
             if policy.max_elapsed is not None and clock() + wait - started > policy.max_elapsed:
+                raise
+            limit = give_up_at() if give_up_at is not None else None
+            if limit is not None and clock() + wait > limit:
                 raise
             if on_retry is not None:
                 on_retry(f"{describe}: {exc}", attempt, wait)
