@@ -150,7 +150,9 @@ class JobRunner:
             self._upload,
             max_chunk_size=job.chunks_max_size_bytes,
             interval=job.chunks_interval_seconds or 1.0,
-            redactor=Redactor.from_env(job.env),
+            # Everything the job can print from its environment: the job's variables and
+            # those it inherits from the agent (a task's secrets injected as env vars).
+            redactor=Redactor.from_env(self._job_environment()),
         )
         self._streamer = streamer
         await streamer.start()
@@ -301,11 +303,17 @@ class JobRunner:
         return path
 
     def _environment(self, cwd: Path) -> dict[str, str]:
+        env = self._job_environment()
+        env["BUILDKITE_BUILD_CHECKOUT_PATH"] = str(cwd)
+        return env
+
+    def _job_environment(self) -> dict[str, str]:
+        """The job's environment but its checkout path: the agent's own without its private
+        variables, the job's on top."""
         env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
         env.update(self.job.env)
         env.setdefault("BUILDKITE_JOB_ID", self.job.id)
         env["BUILDKITE_AGENT_NAME"] = self.settings.agent_name
-        env["BUILDKITE_BUILD_CHECKOUT_PATH"] = str(cwd)
         env["BUILDKITE"] = "true"
         env["CI"] = "true"
         return env

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from agent.buildkite.api import AgentApi, ApiError, Unauthorized, register_request
 from agent.buildkite.heartbeat import AgentLost, HeartbeatLoop
 from agent.buildkite.job_runner import JobResult, JobRunner, JobSettings
-from agent.buildkite.models import Job, RegisterResponse
+from agent.buildkite.models import Job, PingResponse, RegisterResponse
 from agent.reaper import Reaper
 from agent.retry import RetryableError, RetryPolicy
 
@@ -225,18 +225,25 @@ class BuildkiteWorker:
         if response.request_headers is not None:
             self.api.request_headers = dict(response.request_headers)
         if response.endpoint and response.endpoint.rstrip("/") != self.api.endpoint:
-            await self._switch_endpoint(response.endpoint.rstrip("/"))
+            switched = await self._switch_endpoint(response.endpoint.rstrip("/"))
+            if switched is not None:
+                # As the Go agent does: the new endpoint's answer is the one acted on (it may
+                # offer a job or ask us to leave); the old one's is stale.
+                response = switched
+                if response.request_headers is not None:
+                    self.api.request_headers = dict(response.request_headers)
         return response.action, response.job
 
-    async def _switch_endpoint(self, endpoint: str) -> None:
-        # Switch only after one successful ping against the new endpoint.
+    async def _switch_endpoint(self, endpoint: str) -> PingResponse | None:
+        """Switch only after one successful ping against the new endpoint; its response."""
         try:
-            await self.api.ping(endpoint=endpoint)
+            response = await self.api.ping(endpoint=endpoint)
         except (ApiError, RetryableError) as exc:
             log.warning("not switching to endpoint %s: %s", endpoint, exc)
-            return
+            return None
         log.info("switching to endpoint %s", endpoint)
         self.api.endpoint = endpoint
+        return response
 
     async def _accept(self, job: Job) -> Job | None:
         try:
