@@ -6,12 +6,18 @@ Signals (DESIGN, "Signals"):
 1st SIGTERM / SIGINT                    graceful stop; the ``stop-timeout`` clock starts
 2nd SIGTERM / SIGINT, or SIGQUIT        forced stop: the worker cancels and reports its work
 3rd                                     SIGKILL the worker's processes and exit at once
-SIGHUP                                  ignored (logged)
+SIGHUP                                  ignored (logged), unless forwarded
+forwarded signals (``wrap``)            passed to the worker unchanged
 =====================================  ==================================================
 
 The deadline clock: once a deadline is known (SIGTERM + stop-timeout, or a spot notice), a
 worker that is still busy at ``deadline - cancel_grace_period - margin`` is stopped by force so
 that its job is cancelled *and reported* before SIGKILL can come.
+
+A *soft* drain (:meth:`Supervisor.begin_drain` with ``soft=True``: an IMDS notice, not a signal
+from ECS) may come with no deadline at all. With ``hold_after_soft_drain``, once the worker has
+exited after a soft drain the supervisor stays up, idle, until a stop signal arrives, so that
+the service does not place a replacement task on an instance that is going away.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from agent.reaper import Reaper
@@ -50,7 +56,15 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
         is_pid1: bool | None = None,
         exit_now: Callable[[int], None] | None = None,
+        forwarded: Iterable[int] = (),
+        forward: Callable[[int], None] | None = None,
+        hold_after_soft_drain: bool = False,
+        force_if: Callable[[], bool] | None = None,
     ) -> None:
+        """``forwarded`` signals are handed to ``forward`` unchanged (SIGHUP among them is then
+        forwarded, not ignored). ``force_if`` says whether the worker still needs the forced
+        stop at ``deadline - cancel_grace_period - margin`` (default: ``worker.busy``).
+        ``hold_after_soft_drain``: see the module docstring."""
         self.worker = worker
         self.reaper = reaper
         self.stop_timeout = stop_timeout
@@ -65,7 +79,21 @@ class Supervisor:
         self.drain_reason: str | None = None
         self.signals: list[str] = []
         self._deadline_task: asyncio.Task[None] | None = None
-        self._handled = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+        self._forwarded = frozenset(int(sig) for sig in forwarded)
+        if self._forwarded and forward is None:
+            raise ValueError("forwarded signals need a forward callback")
+        self._forward = forward
+        self._force_if = force_if
+        self.hold_after_soft_drain = hold_after_soft_drain
+        #: A drain began that did not come from a stop signal (IMDS, a controller).
+        self.soft_drain = False
+        #: A stop signal (TERM, INT, QUIT) arrived: nothing holds the process up any more.
+        self.stop_signalled = False
+        #: Up and idle after the worker exited from a soft drain (see the module docstring).
+        self.holding = False
+        self._release = asyncio.Event()
+        stops = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+        self._handled = tuple(dict.fromkeys([*stops, *sorted(self._forwarded)]))
 
     # -- running -----------------------------------------------------------------------------
 
@@ -77,16 +105,40 @@ class Supervisor:
             loop.add_signal_handler(sig, self.on_signal, sig)
         try:
             code = await self.worker.run()
+            await self._stop_deadline_clock()
+            if self.hold_after_soft_drain and self.soft_drain and not self.stop_signalled:
+                await self._reap_everything()
+                await self._hold(code)
         finally:
             for sig in self._handled:
                 loop.remove_signal_handler(sig)
-            if self._deadline_task is not None:
-                self._deadline_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._deadline_task
+            await self._stop_deadline_clock()
         await self._reap_everything()
         self.reaper.uninstall()
         return code
+
+    async def _stop_deadline_clock(self) -> None:
+        if self._deadline_task is not None:
+            self._deadline_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._deadline_task
+
+    async def _hold(self, code: int) -> None:
+        """Stay up, idle, until a stop signal: the worker is done but the task must not go."""
+        if self.stop_signalled:  # it came while we were reaping what the worker left
+            return
+        await self._stop_deadline_clock()  # a notice may have started one while we reaped
+        log.info(
+            "the worker exited (status %d) after a soft drain (%s): staying up, idle, "
+            "until the task is stopped",
+            code,
+            self.drain_reason,
+        )
+        self.holding = True
+        try:
+            await self._release.wait()
+        finally:
+            self.holding = False
 
     async def _reap_everything(self) -> None:
         """As PID 1, leave nothing behind: the kernel would SIGKILL it when we exit anyway,
@@ -116,8 +168,21 @@ class Supervisor:
         """Apply the signal policy to one delivered signal."""
         name = signal.Signals(sig).name
         self.signals.append(name)
+        if sig in self._forwarded:
+            if self.holding:
+                log.info("received %s: the worker has exited, nothing to forward it to", name)
+            else:
+                assert self._forward is not None
+                log.info("received %s: forwarded to the worker", name)
+                self._forward(sig)
+            return
         if sig == signal.SIGHUP:
             log.info("received SIGHUP: ignored")
+            return
+        self.stop_signalled = True
+        if self.holding:
+            log.info("received %s while holding after a soft drain: exiting", name)
+            self._release.set()
             return
         if sig == signal.SIGQUIT:
             self.level = max(self.level + 1, 2)
@@ -136,9 +201,16 @@ class Supervisor:
 
     # -- draining ----------------------------------------------------------------------------
 
-    def begin_drain(self, deadline: float | None, reason: str) -> None:
-        """Stop gracefully; with a deadline, start (or move earlier) the deadline clock."""
+    def begin_drain(self, deadline: float | None, reason: str, *, soft: bool = False) -> None:
+        """Stop gracefully; with a deadline, start (or move earlier) the deadline clock.
+
+        ``soft``: the drain did not come from a stop signal (see the module docstring)."""
+        if self.holding:
+            # The worker is gone; a deadline now would only end the hold with a kill.
+            log.info("%s: the worker has already exited, nothing to drain", reason)
+            return
         self.drain_reason = self.drain_reason or reason
+        self.soft_drain = self.soft_drain or soft
         if deadline is not None and (self.deadline is None or deadline < self.deadline):
             self.deadline = deadline
             if self._deadline_task is not None:
@@ -159,7 +231,8 @@ class Supervisor:
         assert self.deadline is not None
         force_at = self.deadline - self.cancel_grace_period - self.margin
         await asyncio.sleep(max(0.0, force_at - self.clock()))
-        if self.worker.busy() and self.level < 2:
+        still_working = self._force_if or self.worker.busy
+        if still_working() and self.level < 2:
             log.warning(
                 "work still running with %.1fs left before SIGKILL: cancelling it (agent_stop)",
                 self.deadline - self.clock(),
