@@ -1,0 +1,74 @@
+"""The controller's settings, from the function's environment (template.yaml sets them)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a drain needs to know. Durations are seconds."""
+
+    cluster: str
+    table_name: str = ""
+    queue_url: str = ""
+    coordinator_url: str = ""
+    coordinator_org: str = ""
+    coordinator_token_secret_arn: str = ""
+    #: Scale-in: how long agents may keep working (lifecycle heartbeats) before a forced drain.
+    drain_budget: float = 3600.0
+    #: Spot: force this long before the two-minute notice runs out.
+    spot_margin: float = 20.0
+    #: "drain" (soft drain on a rebalance recommendation) or "ignore".
+    rebalance_action: str = "drain"
+    #: RecordLifecycleActionHeartbeat at most this often (keep it under the hook's timeout).
+    heartbeat_interval: float = 60.0
+    #: The safety-net tick: how often a drain in flight is looked at without any event.
+    tick_interval: float = 20.0
+    #: Container names that are agents (their exit 137 is counted as a SIGKILLed agent).
+    agent_containers: frozenset[str] = field(default_factory=lambda: frozenset({"agent"}))
+    #: Drain records are kept this long after their last change (DynamoDB TTL).
+    record_ttl: float = 7 * 86400.0
+    #: The coordinator pause's own timeout (it lapses if we die), minutes.
+    pause_minutes: int = 120
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        cluster = env.get("FLEETDRAIN_CLUSTER", "").strip()
+        if not cluster:
+            raise ValueError("FLEETDRAIN_CLUSTER is required")
+        rebalance = env.get("FLEETDRAIN_REBALANCE_ACTION", "drain").strip().lower() or "drain"
+        if rebalance not in ("drain", "ignore"):
+            raise ValueError(f"FLEETDRAIN_REBALANCE_ACTION must be drain or ignore: {rebalance!r}")
+        containers = env.get("FLEETDRAIN_AGENT_CONTAINERS", "agent")
+        return cls(
+            cluster=cluster,
+            table_name=env.get("FLEETDRAIN_TABLE", ""),
+            queue_url=env.get("FLEETDRAIN_QUEUE_URL", ""),
+            coordinator_url=env.get("FLEETDRAIN_COORDINATOR_URL", "").rstrip("/"),
+            coordinator_org=env.get("FLEETDRAIN_COORDINATOR_ORG", ""),
+            coordinator_token_secret_arn=env.get("FLEETDRAIN_COORDINATOR_TOKEN_SECRET_ARN", ""),
+            drain_budget=_float(env, "FLEETDRAIN_DRAIN_BUDGET_SECONDS", 3600.0),
+            spot_margin=_float(env, "FLEETDRAIN_SPOT_MARGIN_SECONDS", 20.0),
+            rebalance_action=rebalance,
+            heartbeat_interval=max(1.0, _float(env, "FLEETDRAIN_HEARTBEAT_SECONDS", 60.0)),
+            tick_interval=max(1.0, _float(env, "FLEETDRAIN_TICK_SECONDS", 20.0)),
+            agent_containers=frozenset(c.strip() for c in containers.split(",") if c.strip()),
+            record_ttl=_float(env, "FLEETDRAIN_RECORD_TTL_SECONDS", 7 * 86400.0),
+        )
