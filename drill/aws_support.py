@@ -20,7 +20,7 @@ controller's calls, but not:
   task stays RUNNING until something stops it.
 - **Events**: the Auto Scaling lifecycle action, spot interruption, rebalance recommendation
   and ECS task state change events are built with the field names AWS sends (see
-  ``shared/events/``) and appended to :attr:`AwsGaps.events` (and passed to ``on_event``).
+  ``tests/events/``) and appended to :attr:`AwsGaps.events` (and passed to ``on_event``).
 
 Use inside ``moto.mock_aws()``: ``with AwsGaps(clock=...) as gaps: ...``. The patches are
 class-level (they also work against a moto server in this process); one :class:`AwsGaps` is

@@ -41,7 +41,7 @@ from lambdas.drain.ticks import SqsTicks, tick_body
 pytestmark = pytest.mark.timeout(30)
 
 TOKEN = "87654321-4321-4321-4321-210987654321"
-EVENTS = Path(__file__).resolve().parents[2] / "shared" / "events"
+EVENTS = Path(__file__).resolve().parent / "events"
 
 
 def sample(name: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from drill.aws_support import EventRule, event_rules, load_template
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parent.parent
-EVENTS = ROOT.parent / "shared" / "events"
+EVENTS = ROOT / "tests" / "events"
 PARAMS = {
     "ClusterName": "ci",
     "AutoScalingGroupName": "ci-agents",
