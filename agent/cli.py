@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+from collections.abc import Mapping
 
 from agent import __version__
 
@@ -42,18 +44,39 @@ def _parser() -> argparse.ArgumentParser:
     health = sub.add_parser(
         "health",
         help="exit 0 if the local agent is healthy (for the ECS container healthCheck)",
-        description="GET http://ADDR/health; exit 0 on 200, 1 otherwise.",
+        description=HEALTH_DESCRIPTION,
     )
-    import os
-
-    health.add_argument(
-        "--addr",
-        default=os.environ.get("BUILDKITE_AGENT_HEALTH_CHECK_ADDR", "127.0.0.1:3901"),
-        help="the agent's --health-check-addr [$BUILDKITE_AGENT_HEALTH_CHECK_ADDR] "
-        "(default %(default)s)",
-    )
-    health.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+    add_health_arguments(health)
     return parser
+
+
+HEALTH_DESCRIPTION = "GET http://ADDR/health; exit 0 on 200, 1 otherwise."
+#: Where ``health`` looks when no --addr is given, first match wins. wrap's own variable comes
+#: first: in a wrapped container BUILDKITE_AGENT_HEALTH_CHECK_ADDR is the wrapped Go agent's
+#: server, which knows nothing of the drain (a holding wrapper, the deadline).
+HEALTH_ADDR_ENV = ("FLEETDRAIN_HEALTH_CHECK_ADDR", "BUILDKITE_AGENT_HEALTH_CHECK_ADDR")
+DEFAULT_HEALTH_ADDR = "127.0.0.1:3901"
+
+
+def health_addr_default(environ: Mapping[str, str] | None = None) -> str:
+    """The address ``health`` checks without --addr: see :data:`HEALTH_ADDR_ENV`."""
+    env = os.environ if environ is None else environ
+    for name in HEALTH_ADDR_ENV:
+        value = (env.get(name) or "").strip()
+        if value:
+            return value
+    return DEFAULT_HEALTH_ADDR
+
+
+def add_health_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``health`` flags."""
+    parser.add_argument(
+        "--addr",
+        default=health_addr_default(),
+        help="the agent's --health-check-addr [$FLEETDRAIN_HEALTH_CHECK_ADDR, then "
+        "$BUILDKITE_AGENT_HEALTH_CHECK_ADDR] (default %(default)s)",
+    )
+    parser.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
 
 
 def configure_logging(level: str) -> None:
@@ -76,12 +99,17 @@ def main(argv: list[str] | None = None) -> int:
         from agent.wrap import main as wrap_main
 
         return wrap_main(args[1:])
+    if args[:1] == ["health"]:
+        # The container healthCheck runs this every few seconds: no pydantic, no httpx.
+        health_parser = argparse.ArgumentParser(
+            prog="fleetdrain-agent health", description=HEALTH_DESCRIPTION
+        )
+        add_health_arguments(health_parser)
+        return _health(health_parser.parse_args(args[1:]))
     parser = _parser()
     ns = parser.parse_args(args)
     if ns.command == "health":
-        from agent.health import check
-
-        return check(ns.addr, timeout=ns.timeout)
+        return _health(ns)
     if ns.command == "wrap":
         from agent.wrap import main_from_namespace
 
@@ -102,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(run_start(settings))
     parser.print_help(sys.stderr)
     return 2
+
+
+def _health(ns: argparse.Namespace) -> int:
+    from agent.health import check
+
+    return check(ns.addr, timeout=ns.timeout)
 
 
 def _one_line(exc: Exception) -> str:

@@ -82,7 +82,10 @@ async def retrying(
 
     ``give_up_at`` is asked before every wait: a time on ``clock`` after which no retry is
     started. It is a callable, not a number, because a drain deadline can appear (SIGTERM)
-    while a long retry loop is already waiting out a coordinator outage.
+    while a long retry loop is already waiting out a coordinator outage. A wait that would end
+    past it is cut short so that one last attempt starts right at it: a server that comes back
+    just before the give-up time still gets the call (a job's finish), instead of the loop
+    giving up a whole back-off early.
     The last :class:`RetryableError` is re-raised when the policy is exhausted.
     """
     rng = rng or random.Random()
@@ -100,7 +103,9 @@ async def retrying(
                 raise
             limit = give_up_at() if give_up_at is not None else None
             if limit is not None and clock() + wait > limit:
-                raise
+                wait = limit - clock()
+                if wait <= 0:
+                    raise
             if on_retry is not None:
                 on_retry(f"{describe}: {exc}", attempt, wait)
             await sleep(wait)

@@ -268,3 +268,108 @@ def test_faults_during_a_drain_lose_nothing(make_fleet):
     assert {"heartbeat", "chunks", "finish"} <= fired, fired
     assert fleet.coord.agent(agent_id).connection_state == "disconnected"
     assert fleet.coord.agent(agent_id).lost_at is None
+
+
+# ------------------------------------------------------------- a coordinator outage at SIGTERM
+
+# stop-timeout 7, cancel grace 2, margin 1: the job is cancelled 4 s after SIGTERM; chunk
+# uploads must be over 2 s before the deadline (5 s), the finish 1 s before it (6 s), the
+# disconnect 0.7 s before it; the PID-1 layer's last resort (kill, exit 1) would come at 6.5 s.
+OUTAGE_STOP_TIMEOUT, OUTAGE_GRACE, OUTAGE_MARGIN = 7.0, 2.0, 1.0
+FINISH_BY = OUTAGE_STOP_TIMEOUT - 1.0
+# A job that prints all the time and answers the cancel signal.
+TICKING_JOB = (
+    "trap 'echo \"job got TERM\"; exit 143' TERM; echo started; "
+    "while :; do echo tick; sleep 0.2; done"
+)
+
+
+def _outage_agent(fleet):
+    proc, name, _ = fleet.agent(
+        "--stop-timeout",
+        str(OUTAGE_STOP_TIMEOUT),
+        "--cancel-grace-period",
+        str(OUTAGE_GRACE),
+        "--drain-margin",
+        str(OUTAGE_MARGIN),
+    )
+    agent_id = fleet.agent_id(name)
+    job = fleet.coord.add_job(TICKING_JOB, retry=RETRY)
+    fleet.wait_job_state(job.id, ("running",))
+    assert fleet.coord.wait_for(lambda c: b"started" in c.job(job.id).log, 5)
+    return proc, agent_id, job
+
+
+def _outage(fleet, until: float | None, *, agent_id: str) -> None:
+    """Every call the drain needs fails, in every way, until ``until`` (None: for good)."""
+    add = fleet.coord.faults.add
+    # First match wins: a few slow answers first, then refusals and cut connections.
+    add(Fault(endpoint="chunks", kind="latency", seconds=0.4, count=2, agent_id=agent_id))
+    add(Fault(endpoint="chunks", kind="drop", count=2, until=until, agent_id=agent_id))
+    add(Fault(endpoint="finish", kind="drop", count=2, until=until, agent_id=agent_id))
+    for endpoint in ("chunks", "finish", "heartbeat", "job_state", "disconnect"):
+        add(Fault(endpoint=endpoint, kind="status", status=503, until=until, agent_id=agent_id))
+
+
+@pytest.mark.parametrize(
+    ("recovers_after", "chunks_lost"),
+    [(2.5, False), (FINISH_BY - 0.6, True)],
+    ids=["before-the-cancel", "after-the-chunks-gave-up"],
+)
+def test_an_outage_at_sigterm_that_ends_in_time_still_gets_the_finish(
+    make_fleet, recovers_after, chunks_lost
+):
+    fleet = make_fleet(lost_agent_timeout=30.0)
+    proc, agent_id, job = _outage_agent(fleet)
+    sigterm_at = time.monotonic()
+    _outage(fleet, sigterm_at + recovers_after, agent_id=agent_id)
+    proc.send(signal.SIGTERM)
+    code = proc.wait(timeout=OUTAGE_STOP_TIMEOUT + 5)
+    exited_after = time.monotonic() - sigterm_at
+
+    # On its own terms (the last resort exits 1) and before the deadline.
+    assert code == 0, proc.output()
+    assert exited_after < OUTAGE_STOP_TIMEOUT - 0.5, exited_after
+    done = fleet.coord.job(job.id)
+    assert done.state == "finished", (done.state, proc.output()[-3000:])
+    assert done.signal_reason == "agent_stop" and done.exit_status == "143"
+    assert done.retried
+    finished = fleet.coord.events_of("finish", job_id=job.id)[-1].time - sigterm_at
+    assert recovers_after <= finished < FINISH_BY, finished
+    if chunks_lost:
+        # The chunks gave up 2 s before the deadline to leave the finish its time; the
+        # finish says how many were lost: never silently.
+        assert done.chunks_failed_count >= 1
+    else:
+        assert done.chunks_failed_count == 0
+        assert done.log_complete
+        assert b"job got TERM" in done.log
+    assert fleet.coord.agent(agent_id).connection_state == "disconnected"
+
+
+def test_an_outage_at_sigterm_that_lasts_never_keeps_the_agent_past_its_deadline(make_fleet):
+    fleet = make_fleet(lost_agent_timeout=30.0)
+    proc, agent_id, job = _outage_agent(fleet)
+    sigterm_at = time.monotonic()
+    _outage(fleet, None, agent_id=agent_id)
+    proc.send(signal.SIGTERM)
+    code = proc.wait(timeout=OUTAGE_STOP_TIMEOUT + 5)
+    exited_after = time.monotonic() - sigterm_at
+
+    # It gave up on the finish and the disconnect in time and exited by itself, before the
+    # last resort (which exits 1) and long before ECS's SIGKILL.
+    assert code == 0, proc.output()
+    assert exited_after < OUTAGE_STOP_TIMEOUT - 0.5, exited_after
+    tried = [e.time - sigterm_at for e in fleet.coord.events_of("fault", agent_id=agent_id)]
+    finishes = [
+        e.time - sigterm_at
+        for e in fleet.coord.events_of("fault", agent_id=agent_id)
+        if e.detail.get("endpoint") == "finish"
+    ]
+    assert finishes, "the finish was never tried"
+    # Retried until shortly before the deadline, and not after it.
+    assert FINISH_BY - 1.5 < finishes[-1] < FINISH_BY, finishes
+    assert max(tried) < OUTAGE_STOP_TIMEOUT - 0.5
+    assert fleet.coord.job(job.id).state != "finished"
+    log = proc.output()
+    assert "finish could not be reported" in log

@@ -267,3 +267,64 @@ def test_check_silent_server_times_out(capsys):
         listener.listen(1)
         assert check(f"127.0.0.1:{listener.getsockname()[1]}", timeout=0.3) == 1
     assert "timed out" in capsys.readouterr().err
+
+
+async def _health_cli(*args: str, env: dict[str, str]) -> tuple[int, str]:
+    """``fleetdrain-agent health`` as the container healthCheck runs it: a process of its own."""
+    import os
+    import sys
+
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("FLEETDRAIN_HEALTH_CHECK_ADDR", "BUILDKITE_AGENT_HEALTH_CHECK_ADDR")
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent.cli",
+        "health",
+        *args,
+        env={**base, **env},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+async def test_health_command_reads_wraps_address_before_the_agents():
+    good, bad = Flags(), Flags()
+    bad.healthy = False
+    servers = [HealthServer("127.0.0.1:0", f.health, f.get_status) for f in (good, bad)]
+    for srv in servers:
+        await srv.start()
+    try:
+        ok_addr, bad_addr = (f"127.0.0.1:{srv.port}" for srv in servers)
+        # start's variable alone (a `start` container)
+        assert (await _health_cli(env={"BUILDKITE_AGENT_HEALTH_CHECK_ADDR": ok_addr}))[0] == 0
+        code, err = await _health_cli(env={"BUILDKITE_AGENT_HEALTH_CHECK_ADDR": bad_addr})
+        assert code == 1 and "503" in err
+        # wrap's variable alone
+        assert (await _health_cli(env={"FLEETDRAIN_HEALTH_CHECK_ADDR": ok_addr}))[0] == 0
+        assert (await _health_cli(env={"FLEETDRAIN_HEALTH_CHECK_ADDR": bad_addr}))[0] == 1
+        # Both (a wrapped Go agent): wrap's own server is the one asked, whichever is healthy.
+        both = {
+            "FLEETDRAIN_HEALTH_CHECK_ADDR": bad_addr,
+            "BUILDKITE_AGENT_HEALTH_CHECK_ADDR": ok_addr,
+        }
+        assert (await _health_cli(env=both))[0] == 1
+        both = {
+            "FLEETDRAIN_HEALTH_CHECK_ADDR": ok_addr,
+            "BUILDKITE_AGENT_HEALTH_CHECK_ADDR": bad_addr,
+        }
+        assert (await _health_cli(env=both))[0] == 0
+        # --addr beats both; an empty variable counts as unset
+        assert (
+            await _health_cli("--addr", ok_addr, env={"FLEETDRAIN_HEALTH_CHECK_ADDR": bad_addr})
+        )[0] == 0
+        empty = {"FLEETDRAIN_HEALTH_CHECK_ADDR": "", "BUILDKITE_AGENT_HEALTH_CHECK_ADDR": ok_addr}
+        assert (await _health_cli(env=empty))[0] == 0
+    finally:
+        for srv in servers:
+            await srv.close()

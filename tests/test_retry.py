@@ -79,6 +79,37 @@ async def test_a_deadline_that_appears_mid_loop_cuts_it_short():
     assert calls["n"] < 40
 
 
+async def test_the_last_wait_is_cut_to_the_give_up_time_for_one_final_attempt():
+    # Back-off of 2..4 s would jump past the give-up time (10 s); the server is back at 9.5 s.
+    t = FakeTime()
+    calls: list[float] = []
+
+    async def call() -> str:
+        calls.append(t.now)
+        if t.now < 9.5:
+            raise RetryableError("503")
+        return "ok"
+
+    policy = RetryPolicy(max_attempts=None, base=4.0, factor=1.0, max_delay=4.0)
+    result = await retrying(
+        call, policy, sleep=t.sleep, clock=t.clock, rng=random.Random(3), give_up_at=lambda: 10.0
+    )
+    assert result == "ok"
+    assert calls[-1] == 10.0  # the final attempt, right at the give-up time
+    assert all(w > 0 for w in t.waits)
+
+
+async def test_nothing_is_started_after_the_give_up_time():
+    t = FakeTime()
+    call, calls = failing(10_000)
+    policy = RetryPolicy(max_attempts=None, base=0.3, factor=1.0, max_delay=0.3)
+    with pytest.raises(RetryableError):
+        await retrying(call, policy, sleep=t.sleep, clock=t.clock, give_up_at=lambda: 2.0)
+    assert t.now == pytest.approx(2.0)
+    # attempts at 0, then every 0.15..0.3 s, the last one exactly at 2.0; none after it
+    assert 7 <= calls["n"] <= 15
+
+
 def test_parse_retry_after():
     now = datetime(2026, 1, 1, tzinfo=UTC)
     assert parse_retry_after("3") == 3.0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import platform
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -37,6 +39,12 @@ LONG_RETRY = RetryPolicy(max_attempts=None, max_elapsed=3600.0, base=0.25, max_d
 SHORT_RETRY = RetryPolicy(max_attempts=4, base=0.2, max_delay=2.0)
 #: register/connect/disconnect: a handful of tries with back-off, then the error is the caller's.
 CONNECT_RETRY = RetryPolicy(max_attempts=8, base=0.5, max_delay=10.0)
+#: With a ``done_by`` limit, the last attempt starts at least this long before it: less time
+#: than that is not enough for one request over loopback or a LAN.
+MIN_ATTEMPT_SECONDS = 0.25
+
+#: A time on the API's clock (monotonic seconds), or None for no limit.
+Deadline = Callable[[], float | None]
 
 
 class ApiError(Exception):
@@ -74,7 +82,9 @@ class AgentApi:
         *,
         token: str = "",
         on_retry_log: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.clock = clock
         self.endpoint = endpoint.rstrip("/")
         self.http = http
         self.token = token
@@ -136,18 +146,54 @@ class AgentApi:
         path: str,
         *,
         policy: RetryPolicy = NO_RETRY,
+        done_by: Deadline | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
-        """One API call with the given retry policy. Raises ApiError/RetryableError when done."""
+        """One API call with the given retry policy. Raises ApiError/RetryableError when done.
+
+        ``done_by`` returns a time on :attr:`clock` by which the call must be over, answered
+        or not (None: no limit). It is asked again before every attempt, because a drain
+        deadline can appear (SIGTERM) while a long retry loop waits out a coordinator outage:
+        no attempt starts later than :data:`MIN_ATTEMPT_SECONDS` before it, and each attempt is
+        cut off at it.
+        """
 
         def on_retry(what: str, attempt: int, wait: float) -> None:
             if self._log_retries:
                 log.warning("%s; retry %d in %.2fs", what, attempt, wait)
 
-        async def once() -> httpx.Response:
-            return await self._send(method, path, **kwargs)
+        def end() -> float | None:
+            return None if done_by is None else done_by()
 
-        return await retrying(once, policy, describe=f"{method} {path}", on_retry=on_retry)
+        def give_up_at() -> float | None:
+            at = end()
+            return None if at is None else at - MIN_ATTEMPT_SECONDS
+
+        async def once() -> httpx.Response:
+            at = end()
+            if at is None:
+                return await self._send(method, path, **kwargs)
+            left = at - self.clock()
+            if left <= 0:
+                raise RetryableError(f"{method} {path}: no time left before the deadline")
+            # One attempt must not outlive the deadline either (a server that answers after
+            # 30 s, a connection that hangs): the whole attempt, not each read, is bounded.
+            try:
+                async with asyncio.timeout(left):
+                    return await self._send(method, path, **kwargs)
+            except TimeoutError:
+                raise RetryableError(
+                    f"{method} {path}: no answer within the {left:.2f}s left before the deadline"
+                ) from None
+
+        return await retrying(
+            once,
+            policy,
+            describe=f"{method} {path}",
+            on_retry=on_retry,
+            clock=self.clock,
+            give_up_at=give_up_at,
+        )
 
     # -- calls -------------------------------------------------------------------------------
 
@@ -167,9 +213,11 @@ class AgentApi:
         """Mark the agent connected."""
         await self.call("POST", "connect", policy=CONNECT_RETRY)
 
-    async def disconnect(self, policy: RetryPolicy = CONNECT_RETRY) -> None:
-        """Mark the agent disconnected."""
-        await self.call("POST", "disconnect", policy=policy)
+    async def disconnect(
+        self, policy: RetryPolicy = CONNECT_RETRY, done_by: Deadline | None = None
+    ) -> None:
+        """Mark the agent disconnected (over by ``done_by``, see :meth:`call`)."""
+        await self.call("POST", "disconnect", policy=policy, done_by=done_by)
 
     async def ping(self, endpoint: str | None = None) -> PingResponse:
         """One ping (no retries: the ping loop is the retry)."""
@@ -202,8 +250,9 @@ class AgentApi:
         size: int,
         gzipped: bytes,
         policy: RetryPolicy = LONG_RETRY,
+        done_by: Deadline | None = None,
     ) -> None:
-        """Upload one gzip-compressed log chunk."""
+        """Upload one gzip-compressed log chunk (over by ``done_by``, see :meth:`call`)."""
         await self.call(
             "POST",
             f"jobs/{job.id}/chunks",
@@ -212,6 +261,7 @@ class AgentApi:
             headers={"Content-Type": "text/plain", "Content-Encoding": "gzip"},
             token=job.token,
             policy=policy,
+            done_by=done_by,
         )
 
     async def job_state(self, job: Job) -> str:
@@ -220,11 +270,21 @@ class AgentApi:
         return _parse(JobStateResponse, response).state
 
     async def finish(
-        self, job: Job, request: JobFinishRequest, policy: RetryPolicy = LONG_RETRY
+        self,
+        job: Job,
+        request: JobFinishRequest,
+        policy: RetryPolicy = LONG_RETRY,
+        done_by: Deadline | None = None,
     ) -> None:
-        """Report the job's result (retried like chunks: a result is never dropped silently)."""
+        """Report the job's result (retried like chunks: a result is never dropped silently;
+        over by ``done_by``, see :meth:`call`)."""
         await self.call(
-            "PUT", f"jobs/{job.id}/finish", json=dump(request), token=job.token, policy=policy
+            "PUT",
+            f"jobs/{job.id}/finish",
+            json=dump(request),
+            token=job.token,
+            policy=policy,
+            done_by=done_by,
         )
 
 

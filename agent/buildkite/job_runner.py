@@ -34,8 +34,15 @@ log = logging.getLogger("fleetdrain.job")
 PRIVATE_ENV = ("BUILDKITE_AGENT_TOKEN",)
 #: Seconds to wait for the output pipe to drain after the job's process group is gone.
 PIPE_DRAIN_SECONDS = 1.0
-#: Seconds kept back from a deadline for the finish call itself.
+#: Seconds kept after the finish call, before the deadline, to disconnect and exit: the PID-1
+#: layer's last resort (kill everything and exit 1) comes 0.5 s before the deadline.
+EXIT_RESERVE = 1.0
+#: Seconds kept after the log upload for the finish call: chunk uploads give up at
+#: ``deadline - EXIT_RESERVE - FINISH_RESERVE``, the finish at ``deadline - EXIT_RESERVE``.
 FINISH_RESERVE = 1.0
+#: Retries once a deadline is known: short back-off, so that a coordinator that comes back
+#: seconds before the deadline is noticed within a second.
+DRAIN_RETRY = RetryPolicy(max_attempts=None, max_elapsed=None, base=0.25, max_delay=1.0)
 
 
 @dataclass(frozen=True)
@@ -240,7 +247,13 @@ class JobRunner:
 
     async def _upload(self, chunk: Chunk) -> None:
         await self.api.upload_chunk(
-            self.job, chunk.sequence, chunk.offset, chunk.size, chunk.data, policy=self._policy()
+            self.job,
+            chunk.sequence,
+            chunk.offset,
+            chunk.size,
+            chunk.data,
+            policy=self._policy(),
+            done_by=self._done_by(EXIT_RESERVE + FINISH_RESERVE),
         )
 
     async def _finish(
@@ -254,7 +267,9 @@ class JobRunner:
             chunks_failed_count=failed,
         )
         try:
-            await self.api.finish(self.job, request, policy=self._policy(reserve=0.0))
+            await self.api.finish(
+                self.job, request, policy=self._policy(), done_by=self._done_by(EXIT_RESERVE)
+            )
         except (ApiError, RetryableError) as exc:
             log.error("job %s: finish could not be reported: %s", self.job.id, exc)
             return JobResult(exit_status, sig, reason, failed, finished=False)
@@ -276,19 +291,22 @@ class JobRunner:
 
     def _upload_budget(self) -> float | None:
         left = self._time_left()
-        return None if left is None else max(0.1, left - FINISH_RESERVE)
+        return None if left is None else max(0.1, left - EXIT_RESERVE - FINISH_RESERVE)
 
-    def _policy(self, reserve: float = FINISH_RESERVE) -> RetryPolicy:
-        """The long retry policy, cut short by the deadline when there is one."""
-        left = self._time_left()
-        if left is None:
-            return LONG_RETRY
-        return RetryPolicy(
-            max_attempts=None,
-            max_elapsed=max(0.1, left - reserve),
-            base=LONG_RETRY.base,
-            max_delay=min(LONG_RETRY.max_delay, 1.0),
-        )
+    def _done_by(self, reserve: float) -> Callable[[], float | None]:
+        """When a call must be over: ``reserve`` before the deadline, asked anew before every
+        attempt, since the deadline can appear (SIGTERM, a spot notice) mid-retry."""
+
+        def at() -> float | None:
+            deadline = self.deadline()
+            return None if deadline is None else deadline - reserve
+
+        return at
+
+    def _policy(self) -> RetryPolicy:
+        """Retry for up to an hour, as the Go agent does; with a deadline, with a short
+        back-off (the deadline itself ends the retries: see :meth:`_done_by`)."""
+        return LONG_RETRY if self.deadline() is None else DRAIN_RETRY
 
     def _shell(self) -> tuple[str, ...]:
         if self.settings.shell:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -28,6 +29,8 @@ T = TypeVar("T")
 
 #: A disconnect on the way out gets a few quick tries: the process is about to exit.
 DISCONNECT_RETRY = RetryPolicy(max_attempts=4, base=0.1, max_delay=0.5)
+#: The disconnect is over this long before a deadline (see :data:`EXIT_RESERVE`).
+DISCONNECT_RESERVE = 0.7
 
 
 @dataclass
@@ -36,9 +39,10 @@ class BuildkiteConfig:
 
     registration_token: str
     name: str
+    #: How jobs run (where, which cancel signal, its grace): required, no hidden default path.
+    job: JobSettings
     tags: list[str] = field(default_factory=list)
     priority: int | None = None
-    job: JobSettings | None = None
     disconnect_after_job: bool = False
     disconnect_after_idle_timeout: float = 0.0
 
@@ -257,14 +261,9 @@ class BuildkiteWorker:
 
     async def _run_job(self, job: Job) -> None:
         assert self.registration is not None
-        settings = self.config.job or JobSettings(agent_name=self.config.name, build_path=_tmp())
-        settings = JobSettings(
-            agent_name=settings.agent_name,
-            build_path=settings.build_path,
-            job_status_interval=self.registration.job_status_interval,
-            cancel_signal=settings.cancel_signal,
-            signal_grace_period=settings.signal_grace_period,
-            shell=settings.shell,
+        # The server supplies the job status interval at register.
+        settings = dataclasses.replace(
+            self.config.job, job_status_interval=self.registration.job_status_interval
         )
         runner = JobRunner(
             self.api,
@@ -293,10 +292,15 @@ class BuildkiteWorker:
         if self._lost:
             return
         try:
-            await self.api.disconnect(policy=DISCONNECT_RETRY)
+            await self.api.disconnect(policy=DISCONNECT_RETRY, done_by=self._disconnect_by)
             log.info("disconnected")
         except (ApiError, RetryableError) as exc:
             log.warning("disconnect failed: %s", exc)
+
+    def _disconnect_by(self) -> float | None:
+        # After the finish (EXIT_RESERVE before the deadline), before the PID-1 layer's last
+        # resort (0.5 s before it): a coordinator that does not answer must not keep us up.
+        return None if self.deadline is None else self.deadline - DISCONNECT_RESERVE
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -323,10 +327,3 @@ class BuildkiteWorker:
     def _notify_busy(self, busy: bool) -> None:
         if self.on_busy_change is not None:
             self.on_busy_change(busy)
-
-
-def _tmp() -> Any:
-    import tempfile
-    from pathlib import Path
-
-    return Path(tempfile.gettempdir()) / "fleetdrain-builds"
