@@ -198,7 +198,7 @@ def _check_output_paths(ns: argparse.Namespace) -> None:
 
 
 def _drill(ns: argparse.Namespace, run_local: LocalRunner | None) -> int:
-    from drill.render import ProgressView, make_console, print_report
+    from drill.render import ProgressView, make_console, print_report, print_timeline
 
     _check_output_paths(ns)
     console = make_console()
@@ -207,13 +207,16 @@ def _drill(ns: argparse.Namespace, run_local: LocalRunner | None) -> int:
             raise UsageError("--scenario is for the local drill; --aws runs one game day")
         from drill.aws_game_day import GameDayError, config_from_args, run_game_day
 
-        config = config_from_args(ns)
-        with ProgressView(console, title="fleetdrain drill --aws") as view:
-            try:
+        try:
+            config = config_from_args(ns)
+            with ProgressView(console, title="fleetdrain drill --aws") as view:
                 report = run_game_day(config, progress=view.update)
-            except GameDayError as exc:
-                print(f"fleetdrain: error: {exc}", file=sys.stderr)
-                return 2
+        except GameDayError as exc:
+            print(f"fleetdrain: error: {exc}", file=sys.stderr)
+            return 2
+        # The game day's evidence: build, task, agent and drain-table changes, in order.
+        for scenario in report.scenarios:
+            print_timeline(console, scenario)
         extra: list[str] = []
     else:
         if run_local is None:

@@ -235,3 +235,14 @@ class ProgressView:
             (self.title, "bold"), f"  {now - self._t0:5.1f}s  ", (self._last, "dim")
         )
         return Group(header, table)
+
+
+def print_timeline(console: Console, scenario: ScenarioReport) -> None:
+    """The scenario's timeline as plain lines (``t  kind  subject  what``), oldest first."""
+    console.print(Text(f"timeline of {scenario.name}", style="bold"))
+    if not scenario.timeline:
+        console.print("  (no events recorded)")
+        return
+    for event in sorted(scenario.timeline, key=lambda e: e.t):
+        line = f"  {event.t:8.2f}s  {event.kind:<10} {event.subject:<28} {event.what}"
+        console.print(line, markup=False, highlight=False, overflow="fold")

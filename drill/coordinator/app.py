@@ -42,6 +42,7 @@ from agent.buildkite.models import (
     StopRequest,
     dump,
 )
+from drill.coordinator.builds import CreateBuildRequest
 from drill.coordinator.faults import Fault
 from drill.coordinator.state import (
     BadRequest,
@@ -416,6 +417,22 @@ async def _rest_resume(call: _Call) -> Response:
     return Response(status_code=204)
 
 
+async def _rest_create_build(call: _Call) -> Response:
+    call.coord.rest_authorize(call.token, call.path("org"))
+    body = await _json_body(call.request, CreateBuildRequest)
+    record = call.coord.pipelines.create(call.path("pipeline"), body)
+    base = str(call.request.base_url).rstrip("/")
+    view = call.coord.pipelines.view(record, base)
+    return JSONResponse(view.model_dump(mode="json"), status_code=201)
+
+
+async def _rest_build(call: _Call) -> Response:
+    call.coord.rest_authorize(call.token, call.path("org"))
+    record = call.coord.pipelines.get(call.path("pipeline"), int(call.path("number")))
+    base = str(call.request.base_url).rstrip("/")
+    return JSONResponse(call.coord.pipelines.view(record, base).model_dump(mode="json"))
+
+
 # ---------------------------------------------------------------------------- assembly
 
 
@@ -502,6 +519,10 @@ def build_app(coord: Coordinator) -> Starlette:
         full = "/v2/organizations/{org}/agents" + path
         return Route(full, _route(coord, name, handler, "Bearer"), methods=[method], name=name)
 
+    def builds(path: str, name: str, handler: _Handler, method: str) -> Route:
+        full = "/v2/organizations/{org}/pipelines/{pipeline}/builds" + path
+        return Route(full, _route(coord, name, handler, "Bearer"), methods=[method], name=name)
+
     routes = [
         agent("/v3/register", "register", _register, "POST"),
         agent("/v3/connect", "connect", _connect, "POST"),
@@ -521,6 +542,8 @@ def build_app(coord: Coordinator) -> Starlette:
         rest("/{agent_id}/stop", "rest_stop", _rest_stop, "PUT"),
         rest("/{agent_id}/pause", "rest_pause", _rest_pause, "PUT"),
         rest("/{agent_id}/resume", "rest_resume", _rest_resume, "PUT"),
+        builds("", "rest_create_build", _rest_create_build, "POST"),
+        builds("/{number:int}", "rest_build", _rest_build, "GET"),
     ]
 
     @contextlib.asynccontextmanager

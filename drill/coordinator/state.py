@@ -328,6 +328,11 @@ class Coordinator:
         self._events: list[Event] = []
         # (key, rule index) -> retries that rule has caused for that step.
         self._retry_counts: dict[tuple[str, int], int] = {}
+        # Pipelines and builds (the REST Builds subset) sit on top of the jobs above; imported
+        # here because drill.coordinator.builds itself builds on this module.
+        from drill.coordinator.builds import Pipelines
+
+        self.pipelines = Pipelines(self)
 
     # ------------------------------------------------------------------ Python API: jobs
 
