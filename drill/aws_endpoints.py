@@ -161,9 +161,16 @@ class EcsAgentStandIn:
         region: str = "us-east-1",
         account_id: str = "123456789012",
         clock: Clock = _utc_now,
+        on_protection: Callable[[str, bool, datetime | None], None] | None = None,
     ):
-        """``cluster`` is reported as given (a name, as on EC2, or an ARN, as on Fargate)."""
+        """``cluster`` is reported as given (a name, as on EC2, or an ARN, as on Fargate).
+
+        ``on_protection(task_arn, enabled, expires_at)`` is called after every accepted PUT:
+        on a real host the ECS agent forwards it to ECS (``UpdateTaskProtection``), which is
+        where the drain controller's ``GetTaskProtection`` reads it.
+        """
         self.cluster = cluster
+        self.on_protection = on_protection
         self.region = region
         self.account_id = account_id
         self.clock = clock
@@ -434,6 +441,9 @@ class EcsAgentStandIn:
             task.protection_enabled = enabled
             task.protection_expires = now + timedelta(minutes=effective) if enabled else None
             task.puts.append(ProtectionPut(now, enabled, minutes, 200))
+            expires = task.protection_expires
+        if self.on_protection is not None:
+            self.on_protection(task.task_arn, enabled, expires)
         return self._protection_answer(task)
 
     def _record(self, task: EcsTask, put: ProtectionPut) -> None:

@@ -218,6 +218,15 @@ def deploy_stack(
     session: Any = None,
 ) -> Deployment:
     """``sam deploy`` of ``template_path`` into the (moto) account: expand, upload, create."""
+    # moto warns about every resource type it only records (alarms, log groups...).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _deploy(params, stack_name, template_path, region, session)
+
+
+def _deploy(
+    params: Mapping[str, str], stack_name: str, template_path: Path, region: str, session: Any
+) -> Deployment:
     import boto3
 
     session = session or boto3.session.Session(region_name=region)
@@ -228,16 +237,13 @@ def deploy_stack(
     expanded = expand_template(source, params, f"s3://{ARTIFACT_BUCKET}/{ARTIFACT_KEY}")
     body = drop_no_values(expanded, params)
     cfn = session.client("cloudformation")
-    # moto warns about every resource type it only records (alarms, log groups...).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("moto").setLevel(logging.ERROR)
-        cfn.create_stack(
-            StackName=stack_name,
-            TemplateBody=json.dumps(body),
-            Parameters=[{"ParameterKey": k, "ParameterValue": str(v)} for k, v in params.items()],
-            Capabilities=["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM", "CAPABILITY_AUTO_EXPAND"],
-        )
+    logging.getLogger("moto").setLevel(logging.ERROR)
+    cfn.create_stack(
+        StackName=stack_name,
+        TemplateBody=json.dumps(body),
+        Parameters=[{"ParameterKey": k, "ParameterValue": str(v)} for k, v in params.items()],
+        Capabilities=["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM", "CAPABILITY_AUTO_EXPAND"],
+    )
     stack = cfn.describe_stacks(StackName=stack_name)["Stacks"][0]
     if stack["StackStatus"] != "CREATE_COMPLETE":
         raise RuntimeError(f"stack {stack_name}: {stack['StackStatus']}")
@@ -351,7 +357,10 @@ def read_deployment(session: Any, stack_name: str, template: dict[str, Any]) -> 
             name=cfg["FunctionName"],
             arn=cfg["FunctionArn"],
             handler=cfg["Handler"],
-            environment=dict(cfg.get("Environment", {}).get("Variables", {})),
+            # Lambda's environment is strings only (moto keeps a Number parameter's int).
+            environment={
+                k: str(v) for k, v in cfg.get("Environment", {}).get("Variables", {}).items()
+            },
             dead_letter_arn=dlq_arn,
             max_retry_attempts=retries,
         )

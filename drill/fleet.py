@@ -1,0 +1,382 @@
+"""One local fleet: moto with template.yaml deployed, the coordinator, the controller, the
+task runtime, and a timeline of what happened. Each scenario runs on a fleet of its own.
+
+Built by :func:`local_fleet` (a context manager that tears everything down). The AWS side is
+moto in this process (``mock_aws``), with :class:`~drill.aws_support.AwsGaps`; the Auto
+Scaling group, its termination lifecycle hook and the ECS cluster are what ``infra/`` makes;
+the controller is deployed from ``template.yaml`` (:mod:`drill.aws_world`) with the
+template's default parameters, so its budgets, margins and heartbeats are the real ones, in
+drill seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from drill.aws_endpoints import EcsAgentStandIn
+from drill.aws_support import AwsGaps
+from drill.aws_world import Deployment, EventRouter, Invocation, deploy_stack, stack_params
+from drill.coordinator import Coordinator, CoordinatorServer
+from drill.report import EventKind, TimelineEvent
+from drill.task_runtime import DrillClock, TaskRuntime
+
+log = logging.getLogger("fleetdrain.drill.fleet")
+
+REGION = "us-east-1"
+CLUSTER = "ci"
+ASG = "ci-agents"
+HOOK = "fleetdrain-terminating"
+HOOK_HEARTBEAT_TIMEOUT = 300  # infra/'s lifecycle hook
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "drill",
+    "AWS_SECRET_ACCESS_KEY": "drill",
+    "AWS_SESSION_TOKEN": "drill",
+    "AWS_DEFAULT_REGION": REGION,
+    "AWS_REGION": REGION,
+}
+# The coordinator's agent-facing intervals are wall seconds (they are the agents' own pace,
+# not AWS time); the lost-agent timeout is Buildkite's ~3 minutes, in drill time.
+PING_INTERVAL = 0.3
+HEARTBEAT_INTERVAL = 0.5
+JOB_STATUS_INTERVAL = 0.3
+LOST_AGENT_TIMEOUT = 180.0
+
+
+class Timeline:
+    """Timeline events of one scenario, in wall seconds since it started (thread-safe)."""
+
+    def __init__(self, progress: Callable[[str], None] = lambda _m: None, prefix: str = "") -> None:
+        self.t0 = time.monotonic()
+        self.events: list[TimelineEvent] = []
+        self._lock = threading.Lock()
+        self._progress = progress
+        self._prefix = prefix
+
+    def record(
+        self,
+        kind: str,
+        subject: str,
+        what: str,
+        detail: dict[str, Any] | None = None,
+        at: float | None = None,
+    ) -> None:
+        """Add an event (``at``: a ``time.monotonic()`` stamp; default now)."""
+        t = (time.monotonic() if at is None else at) - self.t0
+        event = TimelineEvent(
+            t=round(max(0.0, t), 3),
+            kind=_kind(kind),
+            subject=subject,
+            what=what,
+            detail=dict(detail or {}),
+        )
+        with self._lock:
+            self.events.append(event)
+        if kind in ("signal", "instance", "hook", "fault") or (
+            kind == "task" and what.startswith("exited")
+        ):
+            self._progress(f"{self._prefix}{subject}: {what}")
+
+    def sorted(self) -> list[TimelineEvent]:
+        with self._lock:
+            return sorted(self.events, key=lambda e: e.t)
+
+
+def _kind(kind: str) -> EventKind:
+    known = ("agent", "job", "signal", "task", "instance", "hook", "controller", "fault")
+    if kind in known or kind in ("deadline", "note"):
+        return kind  # type: ignore[return-value]
+    return "note"
+
+
+@dataclass
+class Fleet:
+    """Everything one scenario drives."""
+
+    name: str
+    workdir: Path
+    clock: DrillClock
+    gaps: AwsGaps
+    coord: Coordinator
+    server: CoordinatorServer
+    deployment: Deployment
+    router: EventRouter
+    runtime: TaskRuntime
+    controller: Any
+    session: Any
+    lock: threading.RLock
+    timeline: Timeline
+    instances: list[str] = field(default_factory=list)
+
+    def client(self, service: str) -> Any:
+        """A boto3 client on the fleet's (moto) account."""
+        return self.session.client(service)
+
+    def invocations(self) -> list[Invocation]:
+        """Every handler invocation so far."""
+        return list(self.router.invocations)
+
+    def wait(self, predicate: Callable[[], bool], wall_timeout: float, what: str) -> None:
+        """Poll ``predicate`` until true; TimeoutError naming ``what`` otherwise."""
+        deadline = time.monotonic() + wall_timeout
+        while not predicate():
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+    def drain_records(self) -> list[Any]:
+        """The drain table's records (what the controller wrote)."""
+        with self.lock:
+            items = self.client("dynamodb").scan(
+                TableName=self.deployment.outputs["DrainTableName"]
+            )["Items"]
+        out = []
+        for item in items:
+            if item.get("pk", {}).get("S", "").startswith("drain#"):
+                rec = self.controller.store.get(item["pk"]["S"].split("#", 1)[1])
+                if rec is not None:
+                    out.append(rec)
+        return out
+
+
+def _scaled_delays(clock: DrillClock) -> Callable[..., None]:
+    # SQS delays are drill seconds when the controller asks for them (its clock is the drill
+    # clock); moto waits wall seconds.
+    def scale(params: dict[str, Any], **_kw: Any) -> None:
+        delay = params.get("DelaySeconds")
+        if isinstance(delay, int) and delay > 0:
+            params["DelaySeconds"] = max(1, math.ceil(clock.wall(delay)))
+
+    return scale
+
+
+def drill_controller(settings: Any, session: Any, clock: DrillClock) -> Any:
+    """The controller as ``lambdas.runtime.build_controller`` builds it, on the drill clock.
+
+    The same objects and client configuration; the clock is the one thing that differs
+    (``build_controller`` uses the wall clock, and the drill compresses time).
+    """
+    from botocore.config import Config
+
+    from lambdas.drain.coordinator import CoordinatorClient, SecretToken
+    from lambdas.drain.core import DrainController
+    from lambdas.drain.ecs_fleet import EcsFleet
+    from lambdas.drain.lifecycle import LifecycleActions
+    from lambdas.drain.state import DynamoDrainStore
+    from lambdas.drain.ticks import SqsTicks
+    from lambdas.runtime import PowertoolsMetrics
+
+    config = Config(retries={"mode": "adaptive", "max_attempts": 6}, connect_timeout=3)
+    token = SecretToken(
+        session.client("secretsmanager", config=config),
+        settings.coordinator_token_secret_arn,
+        clock=time.monotonic,
+    )
+    coordinator = CoordinatorClient(
+        settings.coordinator_url, settings.coordinator_org, token.get, token.invalidate
+    )
+    return DrainController(
+        settings,
+        DynamoDrainStore(
+            session.client("dynamodb", config=config),
+            settings.table_name,
+            clock,
+            settings.record_ttl,
+        ),
+        EcsFleet(session.client("ecs", config=config), settings.cluster, clock),
+        coordinator,
+        LifecycleActions(session.client("autoscaling", config=config)),
+        SqsTicks(session.client("sqs", config=config), settings.queue_url),
+        PowertoolsMetrics(),
+        clock,
+    )
+
+
+def _quiet_logs() -> None:
+    # The handlers log JSON lines (Powertools) and moto warns about what it only records:
+    # the drill's output is its progress view and report, the logs stay out of it.
+    for name in ("fleetdrain", "fleetdrain.drain", "moto", "botocore", "boto3"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    with contextlib.suppress(Exception):
+        from lambdas.runtime import logger as pt_logger
+
+        pt_logger.setLevel(logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def local_fleet(
+    name: str,
+    *,
+    workdir: Path,
+    time_scale: float,
+    instances: int,
+    pid1: bool,
+    progress: Callable[[str], None] = lambda _m: None,
+    template_params: dict[str, str] | None = None,
+) -> Iterator[Fleet]:
+    """A fleet of ``instances`` container instances in the ASG, everything wired and running."""
+    import boto3
+    from moto import mock_aws
+
+    from lambdas import runtime as lambda_runtime
+    from lambdas.drain.config import Settings
+
+    saved = {k: os.environ.get(k) for k in AWS_ENV}
+    os.environ.update(AWS_ENV)
+    _quiet_logs()
+    # Powertools warns on every invocation that flushed no metric (most ticks).
+    warnings.filterwarnings("ignore", message="No application metrics to publish")
+    workdir.mkdir(parents=True, exist_ok=True)
+    clock = DrillClock(time_scale)
+    timeline = Timeline(progress, prefix=f"{name}: ")
+    lock = threading.RLock()
+    coord = Coordinator(
+        org="fleetdrain",
+        api_token="drill-api-token",
+        ping_interval=PING_INTERVAL,
+        heartbeat_interval=HEARTBEAT_INTERVAL,
+        job_status_interval=JOB_STATUS_INTERVAL,
+        lost_agent_timeout=clock.wall(LOST_AGENT_TIMEOUT),
+        chunks_interval_seconds=0.5,
+    )
+    with contextlib.ExitStack() as stack:
+        stack.callback(_restore_env, saved)
+        stack.enter_context(mock_aws())
+        gaps = stack.enter_context(AwsGaps(clock=clock, region=REGION))
+        server = stack.enter_context(CoordinatorServer(coord))
+        session = boto3.session.Session(region_name=REGION)
+        session.events.register("provide-client-params.sqs.SendMessage", _scaled_delays(clock))
+        ids = _build_aws(session, instances)
+        secret = session.client("secretsmanager").create_secret(
+            Name="fleetdrain/coordinator-token", SecretString=coord.api_token
+        )
+        params = stack_params(
+            cluster=CLUSTER,
+            asg_name=ASG,
+            hook_name=HOOK,
+            coordinator_url=server.url,
+            coordinator_org=coord.org,
+            token_secret_arn=secret["ARN"],
+            extra=template_params,
+        )
+        deployment = deploy_stack(params, session=session)
+        _quiet_logs()
+        settings = Settings.from_env(deployment.function("DrainMonitorFunction").environment)
+        controller = drill_controller(settings, session, clock)
+        lambda_runtime.set_controller(controller)
+        stack.callback(lambda_runtime.set_controller, None)
+
+        def on_invocation(inv: Invocation) -> None:
+            response = inv.response if isinstance(inv.response, dict) else {}
+            what = str(response.get("status", "error" if inv.error else "ok"))
+            if "batchItemFailures" in response:
+                what = f"batch of {len(inv.event.get('Records', []))}"
+                if response["batchItemFailures"]:
+                    what += f", {len(response['batchItemFailures'])} failed"
+            if response.get("phase"):
+                what += f" ({response['phase']})"
+            detail = {
+                "function": inv.function,
+                "source": inv.source,
+                "detail": response.get("detail"),
+                "error": inv.error,
+                "seconds": round(inv.seconds, 3),
+            }
+            timeline.record("controller", inv.function, what, detail, at=inv.started)
+
+        router = EventRouter(
+            deployment,
+            session=session,
+            lock=lock,
+            on_invocation=on_invocation,
+            visibility_seconds=clock.wall_ceil,
+        )
+
+        def on_event(event: dict[str, Any]) -> None:
+            router.put_event(event)
+            timeline.record("note", "eventbridge", event["detail-type"], {"id": event["id"]})
+
+        gaps.on_event = on_event
+        standin = EcsAgentStandIn(cluster=CLUSTER, region=REGION, clock=clock.now_datetime)
+        stack.enter_context(standin.serve())
+        runtime = TaskRuntime(
+            gaps=gaps,
+            ecs=session.client("ecs"),
+            cluster=CLUSTER,
+            standin=standin,
+            clock=clock,
+            coordinator_endpoint=server.agent_endpoint,
+            registration_token=coord.registration_token,
+            workdir=workdir,
+            lock=lock,
+            pid1=pid1,
+            record=timeline.record,
+        )
+        stack.callback(runtime.close)
+        for iid in ids:
+            runtime.add_instance(iid)
+        stack.enter_context(router.running())
+        yield Fleet(
+            name=name,
+            workdir=workdir,
+            clock=clock,
+            gaps=gaps,
+            coord=coord,
+            server=server,
+            deployment=deployment,
+            router=router,
+            runtime=runtime,
+            controller=controller,
+            session=session,
+            lock=lock,
+            timeline=timeline,
+            instances=ids,
+        )
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _build_aws(session: Any, instances: int) -> list[str]:
+    """The ASG with its termination hook and the ECS cluster (what infra/ deploys)."""
+    ec2 = session.client("ec2")
+    asg = session.client("autoscaling")
+    ecs = session.client("ecs")
+    ec2.create_launch_template(
+        LaunchTemplateName=ASG,
+        LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "c6g.large"},
+    )
+    asg.create_auto_scaling_group(
+        AutoScalingGroupName=ASG,
+        LaunchTemplate={"LaunchTemplateName": ASG, "Version": "$Latest"},
+        MinSize=0,
+        MaxSize=10,
+        DesiredCapacity=instances,
+        AvailabilityZones=[f"{REGION}a"],
+    )
+    asg.put_lifecycle_hook(
+        LifecycleHookName=HOOK,
+        AutoScalingGroupName=ASG,
+        LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
+        HeartbeatTimeout=HOOK_HEARTBEAT_TIMEOUT,
+        DefaultResult="CONTINUE",
+    )
+    group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[ASG])["AutoScalingGroups"][0]
+    # Long task ARNs (cluster name in the ARN), as every account has them now.
+    ecs.put_account_setting(name="taskLongArnFormat", value="enabled")
+    ecs.create_cluster(clusterName=CLUSTER)
+    return [i["InstanceId"] for i in group["Instances"]]

@@ -1,0 +1,415 @@
+"""The local task runtime: every ECS task the drill runs is a real ``fleetdrain-agent`` process.
+
+What the ECS container agent and EC2 do on a real host, done on this machine:
+
+- :meth:`TaskRuntime.run_task` starts the task in moto (``StartTask`` on the instance's
+  container instance) and then its process: ``fleetdrain-agent start`` as PID 1 of its own PID
+  namespace where the machine allows it, with ``ECS_CONTAINER_METADATA_URI_V4`` and
+  ``ECS_AGENT_URI`` pointing at an :class:`~drill.aws_endpoints.EcsAgentStandIn` that serves
+  its metadata and task protection; protection it sets reaches ECS
+  (:attr:`~drill.aws_support.AwsGaps.protection`, what ``GetTaskProtection`` answers).
+- ``StopTask`` and ``DRAINING`` reach the runtime through :attr:`AwsGaps.on_sigterm`: SIGTERM
+  to the task's process, then SIGKILL when the task definition's ``stopTimeout`` has passed.
+- A process that exits marks its task STOPPED with its exit code, and ECS's ``Task State
+  Change`` event goes out (:meth:`AwsGaps.task_exited`).
+- :meth:`TaskRuntime.scale_in` puts the instance in ``Terminating:Wait`` and emits the
+  lifecycle event; once the action is completed (or expires) the instance is terminated and
+  whatever still runs on it is killed. :meth:`TaskRuntime.spot_interruption` emits the
+  warning and kills the instance's processes when the two minutes are up.
+
+Durations of the task definition and of AWS (stopTimeout, the spot notice) are *drill*
+seconds; :class:`DrillClock` turns them into wall seconds by the time scale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shlex
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from drill.aws_endpoints import EcsAgentStandIn
+from drill.aws_support import AwsGaps
+from drill.processes import AgentProcess, agent_command, spawn_agent
+
+log = logging.getLogger("fleetdrain.drill.runtime")
+
+SPOT_NOTICE_SECONDS = 120.0
+
+#: (kind, subject, what, detail) -> None: where the runtime reports what it did.
+Recorder = Callable[[str, str, str, dict[str, Any]], None]
+
+
+class DrillClock:
+    """Drill time: epoch seconds that run ``scale`` times faster than the wall clock.
+
+    Everything that AWS or the controller measures (event times, lifecycle heartbeat
+    timeouts, spot deadlines, drain budgets) runs on this clock; :meth:`wall` converts a drill
+    duration into the wall seconds to actually wait.
+    """
+
+    def __init__(self, scale: float = 1.0, wall: Callable[[], float] = time.time) -> None:
+        if scale <= 0:
+            raise ValueError("the time scale must be > 0")
+        self.scale = scale
+        self._wall = wall
+        self._origin = wall()
+
+    def __call__(self) -> float:
+        return self._origin + (self._wall() - self._origin) * self.scale
+
+    def now_datetime(self) -> datetime:
+        """Drill time as an aware datetime (the ECS stand-in's clock)."""
+        return datetime.fromtimestamp(self(), UTC)
+
+    def wall(self, drill_seconds: float) -> float:
+        """How many wall seconds ``drill_seconds`` take."""
+        return drill_seconds / self.scale
+
+    def wall_ceil(self, drill_seconds: int) -> int:
+        """:meth:`wall` rounded up to whole seconds (SQS delays and visibility timeouts)."""
+        return max(0, math.ceil(drill_seconds / self.scale)) if drill_seconds > 0 else 0
+
+
+@dataclass(frozen=True)
+class TaskDefinition:
+    """What the runtime needs of a task definition (the agent's container)."""
+
+    family: str
+    stop_timeout: float = 120.0  # drill seconds, the container's stopTimeout
+    #: Extra ``fleetdrain-agent start`` flags (the container's command).
+    agent_args: tuple[str, ...] = ()
+    #: A shell-form entrypoint: ``/bin/sh -c "<agent start ...>; ..."`` as PID 1 (the
+    #: anti-pattern that never forwards SIGTERM). False: exec form, the agent is PID 1.
+    shell_entrypoint: bool = False
+    container_name: str = "agent"
+
+
+@dataclass
+class RunningTask:
+    """One task and its process."""
+
+    arn: str
+    task_id: str
+    instance_id: str
+    family: str
+    group: str
+    name: str
+    process: AgentProcess
+    definition: TaskDefinition
+    sigterm_at: float | None = None  # wall, monotonic
+    sigkilled: bool = False
+    exit_code: int | None = None
+    stopped: threading.Event = field(default_factory=threading.Event)
+
+
+class TaskRuntime:
+    """Runs the cluster's tasks as processes and plays ECS's and EC2's part in stopping them.
+
+    ``lock`` guards every call into moto (its backends are not thread-safe); the event router
+    and the scenario use the same one.
+    """
+
+    def __init__(
+        self,
+        *,
+        gaps: AwsGaps,
+        ecs: Any,
+        cluster: str,
+        standin: EcsAgentStandIn,
+        clock: DrillClock,
+        coordinator_endpoint: str,
+        registration_token: str,
+        workdir: Path,
+        lock: threading.RLock,
+        pid1: bool,
+        record: Recorder = lambda *_a: None,
+        agent_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.gaps = gaps
+        self.ecs = ecs
+        self.cluster = cluster
+        self.standin = standin
+        self.clock = clock
+        self.endpoint = coordinator_endpoint
+        self.registration_token = registration_token
+        self.workdir = workdir
+        self.lock = lock
+        self.pid1 = pid1
+        self.record = record
+        self.agent_env = dict(agent_env or {})
+        self.definitions: dict[str, TaskDefinition] = {}
+        self.tasks: dict[str, RunningTask] = {}
+        self.container_instances: dict[str, str] = {}  # instance id -> container instance ARN
+        self.terminated: set[str] = set()
+        self._names = 0
+        self._closed = threading.Event()
+        self._threads: list[threading.Thread] = []
+        gaps.on_sigterm = self._on_sigterm
+        standin.on_protection = self._on_protection
+
+    # ------------------------------------------------------------------ setup
+
+    def register(self, definition: TaskDefinition) -> None:
+        """Register the task definition with ECS (moto) and remember its runtime details."""
+        with self.lock:
+            self.ecs.register_task_definition(
+                family=definition.family,
+                containerDefinitions=[
+                    {
+                        "name": definition.container_name,
+                        "image": "fleetdrain-agent:latest",
+                        "memory": 512,
+                        "essential": True,
+                        "stopTimeout": int(definition.stop_timeout),
+                    }
+                ],
+            )
+        self.definitions[definition.family] = definition
+
+    def add_instance(self, instance_id: str) -> str:
+        """Register the EC2 instance as a container instance of the cluster; its ARN."""
+        import json
+
+        with self.lock:
+            out = self.ecs.register_container_instance(
+                cluster=self.cluster,
+                instanceIdentityDocument=json.dumps({"instanceId": instance_id}),
+            )
+        arn = str(out["containerInstance"]["containerInstanceArn"])
+        self.container_instances[instance_id] = arn
+        return arn
+
+    # ------------------------------------------------------------------ tasks
+
+    def run_task(
+        self,
+        instance_id: str,
+        family: str,
+        *,
+        group: str | None = None,
+        name: str | None = None,
+    ) -> RunningTask:
+        """``StartTask`` on the instance, then the task's process. ``group`` defaults to the
+        family's service (``service:<family>``): ECS service tasks, what DRAINING stops."""
+        definition = self.definitions[family]
+        group = group or f"service:{family}"
+        with self.lock:
+            out = self.ecs.start_task(
+                cluster=self.cluster,
+                taskDefinition=family,
+                containerInstances=[self.container_instances[instance_id]],
+                group=group,
+                startedBy="fleetdrain-drill",
+            )
+        arn = str(out["tasks"][0]["taskArn"])
+        task_id = arn.rsplit("/", 1)[-1]
+        service = group.split(":", 1)[1] if group.startswith("service:") else None
+        self.standin.add_task(
+            task_id,
+            family=family,
+            service_name=service,
+            container_name=definition.container_name,
+        )
+        self._names += 1
+        name = name or f"{family}-{self._names}"
+        process = self._spawn(definition, name, task_id)
+        task = RunningTask(arn, task_id, instance_id, family, group, name, process, definition)
+        self.tasks[arn] = task
+        self.record("task", name, "RUNNING", {"task_arn": arn, "instance": instance_id})
+        self._thread(self._watch, task, name=f"watch-{name}")
+        return task
+
+    def _spawn(self, definition: TaskDefinition, name: str, task_id: str) -> AgentProcess:
+        args = [
+            "start",
+            "--token",
+            self.registration_token,
+            "--endpoint",
+            self.endpoint,
+            "--name",
+            name,
+            "--build-path",
+            str(self.workdir / "builds" / name),
+            "--tags-from-ecs-meta-data",
+            "--stop-timeout",
+            f"{self.clock.wall(definition.stop_timeout):.3f}",
+            *definition.agent_args,
+        ]
+        env = {**self.agent_env, **self.standin.env_for(task_id)}
+        log_path = self.workdir / f"{name}.log"
+        if definition.shell_entrypoint:
+            # ENTRYPOINT in shell form: /bin/sh is PID 1, runs the agent as a child and never
+            # passes SIGTERM on (the trailing commands keep sh from exec'ing the agent).
+            agent = shlex.join([*agent_command(), *args])
+            script = f'{agent}; status=$?; echo "agent exited $status"; exit $status'
+            return spawn_agent([], log_path=log_path, env=env, pid1=self.pid1,
+                               command=["/bin/sh", "-c", script])  # fmt: skip
+        return spawn_agent(args, log_path=log_path, env=env, pid1=self.pid1)
+
+    def _watch(self, task: RunningTask) -> None:
+        code = task.process.popen.wait()
+        code = 128 - code if code < 0 else code
+        if task.sigkilled:
+            code = 137
+        task.exit_code = code
+        what = f"exited {code}" + (" (SIGKILL)" if code == 137 else "")
+        self.record("task", task.name, what, {"exit_code": code})
+        with self.lock:
+            try:
+                self.gaps.task_exited(task.arn, code)
+            except (ValueError, KeyError) as exc:
+                log.warning("task %s: %s", task.name, exc)
+        self.record("task", task.name, "STOPPED", {"exit_code": code, "task_arn": task.arn})
+        task.stopped.set()
+
+    def _on_sigterm(self, task_arn: str, reason: str) -> None:
+        # Called by AwsGaps inside StopTask / DRAINING (the lock is held): never block here.
+        task = self.tasks.get(task_arn)
+        if task is None:
+            self._thread(self._exit_unknown, task_arn, name="exit-unknown")
+            return
+        self.sigterm(task, reason)
+
+    def _exit_unknown(self, task_arn: str) -> None:
+        with self.lock, contextlib.suppress(ValueError, KeyError):
+            self.gaps.task_exited(task_arn, 0)
+
+    def sigterm(self, task: RunningTask, reason: str) -> None:
+        """What ECS does to stop a task: SIGTERM now, SIGKILL after its stopTimeout."""
+        if task.sigterm_at is not None or task.stopped.is_set():
+            return
+        task.sigterm_at = time.monotonic()
+        self.record("signal", task.name, "SIGTERM", {"reason": reason})
+        with contextlib.suppress(ProcessLookupError, RuntimeError):
+            task.process.send(signal.SIGTERM)
+        stop_timeout = task.definition.stop_timeout
+        self.record(
+            "deadline",
+            task.name,
+            f"SIGKILL due (stopTimeout {stop_timeout:.0f}s)",
+            {"at_wall_offset": self.clock.wall(stop_timeout)},
+        )
+        self._thread(self._kill_at, task, self.clock.wall(stop_timeout), "stopTimeout")
+
+    def _kill_at(self, task: RunningTask, wall_seconds: float, why: str) -> None:
+        if task.stopped.wait(wall_seconds) or self._closed.is_set():
+            return
+        self.kill(task, why)
+
+    def kill(self, task: RunningTask, why: str) -> None:
+        """SIGKILL the task's process (its whole PID namespace dies with it)."""
+        if task.stopped.is_set() or not task.process.alive():
+            return
+        task.sigkilled = True
+        self.record("signal", task.name, "SIGKILL", {"why": why})
+        task.process.kill()
+
+    def _on_protection(self, task_arn: str, enabled: bool, expires: datetime | None) -> None:
+        minutes = None
+        if enabled and expires is not None:
+            minutes = max(0.0, (expires.timestamp() - self.clock()) / 60)
+        with self.lock:
+            self.gaps.set_protection(task_arn, enabled, minutes)
+        task = self.tasks.get(task_arn)
+        if task is not None:
+            self.record("task", task.name, f"protection {'on' if enabled else 'off'}", {})
+
+    # ------------------------------------------------------------------ instances
+
+    def tasks_on(self, instance_id: str) -> list[RunningTask]:
+        """The tasks started on ``instance_id`` that have not stopped."""
+        return [
+            t
+            for t in self.tasks.values()
+            if t.instance_id == instance_id and not t.stopped.is_set()
+        ]
+
+    def terminate_instance(self, instance_id: str, why: str) -> None:
+        """The instance is gone: everything still running on it dies at once."""
+        if instance_id in self.terminated:
+            return
+        self.terminated.add(instance_id)
+        self.record("instance", instance_id, "terminated", {"why": why})
+        for task in self.tasks_on(instance_id):
+            self.kill(task, f"instance terminated ({why})")
+
+    def scale_in(self, instance_id: str) -> dict[str, Any]:
+        """ASG scale-in of the instance: ``Terminating:Wait`` and the lifecycle action event.
+
+        The instance is terminated when the action is completed or times out (watched here).
+        """
+        with self.lock:
+            event = self.gaps.begin_termination(instance_id)
+        self.record("instance", instance_id, "Terminating:Wait", {})
+        self._thread(self._watch_action, instance_id, name=f"hook-{instance_id}")
+        return event
+
+    def _watch_action(self, instance_id: str) -> None:
+        while not self._closed.is_set():
+            with self.lock:
+                expired = self.gaps.expire_lifecycle_actions()
+                action = self.gaps.actions.get(instance_id)
+                state = None if action is None else action.state
+                result = None if action is None else action.result
+            if instance_id in expired or state in ("completed", "expired"):
+                what = f"hook {state} ({result})"
+                self.record("hook", instance_id, what, {"result": result})
+                self.terminate_instance(instance_id, what)
+                return
+            time.sleep(0.05)
+
+    def spot_interruption(self, instance_id: str) -> dict[str, Any]:
+        """The two-minute warning: the event now, the instance reclaimed when it runs out."""
+        with self.lock:
+            event = self.gaps.spot_interruption(instance_id)
+        wall = self.clock.wall(SPOT_NOTICE_SECONDS)
+        self.record("instance", instance_id, "spot interruption notice", {})
+        self.record(
+            "deadline", instance_id, "instance reclaimed (spot, 120s)", {"at_wall_offset": wall}
+        )
+        self._thread(self._reclaim, instance_id, wall, name=f"spot-{instance_id}")
+        return event
+
+    def _reclaim(self, instance_id: str, wall: float) -> None:
+        if not self._closed.wait(wall):
+            self.terminate_instance(instance_id, "spot reclaim")
+
+    def rebalance_recommendation(self, instance_id: str) -> dict[str, Any]:
+        """EC2's rebalance recommendation for the instance (no deadline comes with it)."""
+        with self.lock:
+            event = self.gaps.rebalance_recommendation(instance_id)
+        self.record("instance", instance_id, "rebalance recommendation", {})
+        return event
+
+    # ------------------------------------------------------------------ helpers
+
+    def _thread(self, target: Callable[..., None], *args: Any, name: str = "runtime") -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def wait_stopped(self, tasks: Sequence[RunningTask], timeout: float) -> bool:
+        """Wait (wall seconds) until every task has stopped."""
+        deadline = time.monotonic() + timeout
+        return all(task.stopped.wait(max(0.0, deadline - time.monotonic())) for task in tasks)
+
+    def close(self) -> None:
+        """Kill every process that still runs and stop the watchers."""
+        self._closed.set()
+        for task in list(self.tasks.values()):
+            with contextlib.suppress(Exception):
+                task.process.kill()
+        for task in list(self.tasks.values()):
+            with contextlib.suppress(Exception):
+                task.process.popen.wait(5)
+        for thread in self._threads:
+            thread.join(1)

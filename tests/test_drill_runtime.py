@@ -1,0 +1,126 @@
+"""The drill's local task runtime: ECS tasks as real agent processes (PID 1 where possible),
+StopTask -> SIGTERM -> SIGKILL after stopTimeout, STOPPED with the exit code, the ECS event
+routed to the deployed drain monitor, and task protection reaching GetTaskProtection."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from drill.fleet import CLUSTER, Fleet, local_fleet
+from drill.processes import pid_namespaces_available
+from drill.task_runtime import TaskDefinition
+
+pytestmark = pytest.mark.timeout(90)
+
+SCALE = 10.0  # drill seconds per wall second
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    ok, _why = pid_namespaces_available()
+    with local_fleet(
+        "runtime",
+        workdir=tmp_path_factory.mktemp("runtime"),
+        time_scale=SCALE,
+        instances=1,
+        pid1=ok,
+    ) as f:
+        f.runtime.register(
+            TaskDefinition("agents", 120.0, ("--cancel-grace-period", "1", "--drain-margin", "0.5"))
+        )
+        # A shell-form entrypoint with a 20 s (drill) stopTimeout: SIGTERM never reaches the agent.
+        f.runtime.register(TaskDefinition("shell", 20.0, shell_entrypoint=True))
+        yield f
+
+
+def stopped_events(fleet: Fleet, task_arn: str) -> list[dict]:
+    return [
+        e
+        for e in fleet.gaps.events
+        if e["detail-type"] == "ECS Task State Change" and e["detail"]["taskArn"] == task_arn
+    ]
+
+
+def stop_task(fleet: Fleet, task_arn: str) -> None:
+    with fleet.lock:
+        fleet.client("ecs").stop_task(cluster=CLUSTER, task=task_arn, reason="drill test")
+
+
+def wait_connected(fleet: Fleet, name: str) -> str:
+    fleet.wait(
+        lambda: (
+            (a := fleet.coord.agent_named(name)) is not None and a.connection_state == "connected"
+        ),
+        20,
+        f"{name} to connect",
+    )
+    agent = fleet.coord.agent_named(name)
+    assert agent is not None
+    return agent.id
+
+
+def test_an_idle_agent_task_stops_at_once_with_exit_0(fleet: Fleet) -> None:
+    task = fleet.runtime.run_task(fleet.instances[0], "agents", name="idle-1")
+    agent_id = wait_connected(fleet, "idle-1")
+    # The agent's tags came from the stand-in's task metadata: the ARN moto gave the task.
+    assert f"ecs:task-arn={task.arn}" in fleet.coord.agent(agent_id).meta_data
+    started = time.monotonic()
+    stop_task(fleet, task.arn)
+    assert task.stopped.wait(10)
+    assert time.monotonic() - started < 3.0
+    assert task.exit_code == 0
+    (event,) = stopped_events(fleet, task.arn)
+    assert event["detail"]["containers"][0]["exitCode"] == 0
+    with fleet.lock:
+        described = fleet.client("ecs").describe_tasks(cluster=CLUSTER, tasks=[task.arn])
+    assert described["tasks"][0]["lastStatus"] == "STOPPED"
+    # The event went through the deployed rule to the drain monitor (no drain: ignored).
+    fleet.wait(
+        lambda: any(
+            i.function == "DrainMonitorFunction" and i.event.get("id") == event["id"]
+            for i in fleet.invocations()
+        ),
+        5,
+        "the drain monitor to get the STOPPED event",
+    )
+
+
+def test_a_busy_agent_is_protected_while_its_job_runs(fleet: Fleet) -> None:
+    task = fleet.runtime.run_task(fleet.instances[0], "agents", name="busy-1")
+    wait_connected(fleet, "busy-1")
+    job = fleet.coord.add_job("sleep 1.5; echo done", key="busy-1")
+    ecs = fleet.client("ecs")
+
+    def protected() -> bool:
+        with fleet.lock:
+            out = ecs.get_task_protection(cluster=CLUSTER, tasks=[task.arn])
+        return bool(out["protectedTasks"][0]["protectionEnabled"])
+
+    fleet.wait(protected, 10, "protection on while the job runs")
+    fleet.wait(lambda: fleet.coord.job(job.id).passed, 10, "the job to pass")
+    fleet.wait(lambda: not protected(), 10, "protection off when idle")
+    stop_task(fleet, task.arn)
+    assert task.stopped.wait(10) and task.exit_code == 0
+
+
+def test_sigterm_that_is_never_heard_ends_in_sigkill_at_stop_timeout(fleet: Fleet) -> None:
+    if not fleet.runtime.pid1:
+        pytest.skip("a shell as PID 1 needs a PID namespace")
+    task = fleet.runtime.run_task(fleet.instances[0], "shell", name="shell-1")
+    wait_connected(fleet, "shell-1")
+    started = time.monotonic()
+    stop_task(fleet, task.arn)
+    assert not task.stopped.wait(1.0), "sh as PID 1 ignores SIGTERM"
+    assert task.stopped.wait(10)
+    waited = time.monotonic() - started
+    # stopTimeout 20 drill seconds = 2 wall seconds at this scale.
+    assert 1.9 <= waited < 4.0, waited
+    assert task.exit_code == 137
+    (event,) = stopped_events(fleet, task.arn)
+    assert event["detail"]["containers"][0]["exitCode"] == 137
+    whats = [(e.kind, e.what) for e in fleet.timeline.sorted() if e.subject == "shell-1"]
+    assert ("signal", "SIGTERM") in whats and ("signal", "SIGKILL") in whats
+    assert whats.index(("signal", "SIGTERM")) < whats.index(("signal", "SIGKILL"))
