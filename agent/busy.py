@@ -4,27 +4,26 @@ Both sources serve ``wrap``: busy drives ECS task scale-in protection (and throu
 controller's view of a task with no coordinator agent), so a source that cannot tell says
 *busy*: an unprotected job can be lost, a protected idle task only waits a little longer.
 
-The probe speaks just enough HTTP/1.1 for a loopback status endpoint, on asyncio streams: the
-wrapper sits in front of another agent as PID 1 and keeps its own memory small, and an HTTP
-client library would cost it more than everything else it loads.
+The probe asks over :mod:`agent.minihttp` (a few lines of HTTP/1.1 on asyncio streams): the
+wrapper sits in front of another agent as PID 1 and keeps its own memory small.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import os
-import ssl
 from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from agent.minihttp import MAX_BODY as MINIHTTP_MAX_BODY
+from agent.minihttp import HttpClient, HttpError
+
 log = logging.getLogger("fleetdrain.busy")
 
 #: The most of a probe's body we read: a status page, not a download.
-MAX_BODY = 1 << 20
+MAX_BODY = MINIHTTP_MAX_BODY
 
 
 class BusySource(Protocol):
@@ -165,76 +164,11 @@ async def http_get(url: str, *, timeout: float, max_body: int = MAX_BODY) -> tup
 
     Raises :class:`ProbeError` for anything that is not an HTTP answer within ``timeout``.
     """
-    parts = urlsplit(url)
-    secure = parts.scheme == "https"
-    host = parts.hostname or ""
-    port = parts.port or (443 if secure else 80)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    request = (
-        f"GET {target} HTTP/1.1\r\nHost: {parts.netloc.rpartition('@')[2]}\r\n"
-        "User-Agent: fleetdrain-agent-wrap\r\nAccept: application/json, */*\r\n"
-        "Connection: close\r\n\r\n"
-    ).encode("latin-1")
-    writer: asyncio.StreamWriter | None = None
     try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(
-                host, port, ssl=ssl.create_default_context() if secure else None
-            )
-            writer.write(request)
-            await writer.drain()
-            status = _status_code(await reader.readline())
-            length, chunked = await _headers(reader)
-            if chunked:
-                body = await _read_chunked(reader, max_body)
-            elif length is not None:
-                body = await reader.readexactly(min(length, max_body))
-            else:
-                body = await reader.read(max_body)
-            return status, body
-    except TimeoutError:
-        raise ProbeError(f"no answer within {timeout:g}s") from None
-    except (OSError, asyncio.IncompleteReadError, ValueError, UnicodeDecodeError) as exc:
-        raise ProbeError(f"{type(exc).__name__}: {_one_line(exc) or 'connection closed'}") from exc
-    finally:
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-
-def _status_code(line: bytes) -> int:
-    parts = line.split(None, 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
-        raise ValueError(f"not an HTTP response: {line[:60]!r}")
-    return int(parts[1])
-
-
-async def _headers(reader: asyncio.StreamReader) -> tuple[int | None, bool]:
-    length: int | None = None
-    chunked = False
-    for _ in range(200):
-        line = await reader.readline()
-        if line in (b"\r\n", b"\n", b""):
-            return length, chunked
-        name, _, value = line.decode("latin-1").partition(":")
-        name = name.strip().lower()
-        if name == "content-length":
-            length = int(value.strip())
-        elif name == "transfer-encoding":
-            chunked = "chunked" in value.lower()
-    raise ValueError("too many header lines")
-
-
-async def _read_chunked(reader: asyncio.StreamReader, max_body: int) -> bytes:
-    body = bytearray()
-    while len(body) < max_body:
-        size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
-        if size == 0:
-            break
-        body += await reader.readexactly(size)
-        await reader.readexactly(2)  # the CRLF after each chunk
-    return bytes(body[:max_body])
+        response = await HttpClient(max_body=max_body).get(url, timeout=timeout)
+    except HttpError as exc:
+        raise ProbeError(str(exc)) from exc
+    return response.status_code, response.content
 
 
 class ProbeBusy:
@@ -305,7 +239,3 @@ def _aggregate_status(body: bytes) -> str | None:
     if isinstance(parsed, dict) and isinstance(parsed.get("aggregate_status"), str):
         return str(parsed["aggregate_status"]).strip().lower()
     return None
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import httpx
-from pydantic import BaseModel, ConfigDict, ValidationError
+from agent import wire
+from agent.minihttp import HttpClient, HttpError
 
 log = logging.getLogger("fleetdrain.ecs")
 
@@ -41,10 +41,9 @@ class MetadataError(Exception):
     """The ECS task metadata endpoint could not be read or returned something unusable."""
 
 
-class TaskMetadata(BaseModel):
+@dataclass(frozen=True)
+class TaskMetadata:
     """The fields of ``${ECS_CONTAINER_METADATA_URI_V4}/task`` that fleetdrain uses."""
-
-    model_config = ConfigDict(extra="allow")
 
     TaskARN: str
     Cluster: str
@@ -53,9 +52,22 @@ class TaskMetadata(BaseModel):
     Family: str | None = None
     Revision: str | None = None
 
+    @classmethod
+    def from_json(cls, data: bytes) -> TaskMetadata:
+        """Parse the endpoint's answer; :class:`agent.wire.FieldError` names what is wrong."""
+        doc = wire.json_object(data)
+        return cls(
+            TaskARN=wire.text(doc, "TaskARN"),
+            Cluster=wire.text(doc, "Cluster"),
+            AvailabilityZone=wire.optional_text(doc, "AvailabilityZone"),
+            LaunchType=wire.optional_text(doc, "LaunchType"),
+            Family=wire.optional_text(doc, "Family"),
+            Revision=wire.optional_text(doc, "Revision"),
+        )
+
 
 async def ecs_task_tags(
-    client: httpx.AsyncClient, metadata_uri: str, *, http_timeout: float = 2.0
+    client: HttpClient, metadata_uri: str, *, http_timeout: float = 2.0
 ) -> dict[str, str]:
     """Read the task metadata v4 and return the agent tags derived from it.
 
@@ -67,21 +79,15 @@ async def ecs_task_tags(
     url = metadata_uri.rstrip("/") + "/task"
     try:
         response = await client.get(url, timeout=http_timeout)
-    except httpx.HTTPError as exc:
-        raise MetadataError(
-            f"ECS task metadata {url}: {type(exc).__name__}: {_one_line(exc)}"
-        ) from exc
+    except HttpError as exc:
+        raise MetadataError(f"ECS task metadata {url}: {exc}") from exc
     if response.status_code != 200:
         text = _one_line(response.text[:200])
         raise MetadataError(f"ECS task metadata {url}: HTTP {response.status_code}: {text}")
     try:
-        meta = TaskMetadata.model_validate_json(response.content)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise MetadataError(
-            f"ECS task metadata {url}: unusable response ({where}: {first['msg']})"
-        ) from exc
+        meta = TaskMetadata.from_json(response.content)
+    except wire.FieldError as exc:
+        raise MetadataError(f"ECS task metadata {url}: unusable response ({exc})") from exc
     tags = {"ecs:task-arn": meta.TaskARN, "ecs:cluster": meta.Cluster}
     optional = {
         "ecs:availability-zone": meta.AvailabilityZone,
@@ -118,44 +124,10 @@ class ProtectionState:
     task_arn: str | None
 
 
-class _ProtectedTask(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    ProtectionEnabled: bool
-    ExpirationDate: datetime | None = None
-    TaskArn: str | None = None
-
-
-class _Failure(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    Arn: str | None = None
-    Reason: str | None = None
-    Detail: str | None = None
-
-
-class _Error(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    Arn: str | None = None
-    Code: str | None = None
-    Message: str | None = None
-
-
-class _ProtectionResponse(BaseModel):
-    # The ECS agent answers every call with exactly one of these three members.
-    model_config = ConfigDict(extra="allow")
-
-    protection: _ProtectedTask | None = None
-    failure: _Failure | None = None
-    error: _Error | None = None
-    requestID: str | None = None
-
-
 class TaskProtection:
     """Client for the ECS agent's ``$ECS_AGENT_URI/task-protection/v1/state`` endpoint."""
 
-    def __init__(self, client: httpx.AsyncClient, agent_uri: str, *, timeout: float = 10.0):
+    def __init__(self, client: HttpClient, agent_uri: str, *, timeout: float = 10.0):
         """``agent_uri`` is the value of ``ECS_AGENT_URI``.
 
         The timeout is generous because the ECS agent calls the ECS control plane
@@ -190,39 +162,43 @@ class TaskProtection:
             response = await self._client.request(
                 method, self._url, json=body, timeout=self._timeout
             )
-        except httpx.HTTPError as exc:
-            raise ProtectionError(f"{what}: {type(exc).__name__}: {_one_line(exc)}") from exc
+        except HttpError as exc:
+            raise ProtectionError(f"{what}: {exc}") from exc
         status = response.status_code
+        # The ECS agent answers every call with exactly one of protection, failure, error.
         try:
-            parsed = _ProtectionResponse.model_validate_json(response.content)
-        except ValidationError as exc:
+            doc = wire.json_object(response.content)
+            error = wire.optional_object(doc, "error")
+            failure = wire.optional_object(doc, "failure")
+            protection = wire.optional_object(doc, "protection")
+            if error is not None:
+                code = wire.optional_text(error, "Code") or "Error"
+                message = wire.optional_text(error, "Message") or ""
+                raise ProtectionError(
+                    f"{what}: HTTP {status}: {code}: {_one_line(message)}", code=code, status=status
+                )
+            if failure is not None:
+                reason = wire.optional_text(failure, "Reason") or "failure"
+                detail = wire.optional_text(failure, "Detail")
+                note = f" ({_one_line(detail)})" if detail else ""
+                raise ProtectionError(
+                    f"{what}: failure: {reason}{note}", code=reason, status=status
+                )
+            if status != 200 or protection is None:
+                raise ProtectionError(
+                    f"{what}: HTTP {status}: {_one_line(response.text[:200])}", status=status
+                )
+            return ProtectionState(
+                enabled=wire.flag(protection, "ProtectionEnabled"),
+                expires_at=wire.optional_time(protection, "ExpirationDate"),
+                task_arn=wire.optional_text(protection, "TaskArn"),
+            )
+        except wire.FieldError as exc:
             raise ProtectionError(
-                f"{what}: HTTP {status}: unusable response {_one_line(response.text[:200])!r}",
+                f"{what}: HTTP {status}: unusable response ({exc}): "
+                f"{_one_line(response.text[:200])!r}",
                 status=status,
             ) from exc
-        if parsed.error is not None:
-            code = parsed.error.Code or "Error"
-            raise ProtectionError(
-                f"{what}: HTTP {status}: {code}: {_one_line(parsed.error.Message or '')}",
-                code=code,
-                status=status,
-            )
-        if parsed.failure is not None:
-            reason = parsed.failure.Reason or "failure"
-            detail = f" ({_one_line(parsed.failure.Detail)})" if parsed.failure.Detail else ""
-            raise ProtectionError(f"{what}: failure: {reason}{detail}", code=reason, status=status)
-        if status != 200 or parsed.protection is None:
-            raise ProtectionError(
-                f"{what}: HTTP {status}: {_one_line(response.text[:200])}", status=status
-            )
-        expires = parsed.protection.ExpirationDate
-        if expires is not None and expires.tzinfo is None:
-            expires = expires.replace(tzinfo=UTC)
-        return ProtectionState(
-            enabled=parsed.protection.ProtectionEnabled,
-            expires_at=expires,
-            task_arn=parsed.protection.TaskArn,
-        )
 
 
 class ProtectionKeeper:

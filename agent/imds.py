@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Literal
 
-import httpx
-from pydantic import BaseModel, ConfigDict, ValidationError
+from agent import wire
+from agent.minihttp import HttpClient, HttpError
 
 log = logging.getLogger("fleetdrain.imds")
 
@@ -69,19 +68,12 @@ class Notice:
     detail: str = ""
 
 
-class _SpotActionModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    action: str
-    time: datetime
-
-
 class ImdsClient:
     """IMDSv2 client: a session token (cached, refreshed before it expires), then GETs."""
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: HttpClient,
         base_url: str | None = DEFAULT_BASE_URL,
         *,
         token_ttl: int = MAX_TOKEN_TTL,
@@ -117,10 +109,8 @@ class ImdsClient:
                 response = await self._client.put(
                     url, headers={TOKEN_TTL_HEADER: str(self._ttl)}, timeout=self._timeout
                 )
-            except httpx.HTTPError as exc:
-                raise ImdsError(
-                    f"IMDS token: unreachable ({type(exc).__name__}: {_one_line(exc)})"
-                ) from exc
+            except HttpError as exc:
+                raise ImdsError(f"IMDS token: unreachable ({exc})") from exc
             if response.status_code != 200 or not response.text:
                 raise ImdsError(f"IMDS token: HTTP {response.status_code}")
             self._token = response.text.strip()
@@ -136,10 +126,8 @@ class ImdsClient:
                 response = await self._client.get(
                     url, headers={TOKEN_HEADER: token}, timeout=self._timeout
                 )
-            except httpx.HTTPError as exc:
-                raise ImdsError(
-                    f"IMDS {path}: unreachable ({type(exc).__name__}: {_one_line(exc)})"
-                ) from exc
+            except HttpError as exc:
+                raise ImdsError(f"IMDS {path}: unreachable ({exc})") from exc
             if response.status_code == 401 and attempt == 0:
                 # IMDS forgot the token (instance stopped and started, or our clock ran
                 # slow): get a new one once.
@@ -172,13 +160,14 @@ class ImdsClient:
         if text is None:
             return None
         try:
-            parsed = _SpotActionModel.model_validate(json.loads(text))
-        except (ValueError, ValidationError) as exc:
+            doc = wire.json_object(text)
+            action = wire.text(doc, "action")
+            when = wire.parse_time(wire.text(doc, "time"))
+        except wire.FieldError as exc:
             raise ImdsError(
-                f"IMDS spot/instance-action: unusable {_one_line(text[:200])!r}"
+                f"IMDS spot/instance-action: unusable ({exc}) {_one_line(text[:200])!r}"
             ) from exc
-        when = parsed.time if parsed.time.tzinfo else parsed.time.replace(tzinfo=UTC)
-        return SpotAction(action=parsed.action, time=when)
+        return SpotAction(action=action, time=when)
 
     async def target_lifecycle_state(self) -> str | None:
         """The Auto Scaling target lifecycle state (``InService``, ``Terminated``...), or None

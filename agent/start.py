@@ -11,13 +11,12 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-import httpx
-
-from agent.buildkite.api import AgentApi
+from agent.buildkite.api import AgentApi, new_http_client
 from agent.buildkite.job_runner import JobSettings
 from agent.buildkite.worker import BuildkiteConfig, BuildkiteWorker
 from agent.ecs import ProtectionKeeper, TaskProtection
 from agent.health import HealthServer, HeartbeatHealth
+from agent.minihttp import HttpClient
 from agent.pid1 import Supervisor
 from agent.reaper import Reaper, parse_signal
 from agent.settings import StartSettings
@@ -27,7 +26,7 @@ log = logging.getLogger("fleetdrain.agent")
 T = TypeVar("T")
 
 
-async def gather_tags(settings: StartSettings, http: httpx.AsyncClient) -> list[str]:
+async def gather_tags(settings: StartSettings, http: HttpClient) -> list[str]:
     """The configured tags plus those from ECS task metadata and EC2 metadata, if asked for.
 
     Metadata that cannot be read is logged and skipped: an agent without ``ecs:*`` tags can
@@ -60,16 +59,18 @@ async def run_start(settings: StartSettings) -> int:
     """Run the agent until it has drained; the process exit status."""
     reaper = Reaper()
     health = HeartbeatHealth()
-    timeout = httpx.Timeout(30.0, connect=10.0)
-    async with httpx.AsyncClient(timeout=timeout) as http:
-        tags = await _unless_stopped_early(gather_tags(settings, http))
+    # ECS and IMDS are local endpoints: the small client that wrap uses too. httpx is for the
+    # agent API (connection pooling, TLS to the internet, proxies).
+    local = HttpClient(timeout=10.0)
+    async with new_http_client(timeout=30.0, connect=10.0) as http:
+        tags = await _unless_stopped_early(gather_tags(settings, local))
         if tags is None:
             log.info("stopped while starting up: exiting")
             return 0
         api = AgentApi(settings.endpoint, http)
         worker: BuildkiteWorker
         keeper = (
-            _protection_keeper(http, busy=lambda: worker.busy())
+            _protection_keeper(local, busy=lambda: worker.busy())
             if settings.task_protection
             else None
         )
@@ -173,9 +174,7 @@ async def _unless_stopped_early(setup: Coroutine[Any, Any, T]) -> T | None:
     return None
 
 
-def _protection_keeper(
-    http: httpx.AsyncClient, busy: Callable[[], bool]
-) -> ProtectionKeeper | None:
+def _protection_keeper(http: HttpClient, busy: Callable[[], bool]) -> ProtectionKeeper | None:
     agent_uri = os.environ.get("ECS_AGENT_URI")
     if not agent_uri:
         log.warning("--task-protection: $ECS_AGENT_URI is not set; protection disabled")

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from agent.ecs import ProtectionKeeper
     from agent.imds import ImdsWatcher, Notice
+    from agent.minihttp import HttpClient
 
 log = logging.getLogger("fleetdrain.wrap")
 
@@ -75,7 +76,7 @@ class _Aws:
         self.supervisor = supervisor
         self.keeper: ProtectionKeeper | None = None
         self.watcher: ImdsWatcher | None = None
-        self._http: Any = None
+        self._http: HttpClient | None = None
 
     def busy_changed(self, _busy: bool) -> None:
         """Protection follows the worker at once, not at the keeper's next check."""
@@ -91,13 +92,9 @@ class _Aws:
         protect = settings.task_protection and bool(agent_uri)
         if not (protect or settings.watch_imds):
             return
-        # httpx imports its command-line client when rich and click are installed (they are:
-        # the drill uses them): ~7 MB and ~40 ms of this PID 1 for nothing. httpx expects that
-        # import to fail where they are missing, and carries on without it.
-        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
-        import httpx
+        from agent.minihttp import HttpClient
 
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0))
+        self._http = HttpClient(timeout=10.0)
         jobs = []
         if protect and agent_uri:
             from agent.ecs import ProtectionKeeper, TaskProtection
@@ -135,12 +132,10 @@ class _Aws:
             self.supervisor.begin_drain(None, reason=notice.kind, soft=True)
 
     async def close(self) -> None:
-        """Turn protection off (briefly: we are exiting) and close the HTTP client."""
+        """Turn protection off (briefly: we are exiting)."""
         if self.keeper is not None:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self.keeper.release(), RELEASE_BUDGET)
-        if self._http is not None:
-            await self._http.aclose()
 
     def status(self) -> dict[str, Any]:
         """Protection and IMDS, for /status."""

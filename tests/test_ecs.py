@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
-import httpx
 import pytest
 
 from agent.ecs import (
@@ -18,6 +18,7 @@ from agent.ecs import (
     TaskProtection,
     ecs_task_tags,
 )
+from agent.minihttp import HttpClient
 from drill.aws_endpoints import EcsAgentStandIn
 
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -62,9 +63,8 @@ def standin(served: EcsAgentStandIn, clock: ManualClock) -> EcsAgentStandIn:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as c:
-        yield c
+async def client() -> AsyncIterator[HttpClient]:
+    yield HttpClient()
 
 
 def closed_port() -> int:
@@ -86,7 +86,7 @@ async def eventually(cond: Callable[[], bool], limit: float = 2.0) -> float:
 # ------------------------------------------------------------------------------- metadata
 
 
-async def test_task_tags_from_metadata(standin: EcsAgentStandIn, client: httpx.AsyncClient):
+async def test_task_tags_from_metadata(standin: EcsAgentStandIn, client: HttpClient):
     task = standin.add_task(
         "0123abcd", family="bk-agent", revision="7", availability_zone="eu-west-1b"
     )
@@ -129,19 +129,110 @@ async def test_task_tags_errors_are_metadata_errors(standin: EcsAgentStandIn, cl
     with pytest.raises(MetadataError, match="HTTP 404"):
         await ecs_task_tags(client, f"{standin.base_url}/v4/no-such-container")
     started = time.monotonic()
-    with pytest.raises(MetadataError, match="ConnectError") as info:
+    with pytest.raises(MetadataError, match="ConnectionRefused") as info:
         await ecs_task_tags(client, f"http://127.0.0.1:{closed_port()}/v4/x")
     assert time.monotonic() - started < 1.5
     assert "\n" not in str(info.value)
 
 
-async def test_task_tags_reject_metadata_without_task_arn(client):
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"Cluster": "c"})
+class RawServer:
+    """A loopback server that answers every request with the given raw HTTP response bytes."""
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as mock:
-        with pytest.raises(MetadataError, match="TaskARN"):
-            await ecs_task_tags(mock, "http://meta/v4/x")
+    def __init__(self, response: bytes) -> None:
+        self.response = response
+        self.requests: list[bytes] = []
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            self.requests.append(head + await reader.readexactly(length))
+            writer.write(self.response)
+            await writer.drain()
+            writer.close()
+
+        self._server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+
+def http_response(body: bytes, status: str = "200 OK", chunked: bool = False) -> bytes:
+    if chunked:
+        parts = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (body[:7], body[7:]) if p)
+        return (
+            f"HTTP/1.1 {status}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            + parts
+            + b"0\r\n\r\n"
+        )
+    return f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+async def test_task_tags_reject_metadata_without_task_arn(client):
+    async with RawServer(http_response(b'{"Cluster": "c"}')) as base:
+        with pytest.raises(MetadataError, match="TaskARN: Field required"):
+            await ecs_task_tags(client, f"{base}/v4/x")
+    async with RawServer(http_response(b'{"TaskARN": 7, "Cluster": "c"}')) as base:
+        with pytest.raises(MetadataError, match="TaskARN: expected a string"):
+            await ecs_task_tags(client, f"{base}/v4/x")
+    async with RawServer(http_response(b"<html>")) as base:
+        with pytest.raises(MetadataError, match="not JSON"):
+            await ecs_task_tags(client, f"{base}/v4/x")
+
+
+async def test_task_tags_from_a_chunked_answer(client):
+    body = b'{"TaskARN": "arn:aws:ecs:r:1:task/c/t", "Cluster": "c", "Extra": {"x": 1}}'
+    server = RawServer(http_response(body, chunked=True))
+    async with server as base:
+        tags = await ecs_task_tags(client, f"{base}/v4/x")
+    assert tags == {"ecs:task-arn": "arn:aws:ecs:r:1:task/c/t", "ecs:cluster": "c"}
+    assert server.requests[0].startswith(b"GET /v4/x/task HTTP/1.1\r\n")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"protection": {"ExpirationDate": null}}', "ProtectionEnabled: Field required"),
+        (b'{"protection": {"ProtectionEnabled": "yes"}}', "ProtectionEnabled: expected a boolean"),
+        (
+            b'{"protection": {"ProtectionEnabled": true, "ExpirationDate": "soon"}}',
+            "ExpirationDate: not an RFC 3339 time",
+        ),
+        (b'{"protection": []}', "protection: expected an object"),
+        (b"[]", "body: expected an object"),
+        (b"{}", "HTTP 200"),
+    ],
+)
+async def test_protection_answers_that_make_no_sense_are_protection_errors(client, body, message):
+    async with RawServer(http_response(body)) as base:
+        with pytest.raises(ProtectionError, match=message) as info:
+            await TaskProtection(client, f"{base}/api/x").get()
+    assert "\n" not in str(info.value)
+
+
+async def test_protection_sends_json_and_reads_a_naive_expiry_as_utc(client):
+    body = b'{"protection": {"ProtectionEnabled": true, "ExpirationDate": "2026-03-01T13:00:00"}}'
+    server = RawServer(http_response(body))
+    async with server as base:
+        state = await TaskProtection(client, f"{base}/api/x").set(True, 60)
+    assert state.enabled and state.expires_at == datetime(2026, 3, 1, 13, 0, tzinfo=UTC)
+    head, _, sent = server.requests[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"PUT /api/x/task-protection/v1/state HTTP/1.1\r\n")
+    assert b"Content-Type: application/json" in head
+    assert json.loads(sent) == {"ProtectionEnabled": True, "ExpiresInMinutes": 60}
+
+
+async def test_an_answer_that_is_not_http_is_an_error_not_a_crash(client):
+    async with RawServer(b"SSH-2.0-OpenSSH_9.6\r\n") as base:
+        with pytest.raises(ProtectionError, match="not an HTTP response"):
+            await TaskProtection(client, f"{base}/api/x").get()
 
 
 # ------------------------------------------------------------------------ task protection
@@ -229,7 +320,7 @@ async def test_protection_server_error_and_unreachable(standin, client):
         await tp.set(True, 5)
     assert info.value.status == 503 and info.value.code == "ServerException"
     gone = TaskProtection(client, f"http://127.0.0.1:{closed_port()}/api/x")
-    with pytest.raises(ProtectionError, match="ConnectError"):
+    with pytest.raises(ProtectionError, match="ConnectionRefused"):
         await gone.get()
 
 
@@ -368,7 +459,7 @@ async def test_keeper_survives_unreachable_agent_and_standalone_task(
     runners = [asyncio.create_task(k.run()) for k in keepers]
     await asyncio.sleep(0.15)
     assert not any(r.done() for r in runners)
-    assert "ConnectError" in (keepers[0].last_error or "")
+    assert "ConnectionRefused" in (keepers[0].last_error or "")
     assert "TASK_NOT_VALID" in (keepers[1].last_error or "")
     assert all(k.enabled is False for k in keepers)
     assert len(standin.puts(standalone_task.task_id)) > 1  # retried at each evaluation

@@ -8,10 +8,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
-import httpx
 import pytest
 
 from agent.imds import ImdsClient, ImdsError, ImdsWatcher, Notice, SpotAction
+from agent.minihttp import HttpClient
 from drill.aws_endpoints import ImdsStandIn
 
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -66,14 +66,11 @@ def imds(served: ImdsStandIn, clock: ManualClock) -> ImdsStandIn:
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as c:
-        yield c
+async def client() -> AsyncIterator[HttpClient]:
+    yield HttpClient()
 
 
-def make_client(
-    client: httpx.AsyncClient, imds: ImdsStandIn, clock: ManualClock, **kw
-) -> ImdsClient:
+def make_client(client: HttpClient, imds: ImdsStandIn, clock: ManualClock, **kw) -> ImdsClient:
     assert imds.base_url is not None
     return ImdsClient(client, imds.base_url, clock=clock.monotonic, **kw)
 

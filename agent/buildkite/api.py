@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import platform
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -45,6 +46,71 @@ MIN_ATTEMPT_SECONDS = 0.25
 
 #: A time on the API's clock (monotonic seconds), or None for no limit.
 Deadline = Callable[[], float | None]
+
+
+def new_http_client(timeout: float, connect: float) -> httpx.AsyncClient:
+    """The HTTP client for the agent API (seconds: ``timeout`` per operation, ``connect``),
+    with TLS set up only when it is first needed.
+
+    httpx builds its TLS context when the client is made, loading certifi's whole bundle
+    (~3 MB of the agent's idle memory) even for an ``http://`` endpoint. Here ``https://``
+    goes through a transport made at the first https request, whose context reads the OS CA
+    directory certificate by certificate (see :func:`tls_context`). Where a proxy is configured
+    in the environment, httpx's own proxy routing is kept and the context is made at once.
+    """
+    import urllib.request
+
+    timeouts = httpx.Timeout(timeout, connect=connect)
+    if urllib.request.getproxies_environment():
+        return httpx.AsyncClient(timeout=timeouts, verify=tls_context())
+    return httpx.AsyncClient(
+        timeout=timeouts,
+        # Plain http only: this context has no CA at all, so TLS through it cannot succeed.
+        transport=httpx.AsyncHTTPTransport(verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)),
+        mounts={"https://": _LazyTransport(lambda: httpx.AsyncHTTPTransport(verify=tls_context()))},
+    )
+
+
+def tls_context() -> ssl.SSLContext:
+    """A verifying TLS client context: ``$SSL_CERT_FILE`` or ``$SSL_CERT_DIR`` when set (as
+    httpx honours them), else the OS CA directory where it has hashed certificates (OpenSSL
+    then loads only those a server's chain needs), else certifi's bundle."""
+    cafile = os.environ.get("SSL_CERT_FILE") or None
+    capath = os.environ.get("SSL_CERT_DIR") or None
+    if cafile or capath:
+        return ssl.create_default_context(cafile=cafile, capath=capath)
+    os_dir = ssl.get_default_verify_paths().capath
+    if os_dir and _has_hashed_certs(os_dir):
+        return ssl.create_default_context(capath=os_dir)
+    import certifi
+
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def _has_hashed_certs(path: str) -> bool:
+    # c_rehash names: 8 hex digits, a dot, a digit (update-ca-certificates makes them).
+    try:
+        with os.scandir(path) as entries:
+            return any(len(e.name) == 10 and e.name[8] == "." for e in entries)
+    except OSError:
+        return False
+
+
+class _LazyTransport(httpx.AsyncBaseTransport):
+    """Makes the real transport on the first request through it."""
+
+    def __init__(self, make: Callable[[], httpx.AsyncBaseTransport]) -> None:
+        self._make = make
+        self._transport: httpx.AsyncBaseTransport | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._transport is None:
+            self._transport = self._make()
+        return await self._transport.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        if self._transport is not None:
+            await self._transport.aclose()
 
 
 class ApiError(Exception):
