@@ -81,8 +81,10 @@ class Timeline:
         )
         with self._lock:
             self.events.append(event)
-        if kind in ("signal", "instance", "hook", "fault") or (
-            kind == "task" and what.startswith("exited")
+        live = at is None  # merged afterwards (at=...): already past, no progress line
+        if live and (
+            kind in ("signal", "instance", "hook", "fault")
+            or (kind == "task" and what.startswith("exited"))
         ):
             self._progress(f"{self._prefix}{subject}: {what}")
 

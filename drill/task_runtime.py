@@ -108,6 +108,7 @@ class RunningTask:
     sigterm_at: float | None = None  # wall, monotonic
     sigkilled: bool = False
     exit_code: int | None = None
+    stopped_at: float | None = None  # wall, monotonic
     stopped: threading.Event = field(default_factory=threading.Event)
 
 
@@ -261,6 +262,10 @@ class TaskRuntime:
         if task.sigkilled:
             code = 137
         task.exit_code = code
+        task.stopped_at = time.monotonic()
+        if self._closed.is_set():
+            task.stopped.set()  # torn down with the fleet: no longer part of the scenario
+            return
         what = f"exited {code}" + (" (SIGKILL)" if code == 137 else "")
         self.record("task", task.name, what, {"exit_code": code})
         with self.lock:
@@ -354,12 +359,17 @@ class TaskRuntime:
         return event
 
     def _watch_action(self, instance_id: str) -> None:
+        heartbeats = 0
         while not self._closed.is_set():
             with self.lock:
                 expired = self.gaps.expire_lifecycle_actions()
                 action = self.gaps.actions.get(instance_id)
                 state = None if action is None else action.state
                 result = None if action is None else action.result
+                beats = 0 if action is None else action.heartbeats
+            while heartbeats < beats:
+                heartbeats += 1
+                self.record("hook", instance_id, f"heartbeat {heartbeats}", {})
             if instance_id in expired or state in ("completed", "expired"):
                 what = f"hook {state} ({result})"
                 self.record("hook", instance_id, what, {"result": result})

@@ -51,7 +51,10 @@ class Fault:
     ``until``, a time on the coordinator's clock). ``agent_id`` limits it to requests made with
     that agent's token (agent API) or about that agent (REST). ``process`` only matters for
     ``kind="drop"``: whether the request takes effect before the connection is dropped.
-    ``fired`` counts how often it has applied.
+    ``fired`` counts how often it has applied. ``while_draining``: only while the agent is
+    being drained as the coordinator sees it (paused, or asked to stop): with ``kind="ignore"``
+    on ``heartbeat`` this is the 3.116.0 regression seen from the server, heartbeats that stop
+    once a drain begins.
     """
 
     endpoint: str
@@ -63,6 +66,7 @@ class Fault:
     agent_id: str | None = None
     until: float | None = None
     process: bool = False
+    while_draining: bool = False
     fired: int = dataclasses.field(default=0, compare=False)
 
     def __post_init__(self) -> None:
@@ -79,9 +83,14 @@ class Fault:
         if self.retry_after is not None and self.retry_after < 0:
             raise ValueError("retry_after must be >= 0")
 
-    def applies(self, endpoint: str, agent_id: str | None, now: float) -> bool:
-        """Whether this fault matches a request to ``endpoint`` by/about ``agent_id`` at ``now``."""
+    def applies(
+        self, endpoint: str, agent_id: str | None, now: float, draining: bool = False
+    ) -> bool:
+        """Whether this fault matches a request to ``endpoint`` by/about ``agent_id`` at ``now``
+        (``draining``: whether that agent is being drained)."""
         if self.endpoint not in ("*", endpoint):
+            return False
+        if self.while_draining and not draining:
             return False
         if self.agent_id is not None and self.agent_id != agent_id:
             return False
@@ -131,7 +140,7 @@ class FaultSet:
             self._prune(now)
             return [dataclasses.replace(f) for f in self._faults]
 
-    def take(self, endpoint: str, agent_id: str | None) -> Fault | None:
+    def take(self, endpoint: str, agent_id: str | None, draining: bool = False) -> Fault | None:
         """Consume the first fault that applies to this request; a copy of it, or None.
 
         Matching and counting happen under one lock so that ``count=N`` fires exactly N times
@@ -140,7 +149,7 @@ class FaultSet:
         now = self._clock()
         with self._lock:
             for fault in self._faults:
-                if fault.applies(endpoint, agent_id, now):
+                if fault.applies(endpoint, agent_id, now, draining):
                     fault.fired += 1
                     fired = dataclasses.replace(fault)
                     self._prune(now)

@@ -559,7 +559,12 @@ class Coordinator:
 
     def take_fault(self, endpoint: str, agent_id: str | None) -> Fault | None:
         """Consume the fault (if any) that a request to ``endpoint`` meets; records an event."""
-        fault = self.faults.take(endpoint, agent_id)
+        draining = False
+        if agent_id is not None:
+            with self._lock:
+                agent = self._agents.get(agent_id)
+                draining = agent is not None and (agent.paused or agent.stop_requested)
+        fault = self.faults.take(endpoint, agent_id, draining)
         if fault is not None:
             with self._lock:
                 self._event(

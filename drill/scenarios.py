@@ -1,0 +1,432 @@
+"""The drill's scenarios: what loses builds in real fleets, replayed on a local fleet.
+
+Each scenario gets a fresh :class:`~drill.fleet.Fleet` (moto with template.yaml deployed, the
+coordinator, the controller, real agent processes) and returns a
+:class:`~drill.report.ScenarioReport`. Durations written here are drill seconds (what they
+would be on AWS); the fleet's clock turns them into wall seconds.
+
+"after" scenarios are fleetdrain as designed and must lose nothing; "before" scenarios are
+the anti-patterns and must show the loss (or the drill could not see one).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from drill.coordinator import Fault, RetryRule
+from drill.fleet import CLUSTER, LOST_AGENT_TIMEOUT, Fleet
+from drill.report import ScenarioKind, ScenarioReport
+from drill.task_runtime import RunningTask, TaskDefinition
+
+#: The pipeline's retry rules, as Buildkite recommends for agents that can go away.
+RETRY = [RetryRule(exit_status="-1", limit=2), RetryRule(signal_reason="agent_stop", limit=2)]
+FAMILY = "ci-agents"
+STOP_TIMEOUT = 120.0  # the task definition's stopTimeout (infra/)
+CANCEL_GRACE = 10.0  # the agent's defaults
+DRAIN_MARGIN = 5.0
+
+
+@dataclass
+class Spec:
+    """A scenario: kind, description, how many instances it needs, and its body."""
+
+    kind: ScenarioKind
+    description: str
+    instances: int
+    run: Callable[[Run], None]
+    #: Wall seconds the scenario may take at the default pace (scaled with the time scale).
+    budget: float = 60.0
+
+
+@dataclass
+class Run:
+    """One scenario run: the fleet and what the body has found out."""
+
+    fleet: Fleet
+    report: ScenarioReport
+    keys: list[str] = field(default_factory=list)
+    tasks: list[RunningTask] = field(default_factory=list)
+
+    # -- time
+
+    def wall(self, drill_seconds: float) -> float:
+        return self.fleet.clock.wall(drill_seconds)
+
+    def sleep(self, drill_seconds: float) -> None:
+        time.sleep(self.wall(drill_seconds))
+
+    # -- fleet
+
+    def agent_definition(self, family: str = FAMILY, **kw: Any) -> TaskDefinition:
+        """The agent's task definition: stopTimeout 120, the agent's own graces, scaled."""
+        definition = TaskDefinition(
+            family,
+            kw.pop("stop_timeout", STOP_TIMEOUT),
+            (
+                "--cancel-grace-period",
+                f"{self.wall(CANCEL_GRACE):.3f}",
+                "--drain-margin",
+                f"{self.wall(DRAIN_MARGIN):.3f}",
+            ),
+            **kw,
+        )
+        self.fleet.runtime.register(definition)
+        return definition
+
+    def start(self, instance: int, name: str, family: str = FAMILY) -> RunningTask:
+        """An agent task on the fleet's ``instance``-th instance, connected."""
+        task = self.fleet.runtime.run_task(self.fleet.instances[instance], family, name=name)
+        self.tasks.append(task)
+        self.fleet.wait(
+            lambda: (
+                (a := self.fleet.coord.agent_named(name)) is not None
+                and a.connection_state == "connected"
+            ),
+            self.wall(300),
+            f"{name} to connect",
+        )
+        return task
+
+    def job(self, key: str, seconds: float, *, first_attempt_only: bool = False) -> str:
+        """A build step of ``seconds`` (drill); ``first_attempt_only``: only the first attempt
+        takes that long (a retry elsewhere is quick and passes). Returns the job id."""
+        sleep = f"{self.wall(seconds):.3f}"
+        body = f'echo "step {key} on $BUILDKITE_AGENT_NAME"; '
+        if first_attempt_only:
+            body += f'if [ "$BUILDKITE_RETRY_COUNT" = 0 ]; then sleep {sleep}; else sleep 0.5; fi; '
+        else:
+            body += f"sleep {sleep}; "
+        body += 'echo "built"'
+        job = self.fleet.coord.add_job(body, retry=RETRY, key=key)
+        self.keys.append(key)
+        return job.id
+
+    def running(self, job_id: str, on: str | None = None) -> None:
+        """Wait until the job runs (on agent ``on``)."""
+
+        def check() -> bool:
+            job = self.fleet.coord.job(job_id)
+            if job.state != "running":
+                return False
+            if on is None:
+                return True
+            agent = self.fleet.coord.agent_named(on)
+            return agent is not None and job.agent_id == agent.id
+
+        self.fleet.wait(check, self.wall(300), f"job {job_id} to run")
+
+    def stop_task(self, task: RunningTask, reason: str) -> None:
+        """``ecs stop-task`` (what a game day or an operator does)."""
+        with self.fleet.lock:
+            self.fleet.client("ecs").stop_task(cluster=CLUSTER, task=task.arn, reason=reason)
+
+    def outcomes(self, timeout_drill: float, *, final: tuple[str, ...] = ("passed",)) -> None:
+        """Wait until every step is in one of ``final`` outcomes (or failed/canceled)."""
+        done = (*final, "failed", "canceled")
+        self.fleet.wait(
+            lambda: all(self.fleet.coord.step(k).outcome in done for k in self.keys),
+            self.wall(timeout_drill),
+            "every build step to end",
+        )
+
+    def note(self, text: str) -> None:
+        self.report.notes.append(text)
+
+    def drain(self, instance: int) -> Any:
+        """The controller's drain record of the fleet's ``instance``-th instance."""
+        with self.fleet.lock:
+            return self.fleet.controller.store.get(self.fleet.instances[instance])
+
+    def wait_drain_done(self, instance: int, timeout_drill: float) -> Any:
+        self.fleet.wait(
+            lambda: (r := self.drain(instance)) is not None and r.phase == "done",
+            self.wall(timeout_drill),
+            "the drain to finish",
+        )
+        return self.drain(instance)
+
+    def timeline(self, kind: str, subject: str, what: str, **detail: Any) -> None:
+        self.fleet.timeline.record(kind, subject, what, detail)
+
+
+# ---------------------------------------------------------------------------- after
+
+
+def stop_task(run: Run) -> None:
+    """``ecs stop-task`` under a running build: it finishes on the same agent."""
+    run.agent_definition()
+    task = run.start(0, "stop-task-a1")
+    job = run.job("stop-task", 25)
+    run.running(job)
+    run.sleep(5)
+    run.stop_task(task, "game day: stop-task under a build")
+    run.outcomes(200)
+    run.fleet.runtime.wait_stopped([task], run.wall(60))
+    expect_clean_exit(run, [task])
+    if run.fleet.coord.step("stop-task").retries:
+        run.note("the build was retried: it should have finished where it ran")
+
+
+def deploy(run: Run) -> None:
+    """A service deployment replaces every task; the busy one is protected and finishes."""
+    run.agent_definition()
+    old = [run.start(0, "deploy-old-1"), run.start(0, "deploy-old-2")]
+    job = run.job("deploy", 60)
+    run.running(job)
+    busy = next(t for t in old if run.fleet.coord.job(job).agent_id == agent_id(run, t.name))
+    run.fleet.wait(lambda: protected(run, busy), run.wall(60), "the busy task's protection")
+    run.timeline("note", "ecs", "deployment: new revision rolls out")
+    run.agent_definition()  # revision 2 of the family
+    new = [run.start(1, "deploy-new-1"), run.start(1, "deploy-new-2")]
+    replace_old_tasks(run, old)
+    run.outcomes(300)
+    run.fleet.runtime.wait_stopped(old, run.wall(120))
+    expect_clean_exit(run, old)
+    if run.fleet.coord.step("deploy").retries:
+        run.note("the busy agent's build was retried: protection did not hold")
+    run.tasks = [*old, *new]
+
+
+def replace_old_tasks(run: Run, old: list[RunningTask]) -> None:
+    """The ECS service scheduler's part of a deployment: stop each old task, but not while its
+    scale-in protection is on (ECS leaves protected tasks until protection ends)."""
+    pending = list(old)
+    deadline = time.monotonic() + run.wall(600)
+    while pending and time.monotonic() < deadline:
+        for task in list(pending):
+            if not protected(run, task):
+                run.stop_task(task, "ECS deployment: replaced by a new revision")
+                pending.remove(task)
+        time.sleep(0.1)
+    if pending:
+        run.note(f"still protected after 600s: {[t.name for t in pending]}")
+
+
+def scale_in(run: Run) -> None:
+    """ASG scale-in under a build longer than stopTimeout: the two-phase drain lets it finish,
+    then the hook completes."""
+    run.agent_definition()
+    busy = run.start(0, "scale-in-a1")
+    job = run.job("scale-in", 150)
+    run.running(job, on="scale-in-a1")
+    idle = run.start(0, "scale-in-a2")
+    run.start(1, "scale-in-b1")
+    run.fleet.runtime.scale_in(run.fleet.instances[0])
+    run.outcomes(400)
+    rec = run.wait_drain_done(0, 200)
+    action = run.fleet.gaps.actions[run.fleet.instances[0]]
+    run.fleet.runtime.wait_stopped([busy, idle], run.wall(60))
+    expect_clean_exit(run, [busy, idle])
+    if action.result != "CONTINUE" or action.state != "completed":
+        run.note(f"lifecycle action {action.state} ({action.result}), not completed CONTINUE")
+    if rec.forced_at is not None:
+        run.note("the drain was forced")
+    if run.fleet.coord.step("scale-in").retries:
+        run.note("the long build was retried instead of finishing")
+
+
+def spot(run: Run) -> None:
+    """A spot interruption under a build that cannot finish in two minutes: cancelled and
+    reported ``agent_stop`` before the instance dies, retried on another instance, passes."""
+    run.agent_definition()
+    doomed = run.start(0, "spot-a1")
+    job = run.job("spot", 600, first_attempt_only=True)
+    run.running(job, on="spot-a1")
+    run.start(1, "spot-b1")  # where the retry can run
+    run.fleet.runtime.spot_interruption(run.fleet.instances[0])
+    run.outcomes(400)
+    run.fleet.runtime.wait_stopped([doomed], run.wall(150))
+    first = run.fleet.coord.job(job)
+    if first.signal_reason != "agent_stop":
+        run.note(
+            f"the first attempt was reported signal_reason={first.signal_reason} "
+            f"exit_status={first.exit_status}, not agent_stop"
+        )
+    if doomed.exit_code == 137:
+        run.note("the agent was SIGKILLed with the instance")
+    if not run.fleet.coord.step("spot").retries:
+        run.note("the build was not retried")
+
+
+def rebalance(run: Run) -> None:
+    """A rebalance recommendation: a soft drain, the build finishes, the instance is retired
+    (DRAINING, empty) with nothing lost and nothing forced."""
+    run.agent_definition()
+    busy = run.start(0, "rebalance-a1")
+    job = run.job("rebalance", 60)
+    run.running(job, on="rebalance-a1")
+    run.start(1, "rebalance-b1")
+    run.fleet.runtime.rebalance_recommendation(run.fleet.instances[0])
+    run.outcomes(300)
+    rec = run.wait_drain_done(0, 200)
+    run.fleet.runtime.wait_stopped([busy], run.wall(60))
+    expect_clean_exit(run, [busy])
+    if rec.outcome != "drained" or rec.forced_at is not None:
+        run.note(f"drain outcome {rec.outcome}, forced={rec.forced_at is not None}")
+    if run.fleet.runtime.tasks_on(run.fleet.instances[0]):
+        run.note("tasks still run on the retired instance")
+
+
+def faults(run: Run) -> None:
+    """Coordinator 5xx, latency and 401 bursts during two drains (a scale-in, and a spot
+    notice that arrives before its own lifecycle action), the lifecycle event delivered three
+    times: every build passes, none is lost."""
+    fleet = run.fleet
+    run.agent_definition()
+    a1 = run.start(0, "faults-a1")
+    job_a = run.job("faults-scale-in", 60)
+    run.running(job_a, on="faults-a1")
+    b1 = run.start(1, "faults-b1")
+    job_b = run.job("faults-spot", 600, first_attempt_only=True)
+    run.running(job_b, on="faults-b1")
+    run.start(2, "faults-c1")  # where the spot build's retry can run
+    # The REST API the controller uses: errors, slowness, a burst of 401s (token refreshed).
+    injected = [
+        Fault("rest_agents", "status", status=503, count=2),
+        Fault("rest_pause", "latency", seconds=0.5, count=2),
+        Fault("rest_agents", "status", status=401, count=1),
+        Fault("rest_pause", "status", status=500, count=1),
+    ]
+    # The agent API while the agents drain: heartbeat and chunk 5xx, a slow finish.
+    for name in ("faults-a1", "faults-b1"):
+        aid = agent_id(run, name)
+        injected += [
+            Fault("heartbeat", "status", status=502, count=3, agent_id=aid, while_draining=True),
+            Fault("chunks", "status", status=503, count=2, agent_id=aid),
+            Fault("finish", "latency", seconds=0.3, count=1, agent_id=aid),
+        ]
+    for fault in injected:
+        fleet.coord.faults.add(fault)
+        run.timeline("fault", fault.agent_id or "coordinator", f"{fault.endpoint} {fault.kind}")
+    lifecycle = fleet.runtime.scale_in(fleet.instances[0])
+    for _ in range(2):  # EventBridge delivers at least once: the same event again
+        fleet.router.put_event(lifecycle)
+        run.timeline("fault", "eventbridge", "duplicate lifecycle event", id=lifecycle["id"])
+    # Reordered: the spot notice first, its instance's lifecycle action after.
+    fleet.runtime.spot_interruption(fleet.instances[1])
+    run.sleep(5)
+    fleet.runtime.scale_in(fleet.instances[1])
+    run.outcomes(500)
+    run.wait_drain_done(0, 300)
+    run.wait_drain_done(1, 300)
+    fleet.runtime.wait_stopped([a1, b1], run.wall(150))
+    for iid in fleet.instances[:2]:
+        action = fleet.gaps.actions[iid]
+        if action.result != "CONTINUE":
+            run.note(f"{iid}: lifecycle action {action.state} ({action.result})")
+    fired = sum(f.fired for f in fleet.coord.faults.active()) + sum(
+        1 for e in fleet.coord.events_of("fault")
+    )
+    if not fired:
+        run.note("no fault fired: the scenario tested nothing")
+    if a1.exit_code == 137 or b1.exit_code == 137:
+        run.note("an agent was SIGKILLed")
+
+
+# ---------------------------------------------------------------------------- before
+
+
+def shell_pid1(run: Run) -> None:
+    """Before: ``sh -c`` as PID 1 never forwards SIGTERM; the agent runs until SIGKILL at
+    stopTimeout and its build is lost."""
+    run.agent_definition("ci-agents-shell", shell_entrypoint=True)
+    task = run.start(0, "shell-pid1-a1", family="ci-agents-shell")
+    job = run.job("shell-pid1", 400)
+    run.running(job)
+    run.stop_task(task, "game day: stop-task under a build")
+    run.fleet.runtime.wait_stopped([task], run.wall(STOP_TIMEOUT + 60))
+    # The coordinator notices only when the agent has been silent for its lost timeout.
+    wait_for_loss(run, "shell-pid1", STOP_TIMEOUT + LOST_AGENT_TIMEOUT + 60)
+
+
+def heartbeat_stops(run: Run) -> None:
+    """Before: the agent stops heartbeating once it is drained (3.116.0): the coordinator
+    declares it lost during a scale-in drain and its build with it."""
+    fleet = run.fleet
+    # What the regression looks like from the server: heartbeats stop once draining begins.
+    fleet.coord.faults.add(Fault("heartbeat", "ignore", while_draining=True))
+    run.timeline("fault", "coordinator", "heartbeats dropped once an agent drains")
+    run.agent_definition()
+    run.start(0, "heartbeat-stops-a1")
+    job = run.job("heartbeat-stops", 400, first_attempt_only=True)
+    run.running(job, on="heartbeat-stops-a1")
+    run.start(1, "heartbeat-stops-b1")
+    fleet.runtime.scale_in(fleet.instances[0])
+    wait_for_loss(run, "heartbeat-stops", LOST_AGENT_TIMEOUT + 120)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def agent_id(run: Run, name: str) -> str | None:
+    agent = run.fleet.coord.agent_named(name)
+    return None if agent is None else agent.id
+
+
+def protected(run: Run, task: RunningTask) -> bool:
+    with run.fleet.lock:
+        out = run.fleet.client("ecs").get_task_protection(cluster=CLUSTER, tasks=[task.arn])
+    return any(p.get("protectionEnabled") for p in out.get("protectedTasks", []))
+
+
+def expect_clean_exit(run: Run, tasks: list[RunningTask]) -> None:
+    for task in tasks:
+        if task.exit_code != 0:
+            run.note(f"{task.name} exited {task.exit_code}")
+
+
+def wait_for_loss(run: Run, key: str, timeout_drill: float) -> None:
+    try:
+        run.fleet.wait(
+            lambda: run.fleet.coord.step(key).lost_attempts > 0,
+            run.wall(timeout_drill),
+            "the coordinator to lose the build",
+        )
+    except TimeoutError:
+        run.note("no build was lost")
+
+
+SPECS: dict[str, Spec] = {
+    "stop-task": Spec(
+        "after", "ecs stop-task under a running build: it finishes there", 1, stop_task
+    ),
+    "deploy": Spec(
+        "after", "service deployment: the busy task is protected and finishes", 2, deploy
+    ),
+    "scale-in": Spec(
+        "after",
+        "ASG scale-in under a build longer than stopTimeout: two-phase drain, hook completes",
+        2,
+        scale_in,
+    ),
+    "spot": Spec(
+        "after",
+        "spot interruption under a build that cannot finish: cancelled, reported, retried",
+        2,
+        spot,
+    ),
+    "rebalance": Spec(
+        "after",
+        "rebalance recommendation: soft drain, instance retired, nothing lost",
+        2,
+        rebalance,
+    ),
+    "faults": Spec(
+        "after",
+        "coordinator 5xx/latency/401 bursts during drains; duplicate and reordered events",
+        3,
+        faults,
+    ),
+    "shell-pid1": Spec(
+        "before", "sh -c as PID 1 never forwards SIGTERM: SIGKILL, build lost", 1, shell_pid1
+    ),
+    "heartbeat-stops": Spec(
+        "before",
+        "agent stops heartbeating while it drains (3.116.0): declared lost, build lost",
+        2,
+        heartbeat_stops,
+    ),
+}
