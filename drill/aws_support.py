@@ -16,6 +16,9 @@ controller's calls, but not:
   (:attr:`AwsGaps.on_sigterm`; the default stops the task at once with exit 0, an idle agent),
   and the task is STOPPED only when the runtime says so (:meth:`AwsGaps.task_exited`), with its
   exit code. DRAINING SIGTERMs the service tasks on the instance (not daemon ones), as ECS does.
+- **ECS page sizes**: ``ListTasks`` pages at ``maxResults`` (default and at most 100) with a
+  ``nextToken``, and ``DescribeTasks`` refuses more than 100 tasks, as ECS does (moto returns
+  and takes any number).
 - **Tasks that change state on their own**: ``ecs::task`` is set to manual progression, so a
   task stays RUNNING until something stops it.
 - **Events**: the Auto Scaling lifecycle action, spot interruption, rebalance recommendation
@@ -555,7 +558,41 @@ def _stop_task(
     return task
 
 
+_moto_describe_tasks = EC2ContainerServiceResponse.describe_tasks
+
+
+def _list_tasks(self: EC2ContainerServiceResponse) -> ActionResult:
+    tasks = self.ecs_backend.list_tasks(
+        self._get_param("cluster", "default"),
+        self._get_param("containerInstance"),
+        self._get_param("family"),
+        self._get_param("startedBy"),
+        self._get_param("serviceName"),
+        self._get_param("desiredStatus"),
+    )
+    arns = [t.task_arn for t in tasks]
+    limit = int(self._get_param("maxResults") or 100)
+    if not 1 <= limit <= 100:
+        raise InvalidParameterException("maxResults must be between 1 and 100")
+    token = self._get_param("nextToken")
+    if token is not None and not str(token).isdigit():
+        raise InvalidParameterException("Invalid nextToken")
+    start = int(token or 0)
+    out: dict[str, Any] = {"taskArns": arns[start : start + limit]}
+    if start + limit < len(arns):
+        out["nextToken"] = str(start + limit)
+    return ActionResult(out)
+
+
+def _describe_tasks(self: EC2ContainerServiceResponse) -> ActionResult:
+    if len(self._get_param("tasks", []) or []) > 100:
+        raise InvalidParameterException("Tasks cannot be longer than 100.")
+    return _moto_describe_tasks(self)
+
+
 _PATCHES: tuple[tuple[type, str, Callable[..., Any]], ...] = (
+    (EC2ContainerServiceResponse, "list_tasks", _list_tasks),
+    (EC2ContainerServiceResponse, "describe_tasks", _describe_tasks),
     (AutoScalingResponse, "complete_lifecycle_action", _complete_lifecycle_action),
     (AutoScalingResponse, "record_lifecycle_action_heartbeat", _record_heartbeat),
     (EC2ContainerServiceResponse, "get_task_protection", _get_task_protection),

@@ -11,9 +11,11 @@ Real agent processes are the drill's job.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from moto import mock_aws
 from agent.buildkite.models import RegisterRequest
 from drill.aws_support import AwsGaps, event_rules, load_template
 from drill.coordinator import Coordinator, CoordinatorServer, RetryRule
+from drill.coordinator.faults import Fault
 from lambdas import drain_monitor, lifecycle_hook, runtime, spot_interruption
 from lambdas.drain import core
 from lambdas.drain.config import Settings
@@ -35,6 +38,7 @@ from lambdas.drain.coordinator import CoordinatorClient, SecretToken
 from lambdas.drain.core import DrainController
 from lambdas.drain.ecs_fleet import EcsFleet
 from lambdas.drain.errors import Retryable
+from lambdas.drain.events import parse_message
 from lambdas.drain.lifecycle import LifecycleActions
 from lambdas.drain.state import DrainRecord, DynamoDrainStore
 from lambdas.drain.ticks import tick_body
@@ -243,6 +247,8 @@ class World:
             "coordinator_url": self.server.url,
             "coordinator_org": self.coord.org,
             "coordinator_token_secret_arn": self.secret_arn,
+            "asg_name": ASG,
+            "hook_name": HOOK,
         }
         grace = overrides.pop("coordinator_grace", 30.0)
         metrics = overrides.pop("metrics", self.metrics)
@@ -836,3 +842,336 @@ def test_logs_carry_instance_and_drain_ids_and_the_token_never(
     assert {core.DRAINS_STARTED, core.DRAINS_COMPLETED, core.DRAIN_SECONDS} <= names
     assert world.coord.api_token not in out
     assert world.token.fetches == 1, "the token is cached"
+
+
+# ============================================================================ the next increment
+
+EVENTS = ROOT / "tests" / "events"
+
+
+@contextlib.contextmanager
+def captured_logs() -> Iterator[io.StringIO]:
+    """What the handlers' and the core's loggers write (JSON lines), into a buffer."""
+    buffer = io.StringIO()
+    handlers = {
+        h for name in ("fleetdrain", "fleetdrain.drain") for h in logging.getLogger(name).handlers
+    }
+    streams = {h: h.setStream(buffer) for h in handlers if isinstance(h, logging.StreamHandler)}
+    try:
+        yield buffer
+    finally:
+        for h, stream in streams.items():
+            h.setStream(stream)
+
+
+def draining_event(world: World, iid: str) -> dict[str, Any]:
+    """The sample ``ECS Container Instance State Change`` (DRAINING) for ``iid``'s instance."""
+    event = json.loads((EVENTS / "ecs-container-instance-state-change.draining.json").read_text())
+    event["id"] = str(uuid.uuid4())
+    event["resources"] = [world.ci_arn[iid]]
+    event["detail"].update(
+        clusterArn=f"arn:aws:ecs:{REGION}:{ACCOUNT}:cluster/{CLUSTER}",
+        containerInstanceArn=world.ci_arn[iid],
+        ec2InstanceId=iid,
+    )
+    return dict(event)
+
+
+def deliver_queue(
+    sqs: Any, queue_url: str, handler: Callable[[dict[str, Any], Any], dict[str, Any]]
+) -> int:
+    """What Lambda's SQS event source mapping does: receive a batch, invoke the handler with
+    it, delete the records that did not fail. Returns how many records were delivered."""
+    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    delivered = 0
+    while True:
+        out = sqs.receive_message(
+            QueueUrl=queue_url, MaxNumberOfMessages=10, AttributeNames=["All"], WaitTimeSeconds=0
+        )
+        messages = out.get("Messages", [])
+        if not messages:
+            return delivered
+        event = {
+            "Records": [
+                {
+                    "messageId": m["MessageId"],
+                    "receiptHandle": m["ReceiptHandle"],
+                    "body": m["Body"],
+                    "attributes": m.get("Attributes", {}),
+                    "messageAttributes": {},
+                    "md5OfBody": m["MD5OfBody"],
+                    "eventSource": "aws:sqs",
+                    "eventSourceARN": arn,
+                    "awsRegion": REGION,
+                }
+                for m in messages
+            ]
+        }
+        response = handler(event, Ctx())
+        failed = {f["itemIdentifier"] for f in response["batchItemFailures"]}
+        assert not failed, response
+        for m in messages:
+            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=m["ReceiptHandle"])
+        delivered += len(messages)
+
+
+def test_lifecycle_notification_through_sns_and_sqs_drains_the_instance(world: World) -> None:
+    (a,) = world.build(instances=1)
+    world.controller()
+    agent = world.add_agent(a, job_seconds=30)
+    sns = boto3.client("sns", region_name=REGION)
+    sqs = boto3.client("sqs", region_name=REGION)
+    topic = sns.create_topic(Name="ci-agents-lifecycle")["TopicArn"]
+    queue_url = sqs.create_queue(QueueName="ci-agents-lifecycle")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
+        "Attributes"
+    ]["QueueArn"]
+    sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn)  # not raw: SNS envelope
+
+    # Attaching the notification target: Auto Scaling's test notification comes first.
+    test_body = (EVENTS / "asg-test-notification.sqs-body.json").read_text()
+    sns.publish(TopicArn=topic, Message=test_body, Subject="Auto Scaling: test notification")
+    peek = sqs.receive_message(QueueUrl=queue_url, VisibilityTimeout=0)["Messages"][0]
+    assert json.loads(peek["Body"])["Type"] == "Notification", "SNS envelope, as configured"
+    assert deliver_queue(sqs, queue_url, lifecycle_hook.handler) == 1
+    assert world.ctl.store.get(a) is None, "the test notification starts nothing"
+
+    # Scale-in: the group notifies through SNS only (the EventBridge copy is not delivered).
+    lifecycle = world.gaps.begin_termination(a)
+    world.cursor = len(world.gaps.events)
+    body = json.dumps(world.gaps.sqs_body(lifecycle))
+    sns.publish(TopicArn=topic, Message=body, Subject="Auto Scaling: Lifecycle action")
+    assert deliver_queue(sqs, queue_url, lifecycle_hook.handler) == 1
+    rec = world.record(a)
+    assert (
+        rec.phase == "soft" and rec.lifecycle_token == lifecycle["detail"]["LifecycleActionToken"]
+    )
+    assert world.coord.agent(agent.agent_id).paused
+    # SNS delivers at least once: the same notification again is a duplicate.
+    sns.publish(TopicArn=topic, Message=body, Subject="Auto Scaling: Lifecycle action")
+    assert deliver_queue(sqs, queue_url, lifecycle_hook.handler) == 1
+    assert world.record(a).version == rec.version
+
+    world.run_until(lambda: world.record(a).phase == "done", limit=60)
+    assert world.gaps.actions[a].result == "CONTINUE"
+    assert world.coord.job(agent.job_id or "").passed
+    assert world.record(a).outcome == "drained"
+    attrs = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
+    assert attrs["ApproximateNumberOfMessages"] == "0"
+    assert attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
+
+
+def test_a_short_401_burst_refreshes_the_token_once_and_the_drain_goes_on(world: World) -> None:
+    (a,) = world.build(instances=1)
+    world.controller(coordinator_grace=30)
+    agent = world.add_agent(a, job_seconds=40)
+    burst = world.coord.faults.add(Fault("*", "status", status=401, count=1))
+    world.emit(world.gaps.begin_termination(a))
+    assert burst.fired == 1
+    assert world.token.fetches == 2, "one 401: the token was read again once, and it worked"
+    rec = world.record(a)
+    assert rec.phase == "soft" and not rec.fallback and rec.coordinator_down_at is None
+    assert world.coord.agent(agent.agent_id).paused
+    world.run_until(lambda: world.record(a).phase == "done", limit=80)
+    assert world.gaps.actions[a].result == "CONTINUE"
+    assert world.coord.job(agent.job_id or "").passed
+    assert core.COORDINATOR_FALLBACKS not in world.metrics.counts
+
+
+def test_a_long_401_burst_falls_back_to_ecs_and_loses_nothing(world: World) -> None:
+    (a,) = world.build(instances=1)
+    world.controller(coordinator_grace=30)
+    busy = world.add_agent(a, job_seconds=50)
+    idle = world.add_agent(a)
+    burst = world.coord.faults.add(Fault("*", "status", status=401))
+    world.emit(world.gaps.begin_termination(a))
+    # Refreshed once for the request, rejected again: no retry loop on a token that fails.
+    assert world.token.fetches == 2 and burst.fired == 2
+    rec = world.record(a)
+    assert rec.phase == "soft" and not rec.fallback, "a burst is waited out first"
+    world.advance(31)
+    rec = world.record(a)
+    assert rec.fallback and rec.phase == "hard"
+    assert busy.sigterm_at is not None and idle.exited, "StopTask: the agents drain themselves"
+    assert world.metrics.counts[core.COORDINATOR_FALLBACKS] == 1
+    fetches_at_fallback = world.token.fetches
+    world.run_until(lambda: world.record(a).phase == "done", limit=100)
+    world.coord.faults.remove(burst)
+    assert world.gaps.actions[a].result == "CONTINUE"
+    assert world.coord.job(busy.job_id or "").passed, "the job finished inside stopTimeout"
+    assert all(world.gaps.exits[x.task_arn].exit_code == 0 for x in (busy, idle))
+    assert core.AGENTS_SIGKILLED not in world.metrics.counts
+    # After the fallback the coordinator is not asked again (so no more token reads).
+    assert world.token.fetches == fetches_at_fallback
+
+
+def test_lifecycle_action_of_another_group_or_hook_is_ignored_with_a_reason(world: World) -> None:
+    (a,) = world.build(instances=1)
+    world.controller(metrics=runtime.PowertoolsMetrics())
+    agent = world.add_agent(a, job_seconds=30)
+    lifecycle = world.gaps.begin_termination(a)
+    world.cursor = len(world.gaps.events)
+    others = []
+    for field_name, value in (("AutoScalingGroupName", "web"), ("LifecycleHookName", "backup")):
+        body = world.gaps.sqs_body(lifecycle)
+        body[field_name] = value
+        others.append(json.dumps(body))
+    with captured_logs() as logs:
+        assert lifecycle_hook.handler(sqs_event(*others), Ctx()) == {"batchItemFailures": []}
+    assert world.ctl.store.get(a) is None
+    assert not world.coord.agent(agent.agent_id).paused
+    assert world.gaps.calls.get("CompleteLifecycleAction", 0) == 0
+    assert world.gaps.actions[a].waiting, "not ours to complete"
+    lines = [json.loads(x) for x in logs.getvalue().splitlines() if x.startswith("{")]
+    reasons = [x.get("reason", "") for x in lines if x.get("message") == "lifecycle action ignored"]
+    assert any("group 'web', not ours ('ci-agents')" in r for r in reasons), lines
+    assert any("hook 'backup', not ours" in r for r in reasons), lines
+    assert all(x.get("instance_id") == a for x in lines if x.get("reason") in reasons)
+    # Our own group's action for the same instance still starts the drain.
+    body = json.dumps(world.gaps.sqs_body(lifecycle))
+    assert lifecycle_hook.handler(sqs_event(body), Ctx()) == {"batchItemFailures": []}
+    assert world.record(a).phase == "soft"
+
+
+def test_more_than_100_tasks_on_one_instance(world: World) -> None:
+    (a,) = world.build(instances=1)
+    world.controller()
+    agents = [world.add_agent(a, job_seconds=20 if i % 50 == 0 else None) for i in range(150)]
+    world.emit(world.gaps.begin_termination(a))
+    # ListTasks pages at 100 and DescribeTasks takes 100 (drill.aws_support enforces both):
+    # every agent was found and paused, the ones past the first page too.
+    assert all(world.coord.agent(x.agent_id).paused for x in agents)
+    assert world.record(a).phase == "soft"
+    world.run_until(lambda: world.record(a).phase == "done", limit=60)
+    assert world.record(a).outcome == "drained"
+    assert world.gaps.actions[a].result == "CONTINUE"
+    assert all(world.task_status(x.task_arn) == "STOPPED" for x in agents)
+    assert all(world.coord.job(x.job_id).passed for x in agents if x.job_id)
+
+
+class SlowFleet:
+    """The fleet with a slow ``tasks_on`` that records how many steps looked at once."""
+
+    def __init__(self, fleet: Any, delay: float) -> None:
+        self._fleet = fleet
+        self._delay = delay
+        self._lock = threading.Lock()
+        self.inside = 0
+        self.most_inside = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fleet, name)
+
+    def tasks_on(self, arn: str) -> Any:
+        with self._lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        try:
+            threading.Event().wait(self._delay)
+            return self._fleet.tasks_on(arn)
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+
+def test_two_steps_racing_on_one_drain_record_act_once(world: World) -> None:
+    (a,) = world.build(instances=1)
+    world.controller()
+    first, second = world.add_agent(a), world.add_agent(a)
+    sigterms: list[str] = []
+    world.gaps.on_sigterm = lambda arn, reason: sigterms.append(arn)  # they exit later, together
+    world.emit(world.gaps.begin_termination(a))
+    assert world.record(a).phase == "hard"
+    assert sorted(sigterms) == sorted([first.task_arn, second.task_arn])
+    # Both agents exit at the same instant: two STOPPED events, two monitors at once.
+    events = [world.gaps.task_exited(arn, 0) for arn in sigterms]
+    world.cursor = len(world.gaps.events)
+    slow = SlowFleet(world.ctl.fleet, 0.05)  # widen the window: a step takes a while
+    world.ctl.fleet = slow
+    start = threading.Barrier(len(events))
+    results: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+
+    def invoke(event: dict[str, Any]) -> None:
+        start.wait()
+        try:
+            results.extend(world.route(event))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=invoke, args=(e,)) for e in events]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors, errors
+    assert len(results) == 2
+    assert slow.most_inside == 1, "two steps looked at the instance at the same time"
+    assert world.gaps.calls["CompleteLifecycleAction"] == 1, "the hook was completed once"
+    assert world.gaps.actions[a].result == "CONTINUE"
+    rec = world.record(a)
+    assert rec.outcome == "drained" and rec.lifecycle_state == "completed"
+    assert rec.lease_id is None and rec.lease_until is None
+    assert world.metrics.counts[core.DRAINS_COMPLETED] == 1
+    assert core.DRAINS_ABANDONED not in world.metrics.counts
+    assert sorted(r["status"] for r in results) in (["ignored", "stepped"], ["stepped", "stepped"])
+
+
+def test_a_step_that_fails_releases_the_record(world: World) -> None:
+    (a,) = world.build(instances=1)
+    world.controller()
+    world.add_agent(a, job_seconds=30)
+    world.emit(world.gaps.begin_termination(a))
+    version = world.record(a).version
+    tick = tick_body(a, world.record(a).drain_id, "t-fail")
+    with Stubber(world.ecs_client) as stub:
+        stub.add_client_error("list_tasks", service_error_code="ThrottlingException")
+        response = drain_monitor.handler(sqs_event(tick), Ctx())
+    assert len(response["batchItemFailures"]) == 1
+    rec = world.record(a)
+    assert rec.lease_id is None and rec.version == version + 2, "claimed, then given back"
+    # The redelivered tick steps at once: nobody waits for a lease.
+    assert drain_monitor.handler(sqs_event(tick), Ctx()) == {"batchItemFailures": []}
+    assert world.record(a).steps == rec.steps + 1
+
+
+def test_a_crashed_steps_lease_expires(world: World) -> None:
+    (a,) = world.build(instances=1)
+    world.controller(step_lease=60)
+    world.ctl.lease_wait = 0.3
+    world.add_agent(a, job_seconds=30)
+    world.emit(world.gaps.begin_termination(a))
+    # A step that died without a word (the function timed out): its claim stays.
+    rec = world.record(a)
+    world.ctl.store.save(rec.model_copy(update={"lease_id": "dead", "lease_until": T0 + 60}))
+    tick = tick_body(a, rec.drain_id, "t-1")
+    with pytest.raises(Retryable, match="held by another step"):
+        world.ctl.handle(parse_message(tick))
+    world.clock.advance(61)
+    out = drain_monitor.handler(sqs_event(tick), Ctx())
+    assert out == {"batchItemFailures": []}
+    assert world.record(a).lease_id is None
+
+
+def test_draining_events_reach_the_monitor(world: World) -> None:
+    a, b = world.build(instances=2)
+    world.controller()
+    agent = world.add_agent(a, job_seconds=30)
+    world.emit(world.gaps.begin_termination(a))
+    steps = world.record(a).steps
+    # Someone else set DRAINING during the soft phase: the monitor looks at the drain at once.
+    out = world.route(draining_event(world, a))
+    assert [r["status"] for r in out] == ["stepped"]
+    assert world.record(a).steps == steps + 1
+    world.run_until(lambda: world.record(a).draining_at is not None, limit=60)
+    # Our own DRAINING, repeated by ECS as tasks stop: no news, no write.
+    version = world.record(a).version
+    out = world.route(draining_event(world, a))
+    assert [r["status"] for r in out] in (["duplicate"], ["ignored"])
+    assert world.record(a).version == version
+    # An instance with no drain: ignored.
+    assert [r["status"] for r in world.route(draining_event(world, b))] == ["ignored"]
+    world.run_until(lambda: world.record(a).phase == "done", limit=60)
+    assert world.coord.job(agent.job_id or "").passed

@@ -247,8 +247,12 @@ def test_settings_from_env() -> None:
             "FLEETDRAIN_REBALANCE_ACTION": "IGNORE",
             "FLEETDRAIN_AGENT_CONTAINERS": "agent, sidecar",
             "FLEETDRAIN_COORDINATOR_URL": "https://api.example.com/",
+            "FLEETDRAIN_AUTOSCALING_GROUP": "ci-agents",
+            "FLEETDRAIN_LIFECYCLE_HOOK": "fleetdrain-terminating",
         }
     )
+    assert s.asg_name == "ci-agents" and s.hook_name == "fleetdrain-terminating"
+    assert s.step_lease == 60.0
     assert s.drain_budget == 1800 and s.rebalance_action == "ignore"
     assert s.agent_containers == {"agent", "sidecar"}
     assert s.coordinator_url == "https://api.example.com"

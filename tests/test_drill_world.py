@@ -64,7 +64,7 @@ def test_the_stack_creates_what_sam_deploy_would(deployed: Deployment) -> None:
     )
     # Every EventBridge rule of the template exists with the template's own pattern.
     template = event_rules(load_template(ROOT / "template.yaml"), PARAMS)
-    assert len(template) == 4
+    assert len(template) == 5
     assert sorted(json.dumps(r.pattern, sort_keys=True) for r in deployed.rules) == sorted(
         json.dumps(r.pattern, sort_keys=True) for r in template
     )

@@ -80,7 +80,7 @@ def test_sam_expands_the_template(
         assert props["Handler"].startswith("lambdas.") and props["Handler"].endswith(".handler")
         assert "DeadLetterConfig" in props
     rules = [v for v in resources.values() if v["Type"] == "AWS::Events::Rule"]
-    assert len(rules) == 4
+    assert len(rules) == 5
     mappings = [v for v in resources.values() if v["Type"] == "AWS::Lambda::EventSourceMapping"]
     assert any(
         m["Properties"].get("FunctionResponseTypes") == ["ReportBatchItemFailures"]
@@ -132,6 +132,13 @@ def test_state_queue_and_alarms(template: dict[str, Any]) -> None:
     assert len([a for a in alarms.values() if a["MetricName"] == "Errors"]) == 3
 
 
+def test_functions_know_their_group_and_hook(template: dict[str, Any]) -> None:
+    env = template["Globals"]["Function"]["Environment"]["Variables"]
+    assert env["FLEETDRAIN_AUTOSCALING_GROUP"] == {"Ref": "AutoScalingGroupName"}
+    assert env["FLEETDRAIN_LIFECYCLE_HOOK"] == {"Ref": "LifecycleHookName"}
+    assert env["FLEETDRAIN_CLUSTER"] == {"Ref": "ClusterName"}
+
+
 def test_iam_is_least_privilege(template: dict[str, Any]) -> None:
     statements = template["Resources"]["DrainPolicy"]["Properties"]["PolicyDocument"]["Statement"]
     by_sid = {s["Sid"]: s for s in statements}
@@ -164,7 +171,10 @@ def test_iam_is_least_privilege(template: dict[str, Any]) -> None:
             {"SpotInterruptionFunction.RebalanceRecommendation"},
         ),
         ("ecs-task-state-change.stopped.json", {"DrainMonitorFunction.TaskStopped"}),
-        ("ecs-container-instance-state-change.draining.json", set()),
+        (
+            "ecs-container-instance-state-change.draining.json",
+            {"DrainMonitorFunction.InstanceDraining"},
+        ),
     ],
 )
 def test_patterns_match_the_sample_events(
@@ -211,6 +221,20 @@ def _near_misses() -> list[tuple[str, dict[str, Any]]]:
         lambda e: e["detail"].update(clusterArn="arn:aws:ecs:eu-west-1:123456789012:cluster/ci"),
     )
     edit(task, "no cluster", lambda e: e["detail"].pop("clusterArn"))
+    draining = "ecs-container-instance-state-change.draining.json"
+    edit(draining, "instance active", lambda e: e["detail"].update(status="ACTIVE"))
+    edit(draining, "instance deregistering", lambda e: e["detail"].update(status="DEREGISTERING"))
+    edit(
+        draining,
+        "draining in another cluster",
+        lambda e: e["detail"].update(clusterArn="arn:aws:ecs:us-east-1:123456789012:cluster/web"),
+    )
+    edit(
+        draining,
+        "status on a task event",
+        lambda e: e.update({"detail-type": "ECS Task State Change"}),
+    )
+    edit(draining, "draining from ec2", lambda e: e.update(source="aws.ec2"))
     spot = "ec2-spot-interruption-warning.json"
     edit(spot, "spot from autoscaling", lambda e: e.update(source="aws.autoscaling"))
     edit(

@@ -25,6 +25,11 @@ class Settings:
     """What a drain needs to know. Durations are seconds."""
 
     cluster: str
+    #: The Auto Scaling group and lifecycle hook whose actions are ours; a lifecycle action of
+    #: another group or hook is ignored (a shared notification queue can carry them, and IAM
+    #: lets us complete only our group's). Empty: any.
+    asg_name: str = ""
+    hook_name: str = ""
     table_name: str = ""
     queue_url: str = ""
     coordinator_url: str = ""
@@ -46,6 +51,9 @@ class Settings:
     record_ttl: float = 7 * 86400.0
     #: The coordinator pause's own timeout (it lapses if we die), minutes.
     pause_minutes: int = 120
+    #: How long a step may hold the drain record (no other step runs meanwhile). At least the
+    #: function timeout: a step killed by the timeout leaves its lease to expire.
+    step_lease: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -59,6 +67,8 @@ class Settings:
         containers = env.get("FLEETDRAIN_AGENT_CONTAINERS", "agent")
         return cls(
             cluster=cluster,
+            asg_name=env.get("FLEETDRAIN_AUTOSCALING_GROUP", "").strip(),
+            hook_name=env.get("FLEETDRAIN_LIFECYCLE_HOOK", "").strip(),
             table_name=env.get("FLEETDRAIN_TABLE", ""),
             queue_url=env.get("FLEETDRAIN_QUEUE_URL", ""),
             coordinator_url=env.get("FLEETDRAIN_COORDINATOR_URL", "").rstrip("/"),
@@ -71,4 +81,5 @@ class Settings:
             tick_interval=max(1.0, _float(env, "FLEETDRAIN_TICK_SECONDS", 20.0)),
             agent_containers=frozenset(c.strip() for c in containers.split(",") if c.strip()),
             record_ttl=_float(env, "FLEETDRAIN_RECORD_TTL_SECONDS", 7 * 86400.0),
+            step_lease=max(1.0, _float(env, "FLEETDRAIN_STEP_LEASE_SECONDS", 60.0)),
         )

@@ -59,6 +59,8 @@ SPOT_NOTICE_SECONDS = 120.0
 #: A pending tick older than this is taken as lost and replaced.
 LOST_TICK_SLACK = 120.0
 MAX_RACES = 5
+#: How often a step that finds the record held by another step looks again (seconds).
+LEASE_POLL = 0.1
 
 # Metric names (EMF, namespace set by the handler layer).
 DRAINS_STARTED = "DrainsStarted"
@@ -130,6 +132,14 @@ class Result:
     detail: str = ""
 
 
+class _Leased(Exception):
+    """The drain record is held by another step (until ``until``)."""
+
+    def __init__(self, until: float) -> None:
+        super().__init__(until)
+        self.until = until
+
+
 @dataclass
 class _Merge:
     record: DrainRecord | None
@@ -153,9 +163,14 @@ class DrainController:
         metrics: Metrics | None = None,
         clock: Callable[[], float] | None = None,
         coordinator_grace: float = 30.0,
+        sleep: Callable[[float], None] | None = None,
+        lease_wait: float = 20.0,
     ) -> None:
         import time
 
+        #: How the wait for another step's lease sleeps, and for how long at most.
+        self.sleep = sleep or time.sleep
+        self.lease_wait = lease_wait
         self.settings = settings
         self.store = store
         self.fleet = fleet
@@ -188,12 +203,42 @@ class DrainController:
             instance_id = found
         else:
             instance_id = signal.instance_id
-        for _ in range(MAX_RACES):
+        if isinstance(signal, LifecycleSignal):
+            why = self._not_ours(signal)
+            if why:
+                log.info(
+                    "lifecycle action ignored", extra={"instance_id": instance_id, "reason": why}
+                )
+                return Result("ignored", instance_id, detail=why)
+        races = 0
+        waited = 0.0
+        while True:
             try:
                 return self._handle_once(instance_id, signal)
             except Conflict:
-                continue
-        raise Retryable(f"drain record of {instance_id} kept changing under us")
+                races += 1
+                if races >= MAX_RACES:
+                    raise Retryable(
+                        f"drain record of {instance_id} kept changing under us"
+                    ) from None
+            except _Leased as leased:
+                # Another step holds the record: it is short (a few API calls), so wait for
+                # it here rather than hand the event back to a retry that comes much later.
+                if waited >= self.lease_wait:
+                    raise Retryable(
+                        f"drain record of {instance_id} held by another step "
+                        f"(lease until {leased.until:.0f})"
+                    ) from None
+                self.sleep(LEASE_POLL)
+                waited += LEASE_POLL
+
+    def _not_ours(self, s: LifecycleSignal) -> str:
+        want_asg, want_hook = self.settings.asg_name, self.settings.hook_name
+        if want_asg and s.asg_name != want_asg:
+            return f"lifecycle action of group {s.asg_name!r}, not ours ({want_asg!r})"
+        if want_hook and s.hook_name != want_hook:
+            return f"lifecycle action of hook {s.hook_name!r}, not ours ({want_hook!r})"
+        return ""
 
     def _handle_once(self, instance_id: str, signal: Signal) -> Result:
         now = self.clock()
@@ -202,6 +247,16 @@ class DrainController:
         record = merge.record
         if record is None:
             return Result(merge.action, instance_id, detail=merge.detail)
+        step = merge.step and record.phase != "done"
+        if current is not None and current.leased(now) and (merge.changed or step):
+            # Only the lease holder writes while it steps; we merge again once it is done.
+            raise _Leased(current.lease_until or now)
+        if step:
+            # Claim the record in the same conditional write that merges the event: of two
+            # steps that race, one claims and acts, the other waits and then sees its work.
+            record = record.model_copy(deep=True)
+            record.lease_id = uuid.uuid4().hex[:12]
+            record.lease_until = now + self.settings.step_lease
         if current is None:
             record = self.store.create(record)
             self.metrics.count(DRAINS_STARTED)
@@ -209,9 +264,9 @@ class DrainController:
                 "drain started",
                 extra={"reasons": record.reasons, "phase": record.phase},
             )
-        elif merge.changed:
+        elif merge.changed or step:
             record = self.store.save(record)
-        if merge.step:
+        if step:
             record = self._step(record)
         return Result(merge.action, instance_id, record.drain_id, record.phase, merge.detail)
 
@@ -251,6 +306,9 @@ class DrainController:
             rec.last_task_stopped_at = max(rec.last_task_stopped_at or 0.0, stopped)
             return _Merge(rec, "stepped")
         assert isinstance(signal, InstanceDrainingSignal)
+        if rec.draining_at is not None:
+            # Our own DRAINING (ECS repeats the event at every task that stops): no news.
+            return self._duplicate(rec, now)
         return _Merge(rec, "stepped", changed=False)
 
     def _duplicate(self, rec: DrainRecord, now: float) -> _Merge:
@@ -354,22 +412,34 @@ class DrainController:
 
     # ------------------------------------------------------------------ the step
 
-    def _step(self, rec: DrainRecord) -> DrainRecord:
-        """Advance the drain as far as the world allows now; save; return the saved record."""
-        if rec.phase == "done":
-            return rec
-        rec = rec.model_copy(deep=True)
+    def _step(self, claimed: DrainRecord) -> DrainRecord:
+        """Advance the drain as far as the world allows now; save (releasing the lease the
+        caller claimed); return the saved record."""
+        rec = claimed.model_copy(deep=True)
         rec.steps += 1
         now = self.clock()
         lg = self._log(rec)
         step = _Step(self, rec, now, lg)
-        step.run()
-        if rec.phase != "done":
-            self._schedule_tick(rec, now, step.coordinator_down_since)
-        if rec.container_instance_arn and step.linked:
-            # Before the save: a step that fails here is retried with steps == 1 again.
-            self.store.link(rec.container_instance_arn, rec.instance_id)
+        try:
+            step.run()
+            if rec.phase != "done":
+                self._schedule_tick(rec, now, step.coordinator_down_since)
+            if rec.container_instance_arn and step.linked:
+                # Before the save: a step that fails here is retried with steps == 1 again.
+                self.store.link(rec.container_instance_arn, rec.instance_id)
+        except BaseException:
+            self._release(claimed, lg)
+            raise
+        rec.lease_id = rec.lease_until = None
         return self.store.save(rec)
+
+    def _release(self, claimed: DrainRecord, lg: DrainLog) -> None:
+        """A step failed: give the record back as it was claimed, so the retry need not wait
+        for the lease to expire (if this write fails too, the lease expires on its own)."""
+        try:
+            self.store.save(claimed.model_copy(update={"lease_id": None, "lease_until": None}))
+        except Exception as exc:
+            lg.warning("could not release the drain record", extra={"error": str(exc)})
 
     def _schedule_tick(self, rec: DrainRecord, now: float, down_since: float | None) -> None:
         s = self.settings
@@ -643,19 +713,21 @@ class _Step:
         rec.phase = "done"
         rec.outcome = outcome
         rec.outcome_reason = reason
-        rec.completed_at = self.now
+        # The moment it ended, not when the step began: the step looked at the world (and
+        # maybe saw the last task stop) after its start.
+        rec.completed_at = ctl.clock()
         rec.tick_id = rec.tick_due = None
         if outcome in ("drained", "no_tasks"):
             ctl.metrics.count(DRAINS_COMPLETED)
         else:
             ctl.metrics.count(DRAINS_ABANDONED)
-        ctl.metrics.seconds(DRAIN_SECONDS, max(0.0, self.now - rec.started_at))
+        ctl.metrics.seconds(DRAIN_SECONDS, max(0.0, rec.completed_at - rec.started_at))
         self.log.info(
             "drain done",
             extra={
                 "outcome": outcome,
                 "reason": reason,
                 "lifecycle": rec.lifecycle_state,
-                "drain_seconds": round(self.now - rec.started_at, 3),
+                "drain_seconds": round(rec.completed_at - rec.started_at, 3),
             },
         )

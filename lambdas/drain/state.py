@@ -64,6 +64,13 @@ class DrainRecord(BaseModel):
     tick_id: str | None = None
     tick_due: float | None = None
     steps: int = 0
+    #: The step that holds the record now (claimed with a conditional write; released by the
+    #: step's own save). Only the holder writes until ``lease_until``.
+    lease_id: str | None = None
+    lease_until: float | None = None
+
+    def leased(self, now: float) -> bool:
+        return self.lease_id is not None and (self.lease_until or 0.0) > now
 
     def saw(self, event_id: str) -> bool:
         return bool(event_id) and event_id in self.seen_events
