@@ -39,9 +39,9 @@ ENV BUILDKITE_AGENT_HEALTH_CHECK_ADDR=127.0.0.1:3901 \
     FLEETDRAIN_BUSY_PROBE=http://127.0.0.1:3901/status.json \
     FLEETDRAIN_HEALTH_CHECK_ADDR=127.0.0.1:3902
 
-# `--addr` explicitly: without it `health` checks $BUILDKITE_AGENT_HEALTH_CHECK_ADDR, the Go
-# agent's server, not ours.
-HEALTHCHECK --interval=30s --timeout=5s CMD ["fleetdrain-agent", "health", "--addr", "127.0.0.1:3902"]
+# `health` checks $FLEETDRAIN_HEALTH_CHECK_ADDR (wrap's server) before
+# $BUILDKITE_AGENT_HEALTH_CHECK_ADDR (the Go agent's), so it needs no --addr here.
+HEALTHCHECK --interval=30s --timeout=5s CMD ["fleetdrain-agent", "health"]
 
 # ssh-env-config.sh (from the base image) sets up SSH keys from the environment, then execs the
 # agent: the agent stays wrap's direct child. (The base entrypoint's /docker-entrypoint.d hook

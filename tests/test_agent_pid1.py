@@ -373,3 +373,59 @@ def test_an_outage_at_sigterm_that_lasts_never_keeps_the_agent_past_its_deadline
     assert fleet.coord.job(job.id).state != "finished"
     log = proc.output()
     assert "finish could not be reported" in log
+
+
+def test_sighup_is_ignored_and_the_job_runs_on(make_fleet):
+    fleet = make_fleet()
+    proc, name, addr = fleet.agent(health=True)
+    agent_id = fleet.agent_id(name)
+    job = fleet.coord.add_job(COUNTING_JOB, retry=RETRY)
+    fleet.wait_job_state(job.id, ("running",))
+    proc.send(signal.SIGHUP)
+    time.sleep(0.3)
+    assert proc.alive(), "SIGHUP must not end the agent (as PID 1 it has no default action)"
+    fleet.wait_job_state(job.id, ("finished",))
+    done = fleet.coord.job(job.id)
+    assert (done.exit_status, done.signal_reason) == ("0", None)
+    assert b"all-done" in done.log
+    with urllib.request.urlopen(f"http://{addr}/status", timeout=2) as response:
+        status = json.load(response)
+    assert status["signals"] == ["SIGHUP"] and status["state"] == "idle", status
+    assert fleet.coord.agent(agent_id).connection_state == "connected"
+    proc.send(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_third_signal_leaves_no_job_process_behind_when_not_pid1(make_fleet):
+    """As PID 1 the kernel ends the namespace with the agent; as a plain process (a sidecar
+    init, a test) the agent itself must SIGKILL the job's group before it exits."""
+    fleet = make_fleet()
+    proc, name, _ = fleet.agent(
+        "--cancel-grace-period", "30", "--signal-grace-period-seconds", "20", pid1=False
+    )
+    fleet.agent_id(name)
+    job = fleet.coord.add_job("trap '' TERM; (trap '' TERM; sleep 60) & echo \"pids $$ $!\"; wait")
+    fleet.wait_job_state(job.id, ("running",))
+    assert fleet.coord.wait_for(lambda c: b"pids " in c.job(job.id).log, 5)
+    line = next(
+        x for x in fleet.coord.job(job.id).log.decode().splitlines() if x.startswith("pids")
+    )
+    pids = [int(p) for p in line.split()[1:]]
+    assert not any(_gone(p) for p in pids)
+    for _ in range(3):
+        proc.send(signal.SIGTERM)
+        time.sleep(0.2)
+    code, _took = _exit_within(proc, 5)
+    assert code == 1
+    deadline = time.monotonic() + 2
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert all(_gone(p) for p in pids), "the job's processes outlived the agent"

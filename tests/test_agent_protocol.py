@@ -965,3 +965,19 @@ def test_bad_flags_exit_2_with_one_line(args: list[str], mentions: str) -> None:
     assert lines[0].startswith("fleetdrain-agent start: ")
     assert mentions in lines[0]
     assert result.stdout == ""
+
+
+def test_a_job_the_server_reports_canceled_is_cancelled(harness: Harness) -> None:
+    # The coordinator itself says "canceling" until the finish; a server may skip straight to
+    # "canceled" (the Go agent treats both the same), so the agent must too.
+    fleet, rec = harness.make()
+    proc, _name, _agent_id = start_agent(fleet, "--cancel-grace-period", "3")
+    job = fleet.coord.add_job("trap 'echo got TERM; exit 143' TERM; echo started; sleep 30 & wait")
+    fleet.wait_job_state(job.id, ("running",))
+    wait_until(fleet, lambda: b"started" in fleet.coord.job(job.id).log, 5, "job never started")
+    rec.rewrite("job_state", lambda _s, p: {**p, "state": "canceled"})
+    fleet.wait_job_state(job.id, ("finished",))
+    done = fleet.coord.job(job.id)
+    assert (done.exit_status, done.signal_reason) == ("143", "cancel")
+    assert b"got TERM" in done.log
+    assert stop_and_wait(proc) == 0
