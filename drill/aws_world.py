@@ -461,9 +461,12 @@ class EventRouter:
         visibility_seconds: Callable[[int], int] = lambda s: s,
         poll_interval: float = 0.05,
         handlers: Mapping[str, Handler] | None = None,
+        not_before: Callable[[str], float | None] = lambda _body: None,
     ) -> None:
         """``handlers``: logical id -> handler, instead of importing the deployed ``Handler``
-        (tests that need a handler to fail)."""
+        (tests that need a handler to fail). ``not_before(body)``: a ``time.monotonic()``
+        before which a received message is held back (SQS delays are whole seconds; under a
+        compressed clock the drill keeps them exact this way)."""
         import boto3
 
         self.deployment = deployment
@@ -480,6 +483,8 @@ class EventRouter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._busy = 0
+        self._not_before = not_before
+        self._held: list[tuple[float, QueueMapping, dict[str, Any]]] = []
         self.invocations: list[Invocation] = []
         self.unmatched: list[Event] = []
         self.errors: list[BaseException] = []
@@ -564,6 +569,7 @@ class EventRouter:
         """One receive per mapping; each non-empty batch goes to its function. Returns how many
         batches were delivered."""
         delivered = 0
+        now = time.monotonic()
         for mapping in self.deployment.mappings:
             with self._lock:
                 got = self._sqs.receive_message(
@@ -572,11 +578,19 @@ class EventRouter:
                     AttributeNames=["All"],
                     MessageAttributeNames=["All"],
                 )
-            messages = got.get("Messages", [])
-            if not messages:
-                continue
-            delivered += 1
-            self._deliver_batch(mapping, messages)
+            ready = []
+            for m in got.get("Messages", []):
+                due = self._not_before(m["Body"])
+                if due is not None and due > now:
+                    self._held.append((due, mapping, m))
+                else:
+                    ready.append(m)
+            for item in [h for h in self._held if h[1] is mapping and h[0] <= now]:
+                self._held.remove(item)
+                ready.append(item[2])
+            for start in range(0, len(ready), mapping.batch_size):
+                delivered += 1
+                self._deliver_batch(mapping, ready[start : start + mapping.batch_size])
         return delivered
 
     def _deliver_batch(self, mapping: QueueMapping, messages: list[dict[str, Any]]) -> None:
@@ -646,6 +660,14 @@ class EventRouter:
         """No event waiting and nothing being delivered right now."""
         return self._events.empty() and self._busy == 0
 
+    def wait_interval(self) -> float:
+        """How long the service thread may sleep: until the next held message is due."""
+        if not self._held:
+            return self._poll_interval
+        return max(
+            0.001, min(self._poll_interval, min(h[0] for h in self._held) - time.monotonic())
+        )
+
     # -- the Lambda service thread
 
     def start(self) -> EventRouter:
@@ -663,7 +685,7 @@ class EventRouter:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                event = self._events.get(timeout=self._poll_interval)
+                event = self._events.get(timeout=self.wait_interval())
             except queue.Empty:
                 event = None
             self._busy += 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import threading
 import time
@@ -150,15 +149,32 @@ class Fleet:
         return out
 
 
-def _scaled_delays(clock: DrillClock) -> Callable[..., None]:
-    # SQS delays are drill seconds when the controller asks for them (its clock is the drill
-    # clock); moto waits wall seconds.
-    def scale(params: dict[str, Any], **_kw: Any) -> None:
+class ScaledDelays:
+    """SQS delays in drill time, exact.
+
+    The controller asks for ``DelaySeconds`` in drill seconds (its clock is the drill clock);
+    moto waits wall seconds, whole ones. The message is sent with the wall delay rounded
+    down, and the router holds it back until its exact due time (:meth:`due`), so a tick
+    comes when the controller asked for it, not up to a scaled second late.
+    """
+
+    def __init__(self, clock: DrillClock) -> None:
+        self.clock = clock
+        self._due: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, params: dict[str, Any], **_kw: Any) -> None:
         delay = params.get("DelaySeconds")
         if isinstance(delay, int) and delay > 0:
-            params["DelaySeconds"] = max(1, math.ceil(clock.wall(delay)))
+            wall = self.clock.wall(delay)
+            with self._lock:
+                self._due[str(params.get("MessageBody"))] = time.monotonic() + wall
+            params["DelaySeconds"] = int(wall)
 
-    return scale
+    def due(self, body: str) -> float | None:
+        """When the message with this body is due (``time.monotonic()``), if it was delayed."""
+        with self._lock:
+            return self._due.get(body)
 
 
 def drill_controller(settings: Any, session: Any, clock: DrillClock) -> Any:
@@ -256,7 +272,8 @@ def local_fleet(
         gaps = stack.enter_context(AwsGaps(clock=clock, region=REGION))
         server = stack.enter_context(CoordinatorServer(coord))
         session = boto3.session.Session(region_name=REGION)
-        session.events.register("provide-client-params.sqs.SendMessage", _scaled_delays(clock))
+        delays = ScaledDelays(clock)
+        session.events.register("provide-client-params.sqs.SendMessage", delays)
         ids = _build_aws(session, instances)
         secret = session.client("secretsmanager").create_secret(
             Name="fleetdrain/coordinator-token", SecretString=coord.api_token
@@ -301,6 +318,7 @@ def local_fleet(
             lock=lock,
             on_invocation=on_invocation,
             visibility_seconds=clock.wall_ceil,
+            not_before=delays.due,
         )
 
         def on_event(event: dict[str, Any]) -> None:
