@@ -69,12 +69,13 @@ def test_sigterm_mid_job_finishes_the_job_then_exits(make_fleet):
     assert not fleet.coord.agent(agent_id).request_headers_missing
 
 
-def test_idle_sigterm_exits_at_once(make_fleet):
+@pytest.mark.parametrize("first", ["SIGTERM", "SIGINT"])
+def test_idle_sigterm_exits_at_once(make_fleet, first):
     fleet = make_fleet()
     proc, name, _ = fleet.agent()
     agent_id = fleet.agent_id(name)
     time.sleep(0.3)
-    proc.send(signal.SIGTERM)
+    proc.send(getattr(signal, first))
     code, took = _exit_within(proc, 5)
     assert code == 0, proc.output()
     assert took < 0.5, f"idle agent took {took:.2f}s to exit"
@@ -82,7 +83,9 @@ def test_idle_sigterm_exits_at_once(make_fleet):
 
 
 @pytest.mark.parametrize(
-    "signals", [["SIGQUIT"], ["SIGTERM", "SIGTERM"]], ids=["sigquit", "2x-sigterm"]
+    "signals",
+    [["SIGQUIT"], ["SIGTERM", "SIGTERM"], ["SIGINT", "SIGINT"]],
+    ids=["sigquit", "2x-sigterm", "2x-sigint"],
 )
 def test_forced_stop_cancels_and_reports_agent_stop(make_fleet, signals):
     fleet = make_fleet()
