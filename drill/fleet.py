@@ -136,17 +136,58 @@ class Fleet:
 
     def drain_records(self) -> list[Any]:
         """The drain table's records (what the controller wrote)."""
-        with self.lock:
-            items = self.client("dynamodb").scan(
-                TableName=self.deployment.outputs["DrainTableName"]
-            )["Items"]
+        return _drain_records(
+            self.session, self.deployment.outputs["DrainTableName"], self.controller, self.lock
+        )
+
+
+def _drain_records(session: Any, table: str, controller: Any, lock: threading.RLock) -> list[Any]:
+    with lock:
+        items = session.client("dynamodb").scan(TableName=table)["Items"]
         out = []
         for item in items:
             if item.get("pk", {}).get("S", "").startswith("drain#"):
-                rec = self.controller.store.get(item["pk"]["S"].split("#", 1)[1])
+                rec = controller.store.get(item["pk"]["S"].split("#", 1)[1])
                 if rec is not None:
                     out.append(rec)
-        return out
+    return out
+
+
+class DrainWatch:
+    """Puts what each controller step did to a drain on the timeline (phase changes, DRAINING,
+    forcing, the ECS fallback, the end), read from the drain table after every invocation."""
+
+    def __init__(self, records: Callable[[], list[Any]], timeline: Timeline) -> None:
+        self.records = records
+        self.timeline = timeline
+        self.seen: dict[str, dict[str, Any]] = {}
+
+    def observe(self) -> None:
+        for rec in self.records():
+            now = {
+                "phase": rec.phase,
+                "DRAINING": rec.draining_at is not None,
+                "forced": rec.forced_at is not None,
+                "fallback to StopTask": rec.fallback,
+                "lifecycle": rec.lifecycle_state,
+            }
+            before = self.seen.get(rec.instance_id, {})
+            subject = f"drain {rec.instance_id}"
+            for key, value in now.items():
+                if before.get(key) == value:
+                    continue
+                if key == "phase":
+                    what = f"phase {value}"
+                    if value == "done":
+                        what += f" ({rec.outcome})"
+                elif key == "lifecycle":
+                    what = f"lifecycle action {value}"
+                elif value:
+                    what = key
+                else:
+                    continue
+                self.timeline.record("controller", subject, what, {"reasons": rec.reasons})
+            self.seen[rec.instance_id] = now
 
 
 class ScaledDelays:
@@ -311,7 +352,10 @@ def local_fleet(
                 "seconds": round(inv.seconds, 3),
             }
             timeline.record("controller", inv.function, what, detail, at=inv.started)
+            drains.observe()
 
+        table = deployment.outputs["DrainTableName"]
+        drains = DrainWatch(lambda: _drain_records(session, table, controller, lock), timeline)
         router = EventRouter(
             deployment,
             session=session,

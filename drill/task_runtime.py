@@ -44,8 +44,9 @@ log = logging.getLogger("fleetdrain.drill.runtime")
 
 SPOT_NOTICE_SECONDS = 120.0
 
-#: (kind, subject, what, detail) -> None: where the runtime reports what it did.
-Recorder = Callable[[str, str, str, dict[str, Any]], None]
+#: (kind, subject, what, detail[, at]) -> None: where the runtime reports what it did; ``at``
+#: (a ``time.monotonic()`` stamp) dates an entry other than now (a deadline ahead).
+Recorder = Callable[..., None]
 
 
 class DrillClock:
@@ -300,8 +301,9 @@ class TaskRuntime:
         self.record(
             "deadline",
             task.name,
-            f"SIGKILL due (stopTimeout {stop_timeout:.0f}s)",
-            {"at_wall_offset": self.clock.wall(stop_timeout)},
+            f"SIGKILL (stopTimeout {stop_timeout:.0f}s)",
+            {"reason": reason},
+            task.sigterm_at + self.clock.wall(stop_timeout),
         )
         self._thread(self._kill_at, task, self.clock.wall(stop_timeout), "stopTimeout")
 
@@ -384,7 +386,7 @@ class TaskRuntime:
         wall = self.clock.wall(SPOT_NOTICE_SECONDS)
         self.record("instance", instance_id, "spot interruption notice", {})
         self.record(
-            "deadline", instance_id, "instance reclaimed (spot, 120s)", {"at_wall_offset": wall}
+            "deadline", instance_id, "instance reclaimed (spot 120s)", {}, time.monotonic() + wall
         )
         self._thread(self._reclaim, instance_id, wall, name=f"spot-{instance_id}")
         return event
