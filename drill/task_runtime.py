@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import shlex
 import signal
 import threading
@@ -259,6 +260,12 @@ class TaskRuntime:
 
     def _watch(self, task: RunningTask) -> None:
         code = task.process.popen.wait()
+        if not task.process.pid1:
+            # Without a PID namespace nothing ends the task's other processes when its main
+            # process exits, as the kernel does in a container: the process group it leads
+            # (started as a new session) goes with it.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(task.process.popen.pid, signal.SIGKILL)
         code = 128 - code if code < 0 else code
         if task.sigkilled:
             code = 137
