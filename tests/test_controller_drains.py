@@ -1015,9 +1015,9 @@ def test_lifecycle_action_of_another_group_or_hook_is_ignored_with_a_reason(worl
     world.cursor = len(world.gaps.events)
     others = []
     for field_name, value in (("AutoScalingGroupName", "web"), ("LifecycleHookName", "backup")):
-        body = world.gaps.sqs_body(lifecycle)
-        body[field_name] = value
-        others.append(json.dumps(body))
+        notice = world.gaps.sqs_body(lifecycle)
+        notice[field_name] = value
+        others.append(json.dumps(notice))
     with captured_logs() as logs:
         assert lifecycle_hook.handler(sqs_event(*others), Ctx()) == {"batchItemFailures": []}
     assert world.ctl.store.get(a) is None
