@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drill.aws_endpoints import EcsAgentStandIn
+from drill.aws_endpoints import EcsAgentStandIn, ImdsStandIn
 from drill.aws_support import AwsGaps
 from drill.aws_world import Deployment, EventRouter, Invocation, deploy_stack, stack_params
 from drill.coordinator import Coordinator, CoordinatorServer
@@ -372,6 +372,10 @@ def local_fleet(
         gaps.on_event = on_event
         standin = EcsAgentStandIn(cluster=CLUSTER, region=REGION, clock=clock.now_datetime)
         stack.enter_context(standin.serve())
+        # infra/'s task definition has the agents tag themselves from IMDS too (hop limit 2);
+        # the drill's instances are spot capacity (infra/ mixes both).
+        imds = ImdsStandIn(ids[0], clock=clock.now_datetime, life_cycle="spot")
+        stack.enter_context(imds.serve())
         runtime = TaskRuntime(
             gaps=gaps,
             ecs=session.client("ecs"),
@@ -384,6 +388,7 @@ def local_fleet(
             lock=lock,
             pid1=pid1,
             record=timeline.record,
+            imds=imds,
         )
         stack.callback(runtime.close)
         for iid in ids:

@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from drill.aws_endpoints import EcsAgentStandIn
+from drill.aws_endpoints import EcsAgentStandIn, ImdsStandIn
 from drill.aws_support import AwsGaps
 from drill.processes import AgentProcess, agent_command, spawn_agent
 
@@ -136,7 +136,10 @@ class TaskRuntime:
         pid1: bool,
         record: Recorder = lambda *_a: None,
         agent_env: Mapping[str, str] | None = None,
+        imds: ImdsStandIn | None = None,
     ) -> None:
+        """``imds``: each instance's metadata (the agents' ``--tags-from-ec2-meta-data``, and
+        the spot notice and target lifecycle state that IMDS publishes)."""
         self.gaps = gaps
         self.ecs = ecs
         self.cluster = cluster
@@ -149,6 +152,7 @@ class TaskRuntime:
         self.pid1 = pid1
         self.record = record
         self.agent_env = dict(agent_env or {})
+        self.imds = imds
         self.definitions: dict[str, TaskDefinition] = {}
         self.tasks: dict[str, RunningTask] = {}
         self.container_instances: dict[str, str] = {}  # instance id -> container instance ARN
@@ -189,6 +193,9 @@ class TaskRuntime:
             )
         arn = str(out["containerInstance"]["containerInstanceArn"])
         self.container_instances[instance_id] = arn
+        if self.imds is not None:
+            with contextlib.suppress(ValueError):  # the stand-in's first instance exists
+                self.imds.add_instance(instance_id, life_cycle="spot")
         return arn
 
     # ------------------------------------------------------------------ tasks
@@ -224,14 +231,16 @@ class TaskRuntime:
         )
         self._names += 1
         name = name or f"{family}-{self._names}"
-        process = self._spawn(definition, name, task_id)
+        process = self._spawn(definition, name, task_id, instance_id)
         task = RunningTask(arn, task_id, instance_id, family, group, name, process, definition)
         self.tasks[arn] = task
         self.record("task", name, "RUNNING", {"task_arn": arn, "instance": instance_id})
         self._thread(self._watch, task, name=f"watch-{name}")
         return task
 
-    def _spawn(self, definition: TaskDefinition, name: str, task_id: str) -> AgentProcess:
+    def _spawn(
+        self, definition: TaskDefinition, name: str, task_id: str, instance_id: str
+    ) -> AgentProcess:
         args = [
             "start",
             "--token",
@@ -243,11 +252,14 @@ class TaskRuntime:
             "--build-path",
             str(self.workdir / "builds" / name),
             "--tags-from-ecs-meta-data",
+            *(["--tags-from-ec2-meta-data"] if self.imds is not None else []),
             "--stop-timeout",
             f"{self.clock.wall(definition.stop_timeout):.3f}",
             *definition.agent_args,
         ]
         env = {**self.agent_env, **self.standin.env_for(task_id)}
+        if self.imds is not None:
+            env["FLEETDRAIN_IMDS_ENDPOINT"] = self.imds.base_url_for(instance_id)
         log_path = self.workdir / f"{name}.log"
         if definition.shell_entrypoint:
             # ENTRYPOINT in shell form: /bin/sh is PID 1, runs the agent as a child and never
@@ -363,6 +375,8 @@ class TaskRuntime:
         """
         with self.lock:
             event = self.gaps.begin_termination(instance_id)
+        if self.imds is not None:
+            self.imds.set_target_lifecycle_state("Terminated", instance_id=instance_id)
         self.record("instance", instance_id, "Terminating:Wait", {})
         self._thread(self._watch_action, instance_id, name=f"hook-{instance_id}")
         return event
@@ -390,6 +404,9 @@ class TaskRuntime:
         """The two-minute warning: the event now, the instance reclaimed when it runs out."""
         with self.lock:
             event = self.gaps.spot_interruption(instance_id)
+        if self.imds is not None:
+            when = datetime.fromtimestamp(self.clock() + SPOT_NOTICE_SECONDS, UTC)
+            self.imds.set_spot_action(when, instance_id=instance_id)
         wall = self.clock.wall(SPOT_NOTICE_SECONDS)
         self.record("instance", instance_id, "spot interruption notice", {})
         self.record(

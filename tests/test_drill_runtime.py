@@ -66,7 +66,10 @@ def test_an_idle_agent_task_stops_at_once_with_exit_0(fleet: Fleet) -> None:
     task = fleet.runtime.run_task(fleet.instances[0], "agents", name="idle-1")
     agent_id = wait_connected(fleet, "idle-1")
     # The agent's tags came from the stand-in's task metadata: the ARN moto gave the task.
-    assert f"ecs:task-arn={task.arn}" in fleet.coord.agent(agent_id).meta_data
+    tags = fleet.coord.agent(agent_id).meta_data
+    assert f"ecs:task-arn={task.arn}" in tags
+    # ...and from its instance's IMDS (infra/ runs the agents with --tags-from-ec2-meta-data).
+    assert f"aws:instance-id={fleet.instances[0]}" in tags
     started = time.monotonic()
     stop_task(fleet, task.arn)
     assert task.stopped.wait(10)
