@@ -20,7 +20,6 @@ lives only in :class:`ApiToken` (its repr hides it) and the Authorization header
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Callable
@@ -28,8 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-import httpx
-
+from drill.buildkite_rest import ApiError, ApiToken, BuildkiteRest, token_from_secret
 from drill.report import DrillReport, EventKind, ScenarioReport, TimelineEvent
 
 if TYPE_CHECKING:
@@ -47,27 +45,6 @@ Progress = Callable[[str], None]
 
 class GameDayError(Exception):
     """The game day could not be run (bad input, unreachable API, timeout): one line."""
-
-
-class ApiToken:
-    """The REST API token; never in a repr, a log line or an error message."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        value = value.strip()
-        if not value:
-            raise GameDayError("the API token is empty")
-        self._value = value
-
-    def reveal(self) -> str:
-        """The token itself, for the Authorization header only."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "ApiToken(***)"
-
-    __str__ = __repr__
 
 
 @dataclass(frozen=True)
@@ -89,6 +66,13 @@ class GameDayConfig:
     message: str = "fleetdrain drill --aws: game day"
     timeout: float = 1800.0
     poll: float = 5.0
+
+
+def _token(raw: str) -> ApiToken:
+    try:
+        return ApiToken(raw)
+    except ApiError as exc:
+        raise GameDayError(str(exc)) from None
 
 
 def config_from_args(ns: argparse.Namespace, env: dict[str, str] | None = None) -> GameDayConfig:
@@ -116,7 +100,7 @@ def config_from_args(ns: argparse.Namespace, env: dict[str, str] | None = None) 
         org=ns.org,
         pipeline=ns.pipeline,
         kill=ns.kill,
-        token=None if ns.token_secret_arn else ApiToken(raw_token),
+        token=None if ns.token_secret_arn else _token(raw_token),
         token_secret_arn=ns.token_secret_arn,
         region=ns.region,
         table=ns.table,
@@ -125,99 +109,6 @@ def config_from_args(ns: argparse.Namespace, env: dict[str, str] | None = None) 
         timeout=ns.timeout,
         poll=ns.poll,
     )
-
-
-# ------------------------------------------------------------------------------ the REST API
-
-
-class BuildkiteRest:
-    """The few REST calls the game day makes (``api_url``: e.g. https://api.buildkite.com)."""
-
-    def __init__(
-        self,
-        api_url: str,
-        org: str,
-        token: ApiToken,
-        *,
-        timeout: float = 15.0,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        self._org = org
-        self._client = httpx.Client(
-            base_url=f"{api_url.rstrip('/')}/v2/organizations/{org}",
-            headers={"Authorization": f"Bearer {token.reveal()}", "Accept": "application/json"},
-            timeout=timeout,
-            transport=transport,
-        )
-
-    def close(self) -> None:
-        """Close the connection pool."""
-        self._client.close()
-
-    def _call(self, method: str, path: str, what: str, **kwargs: Any) -> Any:
-        try:
-            response = self._client.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            # httpx's message names the URL, never the headers: the token stays out.
-            raise GameDayError(f"{what}: {exc.__class__.__name__}: {exc}") from None
-        if response.status_code == 401:
-            raise GameDayError(f"{what}: the API refused the token (401)")
-        if response.status_code >= 400:
-            try:
-                message = str(response.json().get("message", ""))
-            except (ValueError, AttributeError):
-                message = response.text[:200]
-            raise GameDayError(f"{what}: HTTP {response.status_code} {message}".rstrip())
-        try:
-            return response.json()
-        except ValueError:
-            raise GameDayError(f"{what}: the answer is not JSON") from None
-
-    def create_build(
-        self, pipeline: str, *, commit: str, branch: str, message: str
-    ) -> dict[str, Any]:
-        """Start a build of ``pipeline``; the build as the API returns it."""
-        body = {"commit": commit, "branch": branch, "message": message}
-        out = self._call(
-            "POST", f"/pipelines/{pipeline}/builds", f"creating a build of {pipeline}", json=body
-        )
-        if not isinstance(out, dict) or not isinstance(out.get("number"), int):
-            raise GameDayError(f"creating a build of {pipeline}: no build number in the answer")
-        return out
-
-    def get_build(self, pipeline: str, number: int) -> dict[str, Any]:
-        """The build, with its jobs."""
-        out = self._call(
-            "GET", f"/pipelines/{pipeline}/builds/{number}", f"reading build #{number}"
-        )
-        return out if isinstance(out, dict) else {}
-
-    def get_agent(self, agent_id: str) -> dict[str, Any]:
-        """One agent (its ``meta_data`` tags and ``connection_state``)."""
-        out = self._call("GET", f"/agents/{agent_id}", f"reading agent {agent_id}")
-        return out if isinstance(out, dict) else {}
-
-
-def token_from_secret(client: Any, secret_id: str) -> ApiToken:
-    """The token from Secrets Manager: the secret string, or JSON with a ``token`` key."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        value = client.get_secret_value(SecretId=secret_id)["SecretString"]
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "?")
-        raise GameDayError(f"reading the API token from {secret_id}: {code}") from None
-    except (BotoCoreError, KeyError) as exc:
-        raise GameDayError(f"reading the API token from {secret_id}: {exc}") from None
-    try:
-        doc = json.loads(value)
-    except ValueError:
-        return ApiToken(value)
-    if isinstance(doc, dict):
-        if not isinstance(doc.get("token"), str):
-            raise GameDayError(f"secret {secret_id} is JSON without a 'token' string")
-        return ApiToken(doc["token"])
-    return ApiToken(value)
 
 
 @dataclass
@@ -287,6 +178,16 @@ def _job_label(job: dict[str, Any]) -> str:
     return state
 
 
+def _agent_label(agent: dict[str, Any]) -> str:
+    """``connected``, ``connected, paused, busy``, ``disconnected``, ``lost``..."""
+    parts = [str(agent.get("connection_state", "?"))]
+    if agent.get("paused"):
+        parts.append("paused")
+    if isinstance(agent.get("job"), dict):
+        parts.append("busy")
+    return ", ".join(parts)
+
+
 def _lost(job: dict[str, Any]) -> bool:
     """Exit -1 without a reason: the server gave up on the agent (not a reported cancel)."""
     return job.get("exit_status") == -1 and job.get("signal_reason") not in REPORTED_REASONS
@@ -309,12 +210,19 @@ class _Watch:
             TimelineEvent(t=round(t, 3), kind=kind, subject=subject, what=what, detail=detail)
         )
 
-    def change(self, kind: EventKind, subject: str, what: str, **detail: object) -> bool:
+    def change(
+        self,
+        kind: EventKind,
+        subject: str,
+        what: str,
+        at: float | None = None,
+        **detail: object,
+    ) -> bool:
         """Mark ``what`` for ``subject`` unless it is what was seen last; True if it changed."""
         if self.seen.get((kind, subject)) == what:
             return False
         self.seen[(kind, subject)] = what
-        self.mark(kind, subject, what, None, **detail)
+        self.mark(kind, subject, what, at, **detail)
         return True
 
 
@@ -332,18 +240,21 @@ def run_game_day(
     started_at = datetime.fromtimestamp(wall(), UTC).isoformat(timespec="seconds")
     t0 = clock()
     aws = aws if aws is not None else AwsClients.create(config.region)
-    if rest is None:
-        token = config.token
-        if token is None:
-            assert config.token_secret_arn is not None
-            progress(f"aws: reading the API token from {config.token_secret_arn}")
-            token = token_from_secret(aws.secretsmanager, config.token_secret_arn)
-        rest = BuildkiteRest(config.api_url, config.org, token)
-    day = _GameDay(config, aws, rest, progress, clock, sleep, _Watch(wall(), wall))
     try:
-        scenario = day.run()
-    finally:
-        rest.close()
+        if rest is None:
+            token = config.token
+            if token is None:
+                assert config.token_secret_arn is not None
+                progress(f"aws: reading the API token from {config.token_secret_arn}")
+                token = token_from_secret(aws.secretsmanager, config.token_secret_arn)
+            rest = BuildkiteRest(config.api_url, config.org, token)
+        day = _GameDay(config, aws, rest, progress, clock, sleep, _Watch(wall(), wall))
+        try:
+            scenario = day.run()
+        finally:
+            rest.close()
+    except ApiError as exc:
+        raise GameDayError(str(exc)) from None
     return DrillReport(
         mode="aws",
         started_at=started_at,
@@ -433,7 +344,9 @@ class _GameDay:
                     self.progress(
                         f"aws: job {job['id']} of build #{number} runs on {agent.get('name')}"
                     )
-                    self.watch.change("agent", str(agent.get("name")), "busy", id=agent.get("id"))
+                    self.watch.change(
+                        "agent", str(agent.get("name")), _agent_label(agent), id=agent.get("id")
+                    )
                     return job, agent
             state = build.get("state", "?")
             if state in TERMINAL_BUILD_STATES:
@@ -509,6 +422,9 @@ class _GameDay:
     def _kill(self, task_arn: str, instance_id: str | None, stop_timeout: float) -> None:
         w = self.watch
         short = task_arn.rsplit("/", 1)[-1]
+        # Stamped when the request goes out: AWS acts on it (and the controller may already
+        # record the drain) before the answer comes back.
+        sent = w.wall()
         if self.c.kill == "task":
             self.progress(f"aws: StopTask {short} (SIGTERM; SIGKILL after {stop_timeout:g}s)")
             self._aws(
@@ -518,12 +434,12 @@ class _GameDay:
                 task=task_arn,
                 reason="fleetdrain drill --aws: game day stop-task",
             )
-            w.mark("signal", short, "SIGTERM", api="StopTask")
+            w.mark("signal", short, "SIGTERM", at=sent, api="StopTask")
             w.mark(
                 "deadline",
                 short,
                 "SIGKILL deadline",
-                at=w.wall() + stop_timeout,
+                at=sent + stop_timeout,
                 stop_timeout=stop_timeout,
             )
         else:
@@ -535,7 +451,7 @@ class _GameDay:
                 InstanceId=instance_id,
                 ShouldDecrementDesiredCapacity=False,
             )
-            w.mark("instance", instance_id, "terminate requested")
+            w.mark("instance", instance_id, "terminate requested", at=sent)
 
     def _until_done(
         self,
@@ -557,7 +473,7 @@ class _GameDay:
             task_stopped = self._observe_task(task_arn, short) or task_stopped
             agent = self.rest.get_agent(agent_id)
             name = str(agent.get("name", agent_id))
-            self.watch.change("agent", name, str(agent.get("connection_state", "?")))
+            self.watch.change("agent", name, _agent_label(agent))
             if instance_id and self.c.table:
                 self._observe_drain(instance_id)
             state = str(build.get("state", "?"))
@@ -567,11 +483,20 @@ class _GameDay:
                 # task too (a graceful agent exits within a poll or two of its job), but no
                 # longer than its stopTimeout could keep it.
                 build_done_at = build_done_at if build_done_at is not None else self.clock()
-                if task_stopped:
+                # After an instance kill the drain's end (the hook completed) is evidence too.
+                drain_open = (
+                    self.c.kill == "instance"
+                    and self.c.table is not None
+                    and (self.drain is None or self.drain.phase != "done")
+                )
+                if task_stopped and not drain_open:
                     self._final_status(name, agent, short, task_state)
                     return build
                 if self.clock() - build_done_at > stop_timeout + 2 * self.c.poll:
-                    self.notes.append(f"task {short} still {task_state} after the build ended")
+                    if not task_stopped:
+                        self.notes.append(f"task {short} still {task_state} after the build")
+                    if drain_open:
+                        self.notes.append(f"the drain of {instance_id} had not ended")
                     self._final_status(name, agent, short, task_state)
                     return build
             self._progress_wait(
@@ -613,15 +538,18 @@ class _GameDay:
             codes = [c.get("exitCode") for c in task.get("containers", [])]
             code = next((c for c in codes if c is not None), None)
             label = f"STOPPED exit {code}" if code is not None else "STOPPED"
+            # ECS's own stoppedAt, not when we happened to poll, places it on the timeline.
+            stopped_at = _epoch(task.get("stoppedAt")) or self.watch.wall()
             if self.watch.change(
                 "task",
                 short,
                 label,
+                stopped_at,
                 stop_code=task.get("stopCode"),
                 stopped_reason=task.get("stoppedReason"),
             ):
                 self.exit_code = int(code) if code is not None else None
-                self.stopped_at = _epoch(task.get("stoppedAt")) or self.watch.wall()
+                self.stopped_at = stopped_at
             return True
         self.watch.change("task", short, status)
         return False
@@ -659,7 +587,11 @@ class _GameDay:
             (record.draining_at, "instance", "DRAINING"),
             (record.forced_at, "controller", "forced"),
             (record.last_task_stopped_at, "controller", "last task stopped"),
-            (record.completed_at, "hook", f"completed {record.outcome or ''}".strip()),
+            (
+                record.completed_at,
+                "hook",
+                f"completed ({record.outcome or record.lifecycle_state})",
+            ),
         ]
         for at, kind, what in steps:
             if at is not None:

@@ -153,10 +153,13 @@ def timeline_svg(scenario: ScenarioReport) -> str:
     if not scenario.timeline:
         return ""
     lanes, deadlines = _lanes(scenario.timeline)
-    end = max(
-        [e.t for e in scenario.timeline] + [scenario.wall_seconds if scenario.wall_seconds else 0.0]
+    seen_until = max(
+        [e.t for e in scenario.timeline if e.kind != "deadline"] + [scenario.wall_seconds or 0.0]
     )
-    end = max(end, 1e-3) * 1.03
+    # A deadline far past everything that happened (a one-hour drain budget after a 4 s
+    # drain) would squash the drain into a sliver: such deadlines are pinned to the right edge.
+    near = [d.t for d in deadlines if d.t <= max(seen_until, 1e-3) * 1.5]
+    end = max([seen_until, *near, 1e-3]) * 1.03
     height = TOP + len(lanes) * LANE_H + BOTTOM
     width = LABEL_W + PLOT_W + RIGHT_PAD
 
@@ -173,11 +176,15 @@ def timeline_svg(scenario: ScenarioReport) -> str:
     axis_y = TOP + len(lanes) * LANE_H
     while tick <= end:
         tx = x(tick)
-        out.append(f'<line class="grid" x1="{tx:.1f}" y1="{TOP - 4}" x2="{tx:.1f}" y2="{axis_y}"/>')
+        out.append(
+            f'<line class="grid" x1="{tx:.1f}" y1="{TOP - 4}" x2="{tx:.1f}" y2="{axis_y}" '
+            'stroke="#eaeef2"/>'
+        )
         out.append(f'<text x="{tx:.1f}" y="{axis_y + 14}" text-anchor="middle">{tick:g}s</text>')
         tick += step
     out.append(
-        f'<line class="axis" x1="{LABEL_W}" y1="{axis_y}" x2="{LABEL_W + PLOT_W}" y2="{axis_y}"/>'
+        f'<line class="axis" x1="{LABEL_W}" y1="{axis_y}" x2="{LABEL_W + PLOT_W}" y2="{axis_y}" '
+        'stroke="#8c959f"/>'
     )
     for i, lane in enumerate(lanes):
         y = TOP + i * LANE_H
@@ -187,6 +194,8 @@ def timeline_svg(scenario: ScenarioReport) -> str:
             f'<text class="lane-label" x="{LABEL_W - 8}" y="{y + LANE_H / 2 + 4:.1f}" '
             f'text-anchor="end"><title>{_e(label)}</title>{_e(short)}</text>'
         )
+        # A hook state that is not its completion is a bar, not also a marker.
+        drawn = [m for m in lane.markers if not (m.kind == "hook" and not _is_completion(m.what))]
         for j, state in enumerate(lane.states):
             x0 = x(state.t)
             x1 = x(lane.states[j + 1].t) if j + 1 < len(lane.states) else x(end)
@@ -196,14 +205,14 @@ def timeline_svg(scenario: ScenarioReport) -> str:
                 f'<rect x="{x0:.1f}" y="{y + 4}" width="{w:.1f}" height="{LANE_H - 8}" rx="2" '
                 f'fill="{colour}" fill-opacity="0.85"><title>{_e(_tooltip(state))}</title></rect>'
             )
-            if w > 7 * min(len(state.what), 30) * 0.8:
+            # Leave room for a marker sitting at the bar's start (a hook completion, a signal).
+            pad = 11.0 if any(abs(x(m.t) - x0) < 9 for m in drawn) else 4.0
+            if w > pad + 4 + 6.2 * min(len(state.what), 30):
                 out.append(
-                    f'<text class="bar-label" x="{x0 + 4:.1f}" y="{y + LANE_H / 2 + 3.5:.1f}">'
-                    f"{_e(state.what[:30])}</text>"
+                    f'<text class="bar-label" x="{x0 + pad:.1f}" y="{y + LANE_H / 2 + 3.5:.1f}" '
+                    f'fill="#fff" font-size="10">{_e(state.what[:30])}</text>'
                 )
-        for marker in lane.markers:
-            if marker.kind == "hook" and not _is_completion(marker.what):
-                continue  # a hook state that is not its completion is already a bar
+        for marker in drawn:
             mx, my = x(marker.t), y + LANE_H / 2
             colour = MARKER_COLOURS.get(marker.kind, "#57606a")
             tip = f"<title>{_e(_tooltip(marker))}</title>"
@@ -222,8 +231,12 @@ def timeline_svg(scenario: ScenarioReport) -> str:
                 out.append(
                     f'<polygon points="{points}" fill="{colour}" stroke="#fff">{tip}</polygon>'
                 )
+                # Left of the marker, where the bar that the signal ends usually has room (a
+                # new state's label starts to its right); a white halo keeps it readable.
                 out.append(
-                    f'<text x="{mx + 8:.1f}" y="{my - 2:.1f}" fill="{colour}">'
+                    f'<text x="{mx - 8:.1f}" y="{my + 3.5:.1f}" text-anchor="end" '
+                    f'fill="{colour}" stroke="#fff" '
+                    f'stroke-width="3" paint-order="stroke" font-weight="600">'
                     f"{_e(marker.what[:16])}</text>"
                 )
             elif marker.kind == "fault":  # a fault: a red cross
@@ -238,15 +251,24 @@ def timeline_svg(scenario: ScenarioReport) -> str:
                     f'stroke="#fff">{tip}</circle>'
                 )
     for deadline in deadlines:
+        if deadline.t > end:
+            label = f"{deadline.what} ({deadline.subject}) at {deadline.t:.0f}s →"
+            out.append(
+                f'<text class="deadline-label" x="{LABEL_W + PLOT_W:.1f}" y="{TOP - 14}" '
+                f'fill="#cf222e" text-anchor="end"><title>{_e(_tooltip(deadline))}</title>'
+                f"{_e(label)}</text>"
+            )
+            continue
         dx = x(deadline.t)
         out.append(
-            f'<line class="deadline" x1="{dx:.1f}" y1="{TOP - 10}" x2="{dx:.1f}" y2="{axis_y}">'
+            f'<line class="deadline" x1="{dx:.1f}" y1="{TOP - 10}" x2="{dx:.1f}" y2="{axis_y}" '
+            'stroke="#cf222e" stroke-width="2" stroke-dasharray="6 3">'
             f"<title>{_e(_tooltip(deadline))}</title></line>"
         )
         anchor = "end" if dx > LABEL_W + PLOT_W * 0.7 else "start"
         offset = -4 if anchor == "end" else 4
         out.append(
-            f'<text class="deadline-label" x="{dx + offset:.1f}" y="{TOP - 14}" '
+            f'<text class="deadline-label" x="{dx + offset:.1f}" y="{TOP - 14}" fill="#cf222e" '
             f'text-anchor="{anchor}">{_e(deadline.what)} ({_e(deadline.subject)})</text>'
         )
     out.append("</svg>")

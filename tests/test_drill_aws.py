@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +17,9 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from drill.aws_endpoints import EcsAgentStandIn
-from drill.aws_game_day import (
-    ApiToken,
-    BuildkiteRest,
-    GameDayConfig,
-    GameDayError,
-    run_game_day,
-)
+from drill.aws_game_day import GameDayConfig, GameDayError, run_game_day
 from drill.aws_support import AwsGaps
+from drill.buildkite_rest import ApiToken, BuildkiteRest
 from drill.cli import main
 from drill.coordinator import Coordinator, CoordinatorServer, RetryRule
 from drill.coordinator.builds import PipelineStep
@@ -386,3 +382,209 @@ def test_builds_api_shows_attempts_and_state(fleet: Fleet) -> None:
         assert rest.create_build("game-day", commit="abc", branch="main", message="")["number"] == 2
     finally:
         rest.close()
+
+
+# ------------------------------------------------------------------ --kill instance
+
+
+ASG = "ci-agents"
+HOOK = "fleetdrain-terminating"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class LambdaPump:
+    """The controller as Lambda would run it: each event AWS emitted (the gap fillers' list)
+    goes to the handler whose template.yaml rule matches it; due drain ticks go to the drain
+    monitor as SQS batches. Runs in its own thread, as the Lambda service would."""
+
+    def __init__(self, fleet: Fleet, secret_arn: str) -> None:
+        from drill.aws_support import event_rules, load_template
+        from lambdas import drain_monitor, lifecycle_hook, runtime, spot_interruption
+        from lambdas.drain.config import Settings
+        from lambdas.drain.coordinator import CoordinatorClient, SecretToken
+        from lambdas.drain.core import DrainController
+        from lambdas.drain.ecs_fleet import EcsFleet
+        from lambdas.drain.lifecycle import LifecycleActions
+        from lambdas.drain.state import DynamoDrainStore
+
+        self.fleet = fleet
+        self.runtime = runtime
+        self.handlers = {
+            "LifecycleHookFunction": lifecycle_hook.handler,
+            "SpotInterruptionFunction": spot_interruption.handler,
+            "DrainMonitorFunction": drain_monitor.handler,
+        }
+        self.monitor = drain_monitor.handler
+        self.rules = event_rules(
+            load_template(ROOT / "template.yaml"),
+            {
+                "ClusterName": CLUSTER,
+                "AutoScalingGroupName": ASG,
+                "LifecycleHookName": HOOK,
+                "CoordinatorOrg": "acme",
+                "CoordinatorTokenSecretArn": secret_arn,
+            },
+        )
+        session = boto3.session.Session(region_name=REGION)
+        settings = Settings(
+            cluster=CLUSTER,
+            table_name="drains",
+            queue_url="unused",
+            coordinator_url=fleet.server.url,
+            coordinator_org="acme",
+            coordinator_token_secret_arn=secret_arn,
+            heartbeat_interval=1.0,
+            tick_interval=1.0,
+        )
+        token = SecretToken(session.client("secretsmanager"), secret_arn)
+        self.ticks: list[tuple[float, str]] = []
+        self.errors: list[BaseException] = []
+        ctl = DrainController(
+            settings,
+            DynamoDrainStore(session.client("dynamodb"), "drains", time.time, 3600),
+            EcsFleet(session.client("ecs"), CLUSTER, time.time),
+            CoordinatorClient(fleet.server.url, "acme", token.get, token.invalidate, timeout=2.0),
+            LifecycleActions(session.client("autoscaling")),
+            self,
+            clock=time.time,
+        )
+        runtime.set_controller(ctl)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def schedule(self, instance_id: str, drain_id: str, tick_id: str, delay: int) -> None:
+        from lambdas.drain.ticks import tick_body
+
+        self.ticks.append((time.time() + delay, tick_body(instance_id, drain_id, tick_id)))
+
+    def _run(self) -> None:
+        import uuid
+
+        cursor = 0
+        while not self._stop.is_set():
+            try:
+                while cursor < len(self.fleet.gaps.events):
+                    event = self.fleet.gaps.events[cursor]
+                    cursor += 1
+                    for rule in self.rules:
+                        if rule.matches(event):
+                            self.handlers[rule.function](event, _Ctx())
+                now = time.time()
+                due = [body for at, body in self.ticks if at <= now]
+                self.ticks = [(at, body) for at, body in self.ticks if at > now]
+                if due:
+                    records = [
+                        {"messageId": str(uuid.uuid4()), "body": body, "attributes": {}}
+                        for body in due
+                    ]
+                    self.monitor({"Records": records}, _Ctx())
+            except BaseException as exc:  # surfaced by the test, not swallowed
+                self.errors.append(exc)
+                return
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> LambdaPump:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.runtime.set_controller(None)
+
+
+@dataclass
+class _Ctx:
+    function_name: str = "fleetdrain-fn"
+    memory_limit_in_mb: int = 256
+    invoked_function_arn: str = f"arn:aws:lambda:{REGION}:123456789012:function:fleetdrain-fn"
+    aws_request_id: str = "req-1"
+
+
+def test_kill_instance_drains_through_the_controller_and_shows_the_drain_table(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moto.autoscaling.models import AutoScalingBackend, TerminateInstanceActivity
+
+    endpoint = fleet.endpoint
+    asg = boto3.client("autoscaling", region_name=REGION, endpoint_url=endpoint)
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint)
+    ecs = fleet.ecs
+    ec2.create_launch_template(
+        LaunchTemplateName="ci-agents", LaunchTemplateData={"ImageId": "ami-12c6146b"}
+    )
+    asg.create_auto_scaling_group(
+        AutoScalingGroupName=ASG,
+        LaunchTemplate={"LaunchTemplateName": "ci-agents", "Version": "$Latest"},
+        MinSize=0,
+        MaxSize=2,
+        DesiredCapacity=1,
+        AvailabilityZones=[f"{REGION}a"],
+    )
+    asg.put_lifecycle_hook(
+        LifecycleHookName=HOOK,
+        AutoScalingGroupName=ASG,
+        LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
+        HeartbeatTimeout=300,
+        DefaultResult="CONTINUE",
+    )
+    group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[ASG])["AutoScalingGroups"][0]
+    fleet.instance_id = group["Instances"][0]["InstanceId"]
+    ci = ecs.register_container_instance(  # type: ignore[attr-defined]
+        cluster=CLUSTER, instanceIdentityDocument=json.dumps({"instanceId": fleet.instance_id})
+    )
+    fleet.ci_arn = ci["containerInstance"]["containerInstanceArn"]
+    boto3.client("dynamodb", region_name=REGION, endpoint_url=endpoint).create_table(
+        TableName="drains",
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    sm = boto3.client("secretsmanager", region_name=REGION, endpoint_url=endpoint)
+    secret_arn = sm.create_secret(Name="coordinator", SecretString=TOKEN)["ARN"]
+
+    # A gap filler for this test: moto terminates at once and knows no lifecycle hooks. AWS
+    # puts an instance whose group has a termination hook in Terminating:Wait and emits the
+    # lifecycle event: that is what begin_termination does.
+    def terminate(self: AutoScalingBackend, instance_id: str, should_decrement: bool):
+        state = next(
+            s
+            for g in self.autoscaling_groups.values()
+            for s in g.instance_states
+            if s.instance.id == instance_id
+        )
+        activity = TerminateInstanceActivity(
+            state.instance, state.instance.autoscaling_group.desired_capacity
+        )
+        fleet.gaps.begin_termination(instance_id)
+        return activity
+
+    monkeypatch.setattr(AutoScalingBackend, "terminate_instance", terminate)
+    task_arn = fleet.start_agent_task("agent-1")
+    with LambdaPump(fleet, secret_arn) as pump:
+        report = run_game_day(config(fleet, kill="instance", table="drains", timeout=60.0))
+    assert not pump.errors, pump.errors
+    (s,) = report.scenarios
+    assert s.name == "aws-terminate-instance"
+    assert s.ok, (s.notes, fleet.logs())
+    assert (s.jobs_run, s.passed, s.retried, s.lost) == (1, 1, 0, 0)
+    what = [(e.kind, e.what) for e in s.timeline]
+    # The drain as the table recorded it: started by the hook, soft first (the job finished
+    # on its agent), then DRAINING, the task stopped, the hook completed.
+    assert ("instance", "terminate requested") in what
+    assert ("controller", "drain started: scale_in") in what
+    assert ("instance", "DRAINING") in what
+    assert ("hook", "completed (drained)") in what
+    t = {e.what: e.t for e in s.timeline}
+    # The soft drain let the job finish on its agent; only then DRAINING stopped the idle
+    # task, and the hook was completed right after the task stopped.
+    assert t["terminate requested"] < t["drain started: scale_in"] < t["passed exit 0"]
+    # (moto sets no stoppedAt, so STOPPED is placed when the game day saw it, a poll late.)
+    assert t["passed exit 0"] < t["DRAINING"] <= t["STOPPED exit 0"]
+    assert t["DRAINING"] < t["completed (drained)"]
+    # The soft drain's pause, as the coordinator's REST API showed the agent.
+    assert any(k == "agent" and "paused" in w for k, w in what)
+    assert s.hook_completion_latency_seconds is not None
+    assert 0 <= s.hook_completion_latency_seconds < 3
+    assert fleet.gaps.actions[fleet.instance_id].result == "CONTINUE"
+    assert fleet.gaps.exits[task_arn].exit_code == 0

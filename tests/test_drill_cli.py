@@ -48,8 +48,8 @@ def test_drill_reports_no_lost_builds(tmp_path: Path) -> None:
     assert [s.name for s in report.scenarios] == ["stop-task"]
     stop = report.scenarios[0]
     assert stop.kind == "after" and stop.ok
-    assert (stop.passed, stop.lost) == (1, 0)
-    assert stop.jobs_run >= 1
+    assert stop.passed >= 1 and stop.lost == 0
+    assert stop.jobs_run >= stop.passed
     assert stop.longest_drain_seconds is not None and stop.longest_drain_seconds < 30
     assert stop.max_heartbeat_gap_intervals is not None
     assert stop.max_heartbeat_gap_intervals < 1.5

@@ -257,3 +257,15 @@ def test_state_colours_mark_losses_red_and_passes_green() -> None:
     assert state_colour("lost") == state_colour("STOPPED exit 137") == "#cf222e"
     assert state_colour("finished exit 0") == "#1a7f37"
     assert state_colour("draining") != state_colour("running")
+
+
+def test_a_deadline_far_beyond_the_drain_is_pinned_to_the_edge_not_the_scale() -> None:
+    s = scale_in()
+    s.timeline.append(ev(3600.0, "deadline", "i-0abc", "force at"))
+    svg = timeline_svg(s)
+    # The axis still ends near the last event, so the drain stays readable...
+    ticks = [float(t[:-1]) for t in parse(svg).text if re.fullmatch(r"[\d.]+s", t)]
+    assert max(ticks) < 20
+    # ...and the far deadline is named at the right edge with its time, not drawn as a line.
+    assert "force at (i-0abc) at 3600s →" in svg
+    assert len(re.findall(r'class="deadline"', svg)) == 1  # only the 9 s SIGKILL deadline
