@@ -5,7 +5,7 @@ Options that mean the same thing to the wrapped Go agent read its ``BUILDKITE_*`
 health address does not: ``BUILDKITE_AGENT_HEALTH_CHECK_ADDR`` is the wrapped agent's own
 server, which ours must not collide with.
 
-Plain dataclasses, not pydantic: the wrapper stays small (see :mod:`agent.busy`).
+Plain dataclasses, not pydantic: the wrapper stays small (see :mod:`agent.minihttp`).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ Figures, per wrapper:
 
 Two ``wrap`` columns: bare (as the others: no options), and ``wrap+`` with everything on:
 ``--busy-probe``, task protection and ``--watch-imds`` against the drill's ECS agent and IMDS
-stand-ins, served from this process (which loads httpx and pydantic into the wrapper).
+stand-ins, served from this process (the wrapper then talks HTTP with agent/minihttp.py).
 """
 
 from __future__ import annotations

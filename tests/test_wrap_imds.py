@@ -7,6 +7,7 @@ ECS stops the task.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -126,3 +127,58 @@ def test_a_stop_signal_after_a_soft_drain_ends_the_hold_and_starts_the_clock(wra
         # One graceful signal only: a second SIGTERM means "force" to the Go agent.
         assert [e for e, _ in w.events()].count("got TERM") == 1
         assert not w.has_event("got QUIT")
+
+
+def test_wrap_with_every_option_loads_no_http_or_validation_library(tmp_path: Path):
+    """wrap's memory budget (30 MB) holds because ECS, IMDS and the busy probe go through
+    agent/minihttp.py and agent/wire.py: httpx and pydantic (~17 MB) must never be imported,
+    not even lazily once the worker runs."""
+    import subprocess
+    import sys
+
+    imds = ImdsStandIn(life_cycle="spot")
+    ecs = EcsAgentStandIn()
+    ecs.add_task("task-1")
+    with imds.serve(), ecs.serve():
+        env = {**os.environ, **ecs.env_for("task-1"), **_imds_env(imds)}
+        probe = env["ECS_CONTAINER_METADATA_URI_V4"] + "/task"  # 200, not JSON status: busy
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-X",
+                "importtime",
+                "-m",
+                "agent.cli",
+                "wrap",
+                "--task-protection",
+                "--watch-imds",
+                "--imds-poll-interval",
+                POLL,
+                "--busy-probe",
+                probe,
+                "--busy-interval",
+                "0.1",
+                "--health-check-addr",
+                "127.0.0.1:0",
+                "--",
+                "sleep",
+                "1.5",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        # Every feature really ran: protection went on (busy probe), IMDS was asked.
+        assert any(p.enabled for p in ecs.puts("task-1")), done.stderr[-3000:]
+        assert imds.token_puts() >= 1
+    imported = {
+        line.split("|")[-1].strip().split(".")[0]
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "agent" in imported  # importtime output was read
+    heavy = imported & {"httpx", "httpcore", "anyio", "pydantic", "pydantic_core", "certifi"}
+    assert not heavy, f"wrap imported {sorted(heavy)}"
