@@ -432,3 +432,28 @@ def test_third_signal_leaves_no_job_process_behind_when_not_pid1(make_fleet):
     while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert all(_gone(p) for p in pids), "the job's processes outlived the agent"
+
+
+def test_a_deadline_shorter_than_the_signal_grace_cuts_the_grace_not_the_report(make_fleet):
+    """stop-timeout 4 s but a 9 s signal grace: waiting the whole grace for a job that ignores
+    the cancel signal would run into the last resort and leave the job unreported."""
+    fleet = make_fleet()
+    stop_timeout = 4.0
+    proc, name, _ = fleet.agent(
+        "--stop-timeout", str(stop_timeout), "--cancel-grace-period", "10", "--drain-margin", "1"
+    )
+    fleet.agent_id(name)
+    job = fleet.coord.add_job("trap '' TERM; echo started; sleep 60", retry=RETRY)
+    fleet.wait_job_state(job.id, ("running",))
+    assert fleet.coord.wait_for(lambda c: b"started" in c.job(job.id).log, 5)
+    sigterm_at = time.monotonic()
+    proc.send(signal.SIGTERM)
+    code = proc.wait(timeout=stop_timeout + 5)
+    exited_after = time.monotonic() - sigterm_at
+
+    assert code == 0, proc.output()
+    assert exited_after < stop_timeout - 0.5, exited_after
+    done = fleet.coord.job(job.id)
+    assert (done.signal_reason, done.signal, done.exit_status) == ("agent_stop", "SIGKILL", "137")
+    assert done.retried
+    assert "signal grace cut" in proc.output()

@@ -132,16 +132,33 @@ class JobRunner:
             self._streamer.write_nowait(
                 f"\n[fleetdrain-agent] cancelling job ({self.cancel_reason}{note})\n".encode()
             )
+        grace = self._signal_grace()
         try:
-            await asyncio.wait_for(asyncio.shield(self._exited), self.settings.signal_grace_period)
+            await asyncio.wait_for(asyncio.shield(self._exited), grace)
         except TimeoutError:
             log.warning(
-                "job %s still running %.1fs after %s: SIGKILL",
-                self.job.id,
-                self.settings.signal_grace_period,
-                sig.name,
+                "job %s still running %.1fs after %s: SIGKILL", self.job.id, grace, sig.name
             )
             signal_group(self.pgid, signal.SIGKILL)
+
+    def _signal_grace(self) -> float:
+        """The signal grace period, cut short when the deadline leaves less: the rest of the
+        log and the finish must still go out before it (a spot notice, or a stop timeout
+        shorter than the cancel grace period, can leave less than the grace)."""
+        grace = self.settings.signal_grace_period
+        left = self._time_left()
+        if left is None:
+            return grace
+        room = left - (PIPE_DRAIN_SECONDS + FINISH_RESERVE + EXIT_RESERVE)
+        if room < grace:
+            log.warning(
+                "job %s: %.1fs before the deadline: signal grace cut from %.1fs to %.1fs",
+                self.job.id,
+                left,
+                grace,
+                max(room, 0.0),
+            )
+        return max(0.0, min(grace, room))
 
     # -- running -----------------------------------------------------------------------------
 
