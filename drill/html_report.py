@@ -27,7 +27,8 @@ LABEL_W = 230
 PLOT_W = 860
 RIGHT_PAD = 20
 LANE_H = 24
-TOP = 34
+DEADLINE_ROWS = 3
+TOP = 22 + 12 * DEADLINE_ROWS
 BOTTOM = 30
 
 CSS = """
@@ -112,30 +113,46 @@ class _Lane:
 
 
 def _lanes(events: list[TimelineEvent]) -> tuple[list[_Lane], list[TimelineEvent]]:
-    """Lanes in display order and the deadline events (drawn across every lane)."""
-    by_subject: dict[str, _Lane] = {}
+    """Lanes in display order and the deadline events (drawn across every lane).
+
+    A lane is one (kind, subject): an agent and its task may share a name and still get a lane
+    each. States become bars; a signal or fault is drawn on the lane of the task (else agent,
+    else whatever state lane) it names; hook events are markers on the hook's own lane (its
+    heartbeats and its completion are moments, not states); controller actions and notes get
+    lanes of their own.
+    """
+    ordered = sorted(events, key=lambda e: e.t)
+    lanes: dict[tuple[str, str], _Lane] = {}
     deadlines: list[TimelineEvent] = []
-    for event in sorted(events, key=lambda e: e.t):
+    for event in ordered:
+        if event.kind in STATE_KINDS:
+            state_lane = lanes.setdefault(
+                (event.kind, event.subject), _Lane(event.kind, event.subject)
+            )
+            if event.kind == "hook":
+                state_lane.markers.append(event)
+            else:
+                state_lane.states.append(event)
+    for event in ordered:
         if event.kind == "deadline":
             deadlines.append(event)
-            continue
-        lane = by_subject.get(event.subject)
-        if lane is None:
-            lane = by_subject[event.subject] = _Lane(event.kind, event.subject)
-        elif lane.kind not in STATE_KINDS and event.kind in STATE_KINDS:
-            # A subject first seen through a signal is still, above all, a task or agent.
-            lane.kind = event.kind
-        if event.kind in STATE_KINDS:
-            lane.states.append(event)
-            if event.kind == "hook":
-                lane.markers.append(event)
-        else:
+        elif event.kind not in STATE_KINDS:
+            lane: _Lane | None = None
+            if event.kind in ("signal", "fault"):
+                for kind in ("task", "agent", "instance", "job"):
+                    lane = lanes.get((kind, event.subject))
+                    if lane is not None:
+                        break
+            if lane is None:
+                key = (event.kind, event.subject)
+                lane = lanes.setdefault(key, _Lane(event.kind, event.subject))
             lane.markers.append(event)
 
     def order(lane: _Lane) -> int:
+        # Stable sort: within a kind, lanes keep the order their subject first appeared in.
         return LANE_ORDER.index(lane.kind) if lane.kind in LANE_ORDER else len(LANE_ORDER)
 
-    return sorted(by_subject.values(), key=order), deadlines
+    return sorted(lanes.values(), key=order), deadlines
 
 
 def _tick_step(span: float) -> float:
@@ -153,26 +170,31 @@ def timeline_svg(scenario: ScenarioReport) -> str:
     if not scenario.timeline:
         return ""
     lanes, deadlines = _lanes(scenario.timeline)
-    seen_until = max(
-        [e.t for e in scenario.timeline if e.kind != "deadline"] + [scenario.wall_seconds or 0.0]
-    )
+    happened = [e.t for e in scenario.timeline if e.kind != "deadline"] or [0.0]
+    seen_until = max([*happened, scenario.wall_seconds or 0.0])
     # A deadline far past everything that happened (a one-hour drain budget after a 4 s
     # drain) would squash the drain into a sliver: such deadlines are pinned to the right edge.
     near = [d.t for d in deadlines if d.t <= max(seen_until, 1e-3) * 1.5]
-    end = max([seen_until, *near, 1e-3]) * 1.03
+    last = max([seen_until, *near, 1e-3])
+    # The axis starts at the first tick before the first event: a fleet that took 30 s to set
+    # up would otherwise leave the left third of every lane empty.
+    first = max(0.0, min(happened))
+    step = _tick_step(max(last - first, 1e-3))
+    start = math.floor(first / step) * step if first > 2 * step else 0.0
+    end = start + (last - start) * 1.03
     height = TOP + len(lanes) * LANE_H + BOTTOM
     width = LABEL_W + PLOT_W + RIGHT_PAD
 
     def x(t: float) -> float:
-        return LABEL_W + max(0.0, min(t, end)) / end * PLOT_W
+        return LABEL_W + (max(start, min(t, end)) - start) / (end - start) * PLOT_W
 
     out = [
         f'<svg class="timeline" xmlns="http://www.w3.org/2000/svg" width="{width}" '
         f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
         f'aria-label="timeline of {_e(scenario.name)}">'
     ]
-    step = _tick_step(end)
-    tick = 0.0
+    step = _tick_step(end - start)
+    tick = start
     axis_y = TOP + len(lanes) * LANE_H
     while tick <= end:
         tx = x(tick)
@@ -189,13 +211,12 @@ def timeline_svg(scenario: ScenarioReport) -> str:
     for i, lane in enumerate(lanes):
         y = TOP + i * LANE_H
         label = f"{lane.kind}: {lane.subject}"
-        short = label if len(label) <= 34 else label[:15] + "…" + label[-18:]
+        short = label if len(label) <= 30 else label[:13] + "…" + label[-16:]
         out.append(
             f'<text class="lane-label" x="{LABEL_W - 8}" y="{y + LANE_H / 2 + 4:.1f}" '
             f'text-anchor="end"><title>{_e(label)}</title>{_e(short)}</text>'
         )
-        # A hook state that is not its completion is a bar, not also a marker.
-        drawn = [m for m in lane.markers if not (m.kind == "hook" and not _is_completion(m.what))]
+        drawn = lane.markers
         for j, state in enumerate(lane.states):
             x0 = x(state.t)
             x1 = x(lane.states[j + 1].t) if j + 1 < len(lane.states) else x(end)
@@ -216,7 +237,7 @@ def timeline_svg(scenario: ScenarioReport) -> str:
             mx, my = x(marker.t), y + LANE_H / 2
             colour = MARKER_COLOURS.get(marker.kind, "#57606a")
             tip = f"<title>{_e(_tooltip(marker))}</title>"
-            if marker.kind == "hook":  # the hook's completion: a diamond
+            if marker.kind == "hook" and _is_completion(marker.what):  # a diamond
                 points = (
                     f"{mx:.1f},{my - 8:.1f} {mx + 8:.1f},{my:.1f} {mx:.1f},{my + 8:.1f} "
                     f"{mx - 8:.1f},{my:.1f}"
@@ -250,26 +271,57 @@ def timeline_svg(scenario: ScenarioReport) -> str:
                     f'<circle cx="{mx:.1f}" cy="{my:.1f}" r="4.5" fill="{colour}" '
                     f'stroke="#fff">{tip}</circle>'
                 )
-    for deadline in deadlines:
-        if deadline.t > end:
-            label = f"{deadline.what} ({deadline.subject}) at {deadline.t:.0f}s →"
+    # Deadlines of the same kind that fall together (every task on an instance gets its
+    # SIGKILL at the same moment) are one line naming them all; labels alternate between two
+    # rows so that neighbouring deadlines stay legible.
+    groups: list[list[TimelineEvent]] = []
+    for deadline in sorted(deadlines, key=lambda d: d.t):
+        last_group = groups[-1] if groups else None
+        if (
+            last_group is not None
+            and last_group[0].what == deadline.what
+            and abs(x(deadline.t) - x(last_group[0].t)) < 3
+        ):
+            last_group.append(deadline)
+        else:
+            groups.append([deadline])
+    rows: list[list[tuple[float, float]]] = [[] for _ in range(DEADLINE_ROWS)]
+    for group in groups:
+        first_d = group[0]
+        subjects = ", ".join(dict.fromkeys(d.subject for d in group))
+        tip = "\n".join(_tooltip(d) for d in group)
+        if first_d.t > end:
+            label = f"{first_d.what} ({subjects}) at {first_d.t:.0f}s →"
             out.append(
                 f'<text class="deadline-label" x="{LABEL_W + PLOT_W:.1f}" y="{TOP - 14}" '
-                f'fill="#cf222e" text-anchor="end"><title>{_e(_tooltip(deadline))}</title>'
-                f"{_e(label)}</text>"
+                f'fill="#cf222e" text-anchor="end"><title>{_e(tip)}</title>{_e(label)}</text>'
             )
             continue
-        dx = x(deadline.t)
-        out.append(
-            f'<line class="deadline" x1="{dx:.1f}" y1="{TOP - 10}" x2="{dx:.1f}" y2="{axis_y}" '
-            'stroke="#cf222e" stroke-width="2" stroke-dasharray="6 3">'
-            f"<title>{_e(_tooltip(deadline))}</title></line>"
-        )
+        dx = x(first_d.t)
+        text = f"{first_d.what} ({subjects})"
         anchor = "end" if dx > LABEL_W + PLOT_W * 0.7 else "start"
+        label_w = 6.2 * len(text) + 8
+        span = (dx - label_w, dx) if anchor == "end" else (dx, dx + label_w)
+        # The first label row where this label overlaps no other (the last row if none is free).
+        row = next(
+            (
+                i
+                for i, taken in enumerate(rows)
+                if all(span[1] < a or span[0] > b for a, b in taken)
+            ),
+            DEADLINE_ROWS - 1,
+        )
+        rows[row].append(span)
+        label_y = TOP - 14 - 12 * row
+        out.append(
+            f'<line class="deadline" x1="{dx:.1f}" y1="{label_y + 4}" x2="{dx:.1f}" '
+            f'y2="{axis_y}" stroke="#cf222e" stroke-width="2" stroke-dasharray="6 3">'
+            f"<title>{_e(tip)}</title></line>"
+        )
         offset = -4 if anchor == "end" else 4
         out.append(
-            f'<text class="deadline-label" x="{dx + offset:.1f}" y="{TOP - 14}" fill="#cf222e" '
-            f'text-anchor="{anchor}">{_e(deadline.what)} ({_e(deadline.subject)})</text>'
+            f'<text class="deadline-label" x="{dx + offset:.1f}" y="{label_y}" fill="#cf222e" '
+            f'text-anchor="{anchor}">{_e(text)}</text>'
         )
     out.append("</svg>")
     return "".join(out)

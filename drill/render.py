@@ -28,11 +28,17 @@ PIPED_WIDTH = 120
 
 #: What the less obvious columns mean (printed under the table).
 LEGEND = (
-    "  longest drain: the longest time an agent took from its stop signal (or the drain's start)"
-    " to its exit",
+    "  longest drain: the longest drain, from its start (stop signal, lifecycle event, spot"
+    " notice) to its end",
     "  hook latency: the last agent task stopped -> CompleteLifecycleAction",
     "  max hb gap: longest time without a heartbeat, in heartbeat intervals (1.0x = on time)",
 )
+#: The clock the seconds are on, per mode.
+UNITS = {
+    "local": "  seconds are drill seconds, AWS's clock (stopTimeout 120 s, spot notice 120 s),"
+    " whatever --time-scale",
+    "aws": "  seconds are wall-clock seconds",
+}
 
 
 def make_console(file: IO[str] | None = None, *, force_terminal: bool | None = None) -> Console:
@@ -66,7 +72,7 @@ def report_table(report: DrillReport) -> Table:
     """The per-scenario table: jobs, passed, retried, lost, drain, hook latency, heartbeat gap."""
     title = "fleetdrain drill" + (" --aws" if report.mode == "aws" else "")
     table = Table(title=title, title_justify="left")
-    numeric = {"jobs", "passed", "retried", "lost", "longest drain s", "hook latency s"}
+    # Two-line headers keep the table inside 120 columns (a CI log) without wrapping a row.
     for column in (
         "scenario",
         "kind",
@@ -74,15 +80,15 @@ def report_table(report: DrillReport) -> Table:
         "passed",
         "retried",
         "lost",
-        "longest drain s",
-        "hook latency s",
-        "max hb gap",
+        "longest\ndrain s",
+        "hook\nlatency s",
+        "max hb\ngap",
         "verdict",
     ):
         table.add_column(
             column,
-            justify="right" if column in numeric or column == "max hb gap" else "left",
-            no_wrap=column != "verdict",
+            justify="left" if column in ("scenario", "kind", "verdict") else "right",
+            no_wrap=True,
         )
     for s in report.scenarios:
         # A loss in a "before" case is the expected finding: show it, but not as an alarm.
@@ -116,7 +122,7 @@ def print_report(console: Console, report: DrillReport, *, extra: Iterable[str] 
         console.print(Text.assemble("  ", (s.name, "bold"), f" ({s.kind}): {s.description}"))
         for note in s.notes:
             console.print(f"      note: {note}")
-    for line in LEGEND:
+    for line in (*LEGEND, UNITS[report.mode]):
         console.print(line)
     for line in extra:
         console.print(line)

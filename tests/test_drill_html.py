@@ -89,7 +89,7 @@ def test_table_shows_every_column_and_the_verdicts() -> None:
     print_report(console, report(scale_in(), shell_pid1(), failed_after))
     out = buf.getvalue()
     assert "\x1b[" not in out  # piped: no colour or cursor escapes
-    for header in ("jobs", "passed", "retried", "lost", "longest drain s", "hook latency s"):
+    for header in ("jobs", "passed", "retried", "lost", "longest", "drain s", "latency s"):
         assert header in out
     row = next(line for line in out.splitlines() if "scale-in" in line and "after" in line)
     assert re.search(
@@ -103,6 +103,8 @@ def test_table_shows_every_column_and_the_verdicts() -> None:
     assert "1/1 before case(s) showed their loss" in out
     assert out.rstrip().endswith("FAILED")
     assert max(len(line) for line in out.splitlines()) <= PIPED_WIDTH
+    # Every verdict on one line: nothing in a row wrapped in 120 columns.
+    assert sum(1 for line in out.splitlines() if "loss shown" in line) == 1
 
 
 def test_summary_is_ok_when_every_scenario_is() -> None:
@@ -208,9 +210,9 @@ def test_timeline_has_a_lane_per_subject_bars_markers_and_the_deadline() -> None
         "job: job-1",
     ]
     assert "controller: controller" in doc.text and "fault: coordinator" in doc.text
-    # A bar per state: instance 2, hook 2, task 2, agent 2, job 2.
+    # A bar per state: instance 2, task 2, agent 2, job 2 (hook events are moments: markers).
     rects = [a for t, a in doc.tags if t == "rect"]
-    assert len(rects) == 10
+    assert len(rects) == 8
     # The job's "running" bar spans from 0.1 s to its finish at 13.0 s.
     running = re.search(
         r'<rect x="([\d.]+)" y="[\d.]+" width="([\d.]+)"[^>]*><title>t=0\.10s job', svg
@@ -225,8 +227,10 @@ def test_timeline_has_a_lane_per_subject_bars_markers_and_the_deadline() -> None
     assert len(lines) == 1 and lines[0]["x1"] == lines[0]["x2"]
     assert abs(float(lines[0]["x1"] or 0) - (230 + 9.0 / end * 860)) < 0.2
     assert "SIGKILL deadline (task-1)" in doc.text
-    # Markers: SIGTERM (triangle), the hook's completion (diamond), the fault (cross).
+    # Markers: SIGTERM (triangle), the hook's completion (diamond), the fault (cross), and
+    # circles for the controller's action and the hook's wait.
     assert sum(1 for t, _ in doc.tags if t == "polygon") == 2
+    assert sum(1 for t, _ in doc.tags if t == "circle") == 2
     assert sum(1 for t, _ in doc.tags if t == "path") == 1
     assert "SIGTERM" in doc.text
 
@@ -269,3 +273,26 @@ def test_a_deadline_far_beyond_the_drain_is_pinned_to_the_edge_not_the_scale() -
     # ...and the far deadline is named at the right edge with its time, not drawn as a line.
     assert "force at (i-0abc) at 3600s →" in svg
     assert len(re.findall(r'class="deadline"', svg)) == 1  # only the 9 s SIGKILL deadline
+
+
+def test_an_agent_and_its_task_of_the_same_name_get_a_lane_each() -> None:
+    s = ScenarioReport(
+        name="stop-task",
+        description="d",
+        timeline=[
+            ev(30.0, "task", "a1", "RUNNING"),
+            ev(30.5, "agent", "a1", "connected"),
+            ev(40.0, "signal", "a1", "SIGTERM"),
+            ev(40.1, "agent", "a1", "draining"),
+            ev(44.0, "task", "a1", "STOPPED"),
+        ],
+    )
+    svg = timeline_svg(s)
+    text = parse(svg).text
+    assert "task: a1" in text and "agent: a1" in text
+    # The SIGTERM is drawn on the task's lane (the second lane from the top is the agent's).
+    sig = re.search(r'<polygon points="[\d.]+,([\d.]+) ', svg)
+    assert sig is not None and float(sig[1]) < 58 + 24
+    # Nothing happened before 30 s: the axis starts near the first event, not at 0.
+    ticks = [float(t[:-1]) for t in text if re.fullmatch(r"[\d.]+s", t)]
+    assert min(ticks) >= 25 and max(ticks) >= 44
