@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO
 
+from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.spinner import Spinner
@@ -68,12 +69,27 @@ def _verdict(s: ScenarioReport) -> Text:
     return Text(s.verdict, style=style)
 
 
-def report_table(report: DrillReport) -> Table:
-    """The per-scenario table: jobs, passed, retried, lost, drain, hook latency, heartbeat gap."""
+#: Below this many columns the table drops its box lines and the ``kind`` column (a
+#: "before" case still reads "loss shown") rather than truncate a number.
+COMPACT_BELOW = 110
+
+
+def report_table(report: DrillReport, width: int = PIPED_WIDTH) -> Table:
+    """The per-scenario table: jobs, passed, retried, lost, drain, hook latency, heartbeat gap.
+
+    ``width`` is the console's: two-line headers keep it inside 120 columns (a CI log), and
+    under :data:`COMPACT_BELOW` it goes compact so that an 80-column terminal truncates nothing.
+    """
+    compact = width < COMPACT_BELOW
     title = "fleetdrain drill" + (" --aws" if report.mode == "aws" else "")
-    table = Table(title=title, title_justify="left")
-    # Two-line headers keep the table inside 120 columns (a CI log) without wrapping a row.
-    for column in (
+    table = Table(
+        title=title,
+        title_justify="left",
+        box=None if compact else box.HEAVY_HEAD,
+        pad_edge=not compact,
+        padding=(0, 1, 0, 0) if compact else (0, 1),
+    )
+    columns = [
         "scenario",
         "kind",
         "jobs",
@@ -84,7 +100,10 @@ def report_table(report: DrillReport) -> Table:
         "hook\nlatency s",
         "max hb\ngap",
         "verdict",
-    ):
+    ]
+    if compact:
+        columns.remove("kind")
+    for column in columns:
         table.add_column(
             column,
             justify="left" if column in ("scenario", "kind", "verdict") else "right",
@@ -93,7 +112,7 @@ def report_table(report: DrillReport) -> Table:
     for s in report.scenarios:
         # A loss in a "before" case is the expected finding: show it, but not as an alarm.
         lost_style = "red" if s.lost and s.kind == "after" else "yellow" if s.lost else ""
-        table.add_row(
+        cells: list[str | Text] = [
             s.name,
             s.kind,
             str(s.jobs_run),
@@ -104,7 +123,10 @@ def report_table(report: DrillReport) -> Table:
             _seconds(s.hook_completion_latency_seconds),
             _gap(s.max_heartbeat_gap_intervals),
             _verdict(s),
-        )
+        ]
+        if compact:
+            del cells[1]
+        table.add_row(*cells)
     return table
 
 
@@ -117,7 +139,7 @@ def print_report(console: Console, report: DrillReport, *, extra: Iterable[str] 
                 style="yellow",
             )
         )
-    console.print(report_table(report))
+    console.print(report_table(report, console.width))
     for s in report.scenarios:
         console.print(Text.assemble("  ", (s.name, "bold"), f" ({s.kind}): {s.description}"))
         for note in s.notes:

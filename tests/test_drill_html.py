@@ -107,6 +107,28 @@ def test_table_shows_every_column_and_the_verdicts() -> None:
     assert sum(1 for line in out.splitlines() if "loss shown" in line) == 1
 
 
+def test_an_80_column_terminal_truncates_nothing() -> None:
+    buf = io.StringIO()
+    console = make_console(buf, force_terminal=False)
+    console.width = 80
+    long_name = ScenarioReport(
+        name="heartbeat-stops",
+        kind="before",
+        description="d",
+        lost=1,
+        ok=True,
+        longest_drain_seconds=147.8,
+        hook_completion_latency_seconds=10.25,
+        max_heartbeat_gap_intervals=36.05,
+    )
+    print_report(console, report(scale_in(), long_name))
+    table = buf.getvalue().split("  scale-in (after)")[0]
+    assert "…" not in table
+    assert max(len(line) for line in table.splitlines()) <= 80
+    row = next(line for line in table.splitlines() if "heartbeat-stops" in line)
+    assert "147.80" in row and "10.25" in row and "36.05x" in row and "loss shown" in row
+
+
 def test_summary_is_ok_when_every_scenario_is() -> None:
     buf = io.StringIO()
     print_report(make_console(buf, force_terminal=False), report(scale_in(), shell_pid1()))
