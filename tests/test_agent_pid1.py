@@ -78,7 +78,9 @@ def test_idle_sigterm_exits_at_once(make_fleet, first):
     proc.send(getattr(signal, first))
     code, took = _exit_within(proc, 5)
     assert code == 0, proc.output()
-    assert took < 0.5, f"idle agent took {took:.2f}s to exit"
+    # "Well under a second" (bench/agent_drain.py measures ~0.1 s), with room for a loaded
+    # shared machine: this is a behaviour check, the benchmark gives the figure.
+    assert took < 0.8, f"idle agent took {took:.2f}s to exit"
     assert fleet.coord.agent(agent_id).connection_state == "disconnected"
 
 

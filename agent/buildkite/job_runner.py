@@ -149,7 +149,7 @@ class JobRunner:
         left = self._time_left()
         if left is None:
             return grace
-        room = left - (PIPE_DRAIN_SECONDS + FINISH_RESERVE + EXIT_RESERVE)
+        room = left - (FINISH_RESERVE + EXIT_RESERVE)
         if room < grace:
             log.warning(
                 "job %s: %.1fs before the deadline: signal grace cut from %.1fs to %.1fs",
