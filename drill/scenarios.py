@@ -174,13 +174,15 @@ def deploy(run: Run) -> None:
     """A service deployment replaces every task; the busy one is protected and finishes."""
     run.agent_definition()
     old = [run.start(0, "deploy-old-1"), run.start(0, "deploy-old-2")]
-    job = run.job("deploy", 60)
+    job = run.job("deploy", 120)
     run.running(job)
     busy = next(t for t in old if run.fleet.coord.job(job).agent_id == agent_id(run, t.name))
     run.fleet.wait(lambda: protected(run, busy), run.wall(60), "the busy task's protection")
     run.timeline("note", "ecs", "deployment: new revision rolls out")
     run.agent_definition()  # revision 2 of the family
-    new = [run.start(1, "deploy-new-1"), run.start(1, "deploy-new-2")]
+    # A rolling deployment starts the new tasks, then stops old ones (not protected ones).
+    runtime = run.fleet.runtime
+    new = [runtime.run_task(run.fleet.instances[1], FAMILY, name=f"deploy-new-{i}") for i in (1, 2)]
     replace_old_tasks(run, old)
     run.outcomes(300)
     run.fleet.runtime.wait_stopped(old, run.wall(120))
@@ -210,7 +212,7 @@ def scale_in(run: Run) -> None:
     then the hook completes."""
     run.agent_definition()
     busy = run.start(0, "scale-in-a1")
-    job = run.job("scale-in", 150)
+    job = run.job("scale-in", 200)
     run.running(job, on="scale-in-a1")
     idle = run.start(0, "scale-in-a2")
     run.start(1, "scale-in-b1")

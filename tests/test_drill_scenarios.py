@@ -15,7 +15,7 @@ from drill.report import DrillReport, ScenarioReport
 
 pytestmark = [pytest.mark.pid1, pytest.mark.timeout(120)]
 
-NAMES = ["stop-task", "scale-in", "shell-pid1", "heartbeat-stops"]
+NAMES = ["stop-task", "deploy", "scale-in", "rebalance", "shell-pid1", "heartbeat-stops"]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_scale_in_lets_a_long_build_finish_then_completes_the_hook(report: Drill
     hook = whats(s, "hook")
     assert "heartbeat 1" in hook, "the action was kept alive while the build ran"
     assert hook[-1] == "hook completed (CONTINUE)"
-    # The build (150 s) outlasted stopTimeout (120 s): only the soft phase made that possible.
+    # The build (200 s) outlasted stopTimeout (120 s): only the soft phase made that possible.
     assert s.longest_drain_seconds is not None and s.longest_drain_seconds > 120
     assert s.hook_completion_latency_seconds is not None
     assert s.hook_completion_latency_seconds < 20
@@ -79,6 +79,27 @@ def test_scale_in_lets_a_long_build_finish_then_completes_the_hook(report: Drill
     t_finished = next(e.t for e in s.timeline if e.what == "finished exit 0")
     t_sigterm = min(e.t for e in s.timeline if e.kind == "signal" and e.what == "SIGTERM")
     assert t_sigterm > t_finished
+
+
+def test_a_deployment_waits_for_the_protected_busy_task(report: DrillReport) -> None:
+    s = by_name(report, "deploy")
+    assert s.ok and (s.passed, s.retried, s.lost) == (1, 0, 0)
+    # The idle old task went at once; the busy one only once its build was done.
+    busy = next(e.detail["agent"] for e in s.timeline if e.what == "finished exit 0")
+    idle = ({"deploy-old-1", "deploy-old-2"} - {busy}).pop()
+    t_finished = next(e.t for e in s.timeline if e.what == "finished exit 0")
+    sigterm = {e.subject: e.t for e in s.timeline if e.kind == "signal" and e.what == "SIGTERM"}
+    assert sigterm[idle] < t_finished < sigterm[busy]
+    assert "protection on" in whats(s, "task", busy)
+
+
+def test_rebalance_is_a_soft_drain_that_retires_the_instance(report: DrillReport) -> None:
+    s = by_name(report, "rebalance")
+    assert s.ok and (s.passed, s.retried, s.lost) == (1, 0, 0)
+    drain = [e.what for e in s.timeline if e.subject.startswith("drain ")]
+    assert drain[0] == "phase soft" and "forced" not in drain
+    assert drain[-1] == "phase done (drained)" and "DRAINING" in drain
+    assert "paused" in whats(s, "agent", "rebalance-a1")
 
 
 def test_shell_as_pid1_shows_the_lost_build(report: DrillReport) -> None:
