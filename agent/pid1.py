@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -253,6 +254,18 @@ class Supervisor:
             "deadline_in_seconds": None if left is None else round(left, 3),
             "orphans_reaped": self.reaper.orphans_reaped,
         }
+
+
+def freeze_startup_objects() -> None:
+    """Exempt everything allocated so far (modules, classes, settings) from garbage collection.
+
+    A full collection walks every tracked object: ~6 ms for wrap's ~17,000 at rest, tens of ms
+    for the agent with pydantic and httpx loaded, and many times that on a busy machine. It
+    comes at a random allocation, so it lands on a signal being forwarded or a heartbeat being
+    sent; none of these objects will ever be garbage, so they need not be looked at again.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _hard_exit(code: int) -> None:

@@ -17,7 +17,7 @@ from agent.buildkite.worker import BuildkiteConfig, BuildkiteWorker
 from agent.ecs import ProtectionKeeper, TaskProtection
 from agent.health import HealthServer, HeartbeatHealth
 from agent.minihttp import HttpClient
-from agent.pid1 import Supervisor
+from agent.pid1 import Supervisor, freeze_startup_objects
 from agent.reaper import Reaper, parse_signal
 from agent.settings import StartSettings
 
@@ -133,6 +133,7 @@ async def run_start(settings: StartSettings) -> int:
         if keeper is not None:
             keeping = asyncio.get_running_loop().create_task(keeper.run(), name="task-protection")
         started = time.monotonic()
+        freeze_startup_objects()
         try:
             code = await supervisor.run()
         finally:

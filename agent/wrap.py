@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from agent.busy import ProbeBusy
 from agent.external import ExternalWorker
 from agent.health import HealthServer
-from agent.pid1 import Supervisor
+from agent.pid1 import Supervisor, freeze_startup_objects
 from agent.reaper import Reaper
 from agent.wrap_settings import (
     OneLineParser,
@@ -85,6 +85,8 @@ class _Aws:
 
     async def run(self) -> None:
         """Keep protection in line with busy and watch IMDS, until cancelled."""
+        # The worker has been started by now: the collection this does no longer delays it.
+        freeze_startup_objects()
         settings = self.settings
         agent_uri = _environ("ECS_AGENT_URI")
         if settings.task_protection and not agent_uri:
@@ -110,6 +112,7 @@ class _Aws:
             self.watcher = ImdsWatcher(client, interval=settings.imds_poll_interval)
             jobs.append(self.watcher.run(self.on_notice))
             log.info("watching IMDS every %gs", settings.imds_poll_interval)
+        freeze_startup_objects()  # what the ECS and IMDS imports just added
         await asyncio.gather(*jobs)
 
     def on_notice(self, notice: Notice) -> None:
