@@ -147,8 +147,9 @@ def _parser() -> argparse.ArgumentParser:
         help="list the drains in flight (from the drain table)",
         description="Lists drains not yet done from the controller's DynamoDB drain table: "
         "instance, phase, reasons, when it started, when it forces (force_at, spot deadline), "
-        "agents signalled, lifecycle hook state. Works against AWS or any endpoint boto3 is "
-        "pointed at (AWS_ENDPOINT_URL, e.g. a moto server).",
+        "agents paused/stopped, tasks left and busy (from ECS), lifecycle hook state. Works "
+        "against AWS or any endpoint boto3 is pointed at (AWS_ENDPOINT_URL, e.g. a moto "
+        "server).",
     )
     status.add_argument(
         "--table",
@@ -159,6 +160,13 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     status.add_argument(
         "--all", action="store_true", help="include finished drains (phase done) too"
+    )
+    status.add_argument(
+        "--no-ecs",
+        dest="ecs",
+        action="store_false",
+        help="do not ask ECS how many tasks are left on each instance and how many are busy "
+        "(task scale-in protection on)",
     )
     return parser
 

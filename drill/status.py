@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -46,6 +47,10 @@ class DrainStatus(BaseModel):
     jobs_force_cancelled: int
     hook: str
     hook_heartbeat_age_seconds: float | None
+    #: Non-daemon tasks still on the instance, and those of them busy (task scale-in protection
+    #: on: the agent holds it exactly while it works). None when ECS was not asked.
+    tasks_left: int | None = None
+    tasks_busy: int | None = None
 
 
 def _iso(ts: float | None) -> str | None:
@@ -54,7 +59,7 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
-def drain_status(record: DrainRecord, now: float) -> DrainStatus:
+def drain_status(record: DrainRecord, now: float, load: TaskLoad | None = None) -> DrainStatus:
     """What an operator needs to know about one drain record, at ``now`` (epoch seconds)."""
     hook: str = record.lifecycle_state
     if record.hook_name:
@@ -80,7 +85,39 @@ def drain_status(record: DrainRecord, now: float) -> DrainStatus:
         hook_heartbeat_age_seconds=(
             None if record.last_heartbeat_at is None else round(now - record.last_heartbeat_at, 1)
         ),
+        tasks_left=None if load is None else load.left,
+        tasks_busy=None if load is None else load.busy,
     )
+
+
+@dataclass(frozen=True)
+class TaskLoad:
+    """What is still running on a draining instance."""
+
+    left: int
+    busy: int
+
+
+def task_load(ecs: Any, record: DrainRecord) -> TaskLoad | None:
+    """Tasks left on the drain's container instance and how many are busy (None if unknown).
+
+    Uses the controller's own ECS view (:class:`lambdas.drain.ecs_fleet.EcsFleet`): the same
+    tasks, the same daemon rule and the same busy flag (task scale-in protection) it drains by.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from lambdas.drain.ecs_fleet import EcsFleet
+    from lambdas.drain.errors import Retryable
+
+    if not record.container_instance_arn:
+        return None
+    fleet = EcsFleet(ecs, record.cluster, time.time)
+    try:
+        tasks = [t for t in fleet.tasks_on(record.container_instance_arn) if not t.daemon]
+        busy = fleet.protected([t.arn for t in tasks]) if tasks else set()
+    except (ClientError, BotoCoreError, Retryable):
+        return None
+    return TaskLoad(left=len(tasks), busy=len(busy))
 
 
 def read_drains(client: Any, table: str, *, include_done: bool = False) -> list[DrainRecord]:
@@ -122,14 +159,14 @@ def read_drains(client: Any, table: str, *, include_done: bool = False) -> list[
         raise StatusError(f"drain table {table!r} holds an unreadable record: {first}") from None
 
 
-def _dynamodb_client(region: str | None) -> Any:
+def _client(service: str, region: str | None) -> Any:
     try:
         import boto3
         from botocore.exceptions import BotoCoreError
     except ImportError:
         raise StatusError("boto3 is not installed: pip install 'fleetdrain[controller]'") from None
     try:
-        return boto3.client("dynamodb", region_name=region)
+        return boto3.client(service, region_name=region)
     except BotoCoreError as exc:
         raise StatusError(f"AWS client: {exc}") from None
 
@@ -165,7 +202,7 @@ def print_status(drains: list[DrainStatus], table_name: str, out: IO[str]) -> No
         "age",
         "forces in",
         "agents paused/stopped",
-        "tasks stopped",
+        "tasks busy/left",
         "hook",
     ):
         table.add_column(column, no_wrap=column not in ("reasons", "hook"))
@@ -183,7 +220,7 @@ def print_status(drains: list[DrainStatus], table_name: str, out: IO[str]) -> No
             _age(d.age_seconds),
             forces,
             f"{d.agents_paused}/{d.agents_stopped}",
-            str(d.tasks_stopped),
+            "?" if d.tasks_left is None else f"{d.tasks_busy}/{d.tasks_left}",
             d.hook
             + (
                 f", heartbeat {_age(d.hook_heartbeat_age_seconds)} ago"
@@ -198,6 +235,7 @@ def run_status(
     ns: argparse.Namespace,
     *,
     client: Any = None,
+    ecs: Any = None,
     clock: Callable[[], float] = time.time,
     out: IO[str] | None = None,
 ) -> int:
@@ -207,13 +245,18 @@ def run_status(
         print("fleetdrain: error: --table (or $FLEETDRAIN_TABLE) is required", file=sys.stderr)
         return 2
     try:
-        ddb = client if client is not None else _dynamodb_client(ns.region)
+        ddb = client if client is not None else _client("dynamodb", ns.region)
         records = read_drains(ddb, ns.table, include_done=ns.all)
+        if ns.ecs and ecs is None and any(r.phase != "done" for r in records):
+            ecs = _client("ecs", ns.region)
     except StatusError as exc:
         print(f"fleetdrain: error: {exc}", file=sys.stderr)
         return 2
     now = clock()
-    drains = [drain_status(r, now) for r in records]
+    drains = [
+        drain_status(r, now, task_load(ecs, r) if ns.ecs and r.phase != "done" else None)
+        for r in records
+    ]
     if ns.json:
         json.dump([d.model_dump() for d in drains], stream, indent=2)
         stream.write("\n")

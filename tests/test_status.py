@@ -98,7 +98,13 @@ def seed(client) -> DynamoDrainStore:
 
 
 def ns(**kw: object) -> argparse.Namespace:
-    values: dict[str, object] = {"table": "drains", "region": REGION, "json": True, "all": False}
+    values: dict[str, object] = {
+        "table": "drains",
+        "region": REGION,
+        "json": True,
+        "all": False,
+        "ecs": False,
+    }
     values.update(kw)
     return argparse.Namespace(**values)
 
@@ -194,3 +200,61 @@ def test_the_command_reads_the_table_at_aws_endpoint_url(aws_env: None, moto_ser
     )
     assert result.returncode == 0, result.stderr
     assert [r["instance_id"] for r in json.loads(result.stdout)] == ["i-0remote"]
+
+
+def test_tasks_left_and_busy_come_from_ecs_task_protection(aws_env: None) -> None:
+    from drill.aws_support import AwsGaps
+
+    with mock_aws(), AwsGaps() as gaps:
+        ddb = boto3.client("dynamodb", region_name=REGION)
+        ecs = boto3.client("ecs", region_name=REGION)
+        ec2 = boto3.client("ec2", region_name=REGION)
+        create_table(ddb)
+        iid = ec2.run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)["Instances"][0][
+            "InstanceId"
+        ]
+        ecs.create_cluster(clusterName="ci")
+        for family in ("agent", "router"):
+            ecs.register_task_definition(
+                family=family,
+                containerDefinitions=[{"name": family, "image": family, "memory": 64}],
+            )
+        ecs.create_service(cluster="ci", serviceName="agents", taskDefinition="agent")
+        ecs.create_service(
+            cluster="ci", serviceName="router", taskDefinition="router", schedulingStrategy="DAEMON"
+        )
+        ci = ecs.register_container_instance(
+            cluster="ci", instanceIdentityDocument=json.dumps({"instanceId": iid})
+        )["containerInstance"]["containerInstanceArn"]
+
+        def start(family: str, group: str) -> str:
+            out = ecs.start_task(
+                cluster="ci", taskDefinition=family, containerInstances=[ci], group=group
+            )
+            return str(out["tasks"][0]["taskArn"])
+
+        busy = start("agent", "service:agents")
+        start("agent", "service:agents")
+        start("router", "service:router")  # a daemon: the drain never waits for it
+        gaps.set_protection(busy, True, 60)
+        store = DynamoDrainStore(ddb, "drains", clock=lambda: NOW, ttl_seconds=3600)
+        store.create(
+            DrainRecord(
+                instance_id=iid,
+                drain_id="d",
+                cluster="ci",
+                started_at=NOW - 5,
+                container_instance_arn=ci,
+            )
+        )
+        out = io.StringIO()
+        assert run_status(ns(ecs=True), client=ddb, ecs=ecs, clock=lambda: NOW, out=out) == 0
+        (row,) = json.loads(out.getvalue())
+        assert (row["tasks_left"], row["tasks_busy"]) == (2, 1)
+        out = io.StringIO()
+        assert (
+            run_status(ns(ecs=True, json=False), client=ddb, ecs=ecs, clock=lambda: NOW, out=out)
+            == 0
+        )
+        line = next(r for r in out.getvalue().splitlines() if iid in r)
+        assert "1/2" in line
