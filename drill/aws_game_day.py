@@ -304,6 +304,20 @@ class _GameDay:
         except BotoCoreError as exc:
             raise GameDayError(f"{what}: {exc}") from None
 
+    def _read(self, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any] | None:
+        """One poll's read; None (and a progress line) when it failed for a passing reason.
+
+        A game day must not be lost to one 502 while it waits: transient failures are retried
+        on the next poll, until the overall timeout.
+        """
+        try:
+            return fn(*args)
+        except ApiError as exc:
+            if not exc.transient:
+                raise
+            self.progress(f"aws: {exc} (retrying, {self._left():.0f}s left)")
+            return None
+
     def _left(self) -> float:
         return self.deadline - self.clock()
 
@@ -334,13 +348,20 @@ class _GameDay:
 
     def _running_job(self, number: int) -> tuple[dict[str, Any], dict[str, Any]]:
         while True:
-            build = self.rest.get_build(self.c.pipeline, number)
+            read = self._read(self.rest.get_build, self.c.pipeline, number)
+            if read is None:
+                self._wait(f"waiting for a job of build #{number} to run on an agent")
+                continue
+            build = read
             jobs = [j for j in build.get("jobs", []) if isinstance(j, dict)]
             for job in jobs:
                 self.watch.change("job", str(job.get("id")), _job_label(job))
             for job in jobs:
                 if job.get("state") == "running" and job.get("agent"):
-                    agent = self.rest.get_agent(str(job["agent"]["id"]))
+                    found = self._read(self.rest.get_agent, str(job["agent"]["id"]))
+                    if found is None:
+                        break
+                    agent = found
                     self.progress(
                         f"aws: job {job['id']} of build #{number} runs on {agent.get('name')}"
                     )
@@ -465,13 +486,16 @@ class _GameDay:
         build: dict[str, Any] = {}
         task_stopped = False
         build_done_at: float | None = None
+        agent: dict[str, Any] = {"id": agent_id}
         while True:
-            build = self.rest.get_build(self.c.pipeline, number)
+            read = self._read(self.rest.get_build, self.c.pipeline, number)
+            if read is not None:
+                build = read
             for job in build.get("jobs", []):
                 if isinstance(job, dict):
                     self.watch.change("job", str(job.get("id")), _job_label(job))
             task_stopped = self._observe_task(task_arn, short) or task_stopped
-            agent = self.rest.get_agent(agent_id)
+            agent = self._read(self.rest.get_agent, agent_id) or agent
             name = str(agent.get("name", agent_id))
             self.watch.change("agent", name, _agent_label(agent))
             if instance_id and self.c.table:

@@ -15,7 +15,14 @@ import httpx
 
 
 class ApiError(Exception):
-    """A REST call failed (or the token could not be had); the message is one line."""
+    """A REST call failed (or the token could not be had); the message is one line.
+
+    ``transient``: the network, a 429 or a 5xx: the same read may well work in a moment.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class ApiToken:
@@ -68,7 +75,7 @@ class BuildkiteRest:
             response = self._client.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             # httpx's message names the URL, never the headers: the token stays out.
-            raise ApiError(f"{what}: {exc.__class__.__name__}: {exc}") from None
+            raise ApiError(f"{what}: {exc.__class__.__name__}: {exc}", transient=True) from None
         if response.status_code == 401:
             raise ApiError(f"{what}: the API refused the token (401)")
         if response.status_code >= 400:
@@ -76,7 +83,11 @@ class BuildkiteRest:
                 message = str(response.json().get("message", ""))
             except (ValueError, AttributeError):
                 message = response.text[:200]
-            raise ApiError(f"{what}: HTTP {response.status_code} {message}".rstrip())
+            status = response.status_code
+            raise ApiError(
+                f"{what}: HTTP {status} {message}".rstrip(),
+                transient=status == 429 or status >= 500,
+            )
         try:
             return response.json()
         except ValueError:

@@ -21,7 +21,7 @@ from drill.aws_game_day import GameDayConfig, GameDayError, run_game_day
 from drill.aws_support import AwsGaps
 from drill.buildkite_rest import ApiToken, BuildkiteRest
 from drill.cli import main
-from drill.coordinator import Coordinator, CoordinatorServer, RetryRule
+from drill.coordinator import Coordinator, CoordinatorServer, Fault, RetryRule
 from drill.coordinator.builds import PipelineStep
 from drill.processes import AgentProcess, pid_namespaces_available, spawn_agent
 from drill.report import DrillReport
@@ -190,6 +190,8 @@ def test_stop_task_under_a_build_the_build_passes(
 ) -> None:
     task_arn = fleet.start_agent_task("agent-1")
     monkeypatch.setenv("FLEETDRAIN_API_TOKEN", TOKEN)
+    # Two 502s from the REST API while the game day waits: retried on the next poll, not fatal.
+    fleet.coord.faults.add(Fault("rest_agent", "status", status=502, count=2))
     report_path, html_path = tmp_path / "aws.json", tmp_path / "aws.html"
     code = main(
         [
@@ -242,6 +244,7 @@ def test_stop_task_under_a_build_the_build_passes(
     assert fleet.gaps.exits[task_arn].exit_code == 0
     # Progress on the waits, the timeline and the table on stdout; the token nowhere.
     assert "waiting for" in out.out or "runs on agent-1" in out.out
+    assert out.out.count("HTTP 502 injected fault: HTTP 502 (retrying") == 2
     assert "timeline of aws-stop-task" in out.out and "STOPPED exit 0" in out.out
     for text in (out.out, out.err, report_path.read_text(), html_path.read_text()):
         assert TOKEN not in text
