@@ -183,6 +183,10 @@ def _child(
     log = open(workdir / "scenario.log", "ab", buffering=0)  # noqa: SIM115
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
+    # Fresh stream objects: the parent's may have been locked by one of its other threads (the
+    # live view) at the moment of the fork, and that thread does not exist here to unlock them.
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     code = 0
     try:

@@ -288,13 +288,13 @@ def faults(run: Run) -> None:
     # The REST API the controller uses: errors, slowness, a burst of 401s (token refreshed).
     injected = [
         Fault("rest_agents", "status", status=503, count=2),
+        Fault("rest_pause", "status", status=500, count=1),
         Fault("rest_pause", "latency", seconds=0.5, count=2),
         Fault("rest_agents", "status", status=401, count=1),
-        Fault("rest_pause", "status", status=500, count=1),
     ]
     # The agent API while the agents drain: heartbeat and chunk 5xx, a slow finish.
-    for name in ("faults-a1", "faults-b1"):
-        aid = agent_id(run, name)
+    names = {agent_id(run, n): n for n in ("faults-a1", "faults-b1")}
+    for aid in names:
         injected += [
             Fault("heartbeat", "status", status=502, count=3, agent_id=aid, while_draining=True),
             Fault("chunks", "status", status=503, count=2, agent_id=aid),
@@ -302,7 +302,8 @@ def faults(run: Run) -> None:
         ]
     for fault in injected:
         fleet.coord.faults.add(fault)
-        run.timeline("fault", fault.agent_id or "coordinator", f"{fault.endpoint} {fault.kind}")
+        subject = names.get(fault.agent_id, "coordinator")
+        run.timeline("fault", subject, f"injected: {fault.endpoint} {fault.kind} x{fault.count}")
     lifecycle = fleet.runtime.scale_in(fleet.instances[0])
     for _ in range(2):  # EventBridge delivers at least once: the same event again
         fleet.router.put_event(lifecycle)
@@ -319,10 +320,7 @@ def faults(run: Run) -> None:
         action = fleet.gaps.actions[iid]
         if action.result != "CONTINUE":
             run.note(f"{iid}: lifecycle action {action.state} ({action.result})")
-    fired = sum(f.fired for f in fleet.coord.faults.active()) + sum(
-        1 for e in fleet.coord.events_of("fault")
-    )
-    if not fired:
+    if not fleet.coord.events_of("fault"):
         run.note("no fault fired: the scenario tested nothing")
     if a1.exit_code == 137 or b1.exit_code == 137:
         run.note("an agent was SIGKILLed")
