@@ -591,3 +591,13 @@ def test_kill_instance_drains_through_the_controller_and_shows_the_drain_table(
     assert 0 <= s.hook_completion_latency_seconds < 3
     assert fleet.gaps.actions[fleet.instance_id].result == "CONTINUE"
     assert fleet.gaps.exits[task_arn].exit_code == 0
+    # The same report draws as a timeline: the drain's lanes, the far force_at at the edge.
+    from drill.html_report import render_html
+
+    html = render_html(report)
+    assert "hook: " + fleet.instance_id in html and "completed (drained)" in html
+    assert "force at (" + fleet.instance_id in html and TOKEN not in html
+    import os
+
+    if os.environ.get("FLEETDRAIN_KEEP_HTML"):
+        Path(os.environ["FLEETDRAIN_KEEP_HTML"]).write_text(html)
