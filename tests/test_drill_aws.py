@@ -5,6 +5,7 @@ drill.aws_support gap fillers), its exit marks the task STOPPED with its exit co
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -23,6 +24,7 @@ from drill.buildkite_rest import ApiToken, BuildkiteRest
 from drill.cli import main
 from drill.coordinator import Coordinator, CoordinatorServer, Fault, RetryRule
 from drill.coordinator.builds import PipelineStep
+from drill.html_report import render_html
 from drill.processes import AgentProcess, pid_namespaces_available, spawn_agent
 from drill.report import DrillReport
 
@@ -592,12 +594,8 @@ def test_kill_instance_drains_through_the_controller_and_shows_the_drain_table(
     assert fleet.gaps.actions[fleet.instance_id].result == "CONTINUE"
     assert fleet.gaps.exits[task_arn].exit_code == 0
     # The same report draws as a timeline: the drain's lanes, the far force_at at the edge.
-    from drill.html_report import render_html
-
     html = render_html(report)
     assert "hook: " + fleet.instance_id in html and "completed (drained)" in html
     assert "force at (" + fleet.instance_id in html and TOKEN not in html
-    import os
-
-    if os.environ.get("FLEETDRAIN_KEEP_HTML"):
+    if os.environ.get("FLEETDRAIN_KEEP_HTML"):  # to look at it: FLEETDRAIN_KEEP_HTML=FILE
         Path(os.environ["FLEETDRAIN_KEEP_HTML"]).write_text(html)
