@@ -182,3 +182,38 @@ def test_wrap_with_every_option_loads_no_http_or_validation_library(tmp_path: Pa
     assert "agent" in imported  # importtime output was read
     heavy = imported & {"httpx", "httpcore", "anyio", "pydantic", "pydantic_core", "certifi"}
     assert not heavy, f"wrap imported {sorted(heavy)}"
+
+
+def test_sigterm_after_a_spot_notice_keeps_the_notices_earlier_deadline(wrap):
+    """The controller answers a spot warning by stopping the task: ECS's SIGTERM then brings a
+    stop-timeout clock that ends long after the instance is gone. The earlier deadline wins."""
+    imds = ImdsStandIn(life_cycle="spot")
+    grace, margin = 1.0, 0.5
+    with imds.serve():
+        w = wrap(
+            "--watch-imds",
+            "--imds-poll-interval",
+            POLL,
+            "--stop-timeout",
+            "60",
+            "--cancel-grace-period",
+            str(grace),
+            "--drain-margin",
+            str(margin),
+            env={**_imds_env(imds), "ON_TERM": "ignore", "ON_QUIT": "exit"},
+        )
+        w.tell("job 60")
+        w.wait_event("job started")
+        deadline = (datetime.now(UTC) + timedelta(seconds=5)).replace(microsecond=0)
+        imds.set_spot_action(deadline)
+        w.wait_event("got TERM", 3)
+        w.send(signal.SIGTERM)
+        wait_until(lambda: "SIGTERM" in w.status()["signals"], 2, w.output)
+        left = w.status()["deadline_in_seconds"]
+        assert left is not None and left < 5.0, left
+        forced = w.wait_event("got QUIT", 8)
+        force_at = deadline.timestamp() - grace - margin
+        assert force_at - 0.3 < forced < force_at + 0.7, forced - force_at
+        # A stop signal came: no hold after the soft drain, wrap exits with the worker.
+        assert w.wait(5) == 3, w.output()
+    assert [e for e, _ in w.events()].count("got TERM") == 1
