@@ -237,19 +237,28 @@ def _deploy(
     expanded = expand_template(source, params, f"s3://{ARTIFACT_BUCKET}/{ARTIFACT_KEY}")
     body = drop_no_values(expanded, params)
     cfn = session.client("cloudformation")
-    logging.getLogger("moto").setLevel(logging.ERROR)
-    cfn.create_stack(
-        StackName=stack_name,
-        TemplateBody=json.dumps(body),
-        Parameters=[{"ParameterKey": k, "ParameterValue": str(v)} for k, v in params.items()],
-        Capabilities=["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM", "CAPABILITY_AUTO_EXPAND"],
-    )
+    moto_log = logging.getLogger("moto")
+    level = moto_log.level
+    moto_log.setLevel(logging.ERROR)  # "No Moto CloudFormation support for ..." per alarm
+    try:
+        _create(cfn, stack_name, body, params)
+    finally:
+        moto_log.setLevel(level)
     stack = cfn.describe_stacks(StackName=stack_name)["Stacks"][0]
     if stack["StackStatus"] != "CREATE_COMPLETE":
         raise RuntimeError(f"stack {stack_name}: {stack['StackStatus']}")
     _ensure_rules(session, stack_name, body, params, region)
     _ensure_table_ttl(session, stack_name, body)
     return read_deployment(session, stack_name, body)
+
+
+def _create(cfn: Any, stack_name: str, body: dict[str, Any], params: Mapping[str, str]) -> None:
+    cfn.create_stack(
+        StackName=stack_name,
+        TemplateBody=json.dumps(body),
+        Parameters=[{"ParameterKey": k, "ParameterValue": str(v)} for k, v in params.items()],
+        Capabilities=["CAPABILITY_IAM", "CAPABILITY_NAMED_IAM", "CAPABILITY_AUTO_EXPAND"],
+    )
 
 
 def _ensure_table_ttl(session: Any, stack_name: str, template: dict[str, Any]) -> None:

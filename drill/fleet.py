@@ -260,15 +260,26 @@ def drill_controller(settings: Any, session: Any, clock: DrillClock) -> Any:
     )
 
 
-def _quiet_logs() -> None:
-    # The handlers log JSON lines (Powertools) and moto warns about what it only records:
-    # the drill's output is its progress view and report, the logs stay out of it.
-    for name in ("fleetdrain", "fleetdrain.drain", "moto", "botocore", "boto3"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    with contextlib.suppress(Exception):
-        from lambdas.runtime import logger as pt_logger
+_QUIET = ("fleetdrain", "fleetdrain.drain", "moto", "botocore", "boto3")
 
-        pt_logger.setLevel(logging.CRITICAL)
+
+def _quiet_logs() -> Callable[[], None]:
+    """Silence the handlers' and moto's logs; returns what puts the levels back.
+
+    The handlers log JSON lines (Powertools) and moto warns about what it only records: the
+    drill's output is its progress view and report, the logs stay out of it. Powertools'
+    logger is named after the service, ``fleetdrain``, the parent of the agent's loggers:
+    the levels must come back when the fleet goes (tests run in the same process).
+    """
+    saved = {name: logging.getLogger(name).level for name in _QUIET}
+    for name in _QUIET:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+    def restore() -> None:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+    return restore
 
 
 @contextlib.contextmanager
@@ -291,7 +302,7 @@ def local_fleet(
 
     saved = {k: os.environ.get(k) for k in AWS_ENV}
     os.environ.update(AWS_ENV)
-    _quiet_logs()
+    restore_logs = _quiet_logs()
     # Powertools warns on every invocation that flushed no metric (most ticks).
     warnings.filterwarnings("ignore", message="No application metrics to publish")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -309,6 +320,7 @@ def local_fleet(
     )
     with contextlib.ExitStack() as stack:
         stack.callback(_restore_env, saved)
+        stack.callback(restore_logs)
         stack.enter_context(mock_aws())
         gaps = stack.enter_context(AwsGaps(clock=clock, region=REGION))
         server = stack.enter_context(CoordinatorServer(coord))
@@ -329,7 +341,7 @@ def local_fleet(
             extra=template_params,
         )
         deployment = deploy_stack(params, session=session)
-        _quiet_logs()
+        logging.getLogger("moto").setLevel(logging.CRITICAL)  # deploy_stack sets its own
         settings = Settings.from_env(deployment.function("DrainMonitorFunction").environment)
         controller = drill_controller(settings, session, clock)
         lambda_runtime.set_controller(controller)

@@ -127,3 +127,16 @@ def test_sigterm_that_is_never_heard_ends_in_sigkill_at_stop_timeout(fleet: Flee
     whats = [(e.kind, e.what) for e in fleet.timeline.sorted() if e.subject == "shell-1"]
     assert ("signal", "SIGTERM") in whats and ("signal", "SIGKILL") in whats
     assert whats.index(("signal", "SIGTERM")) < whats.index(("signal", "SIGKILL"))
+
+
+def test_the_fleet_gives_logging_back() -> None:
+    import logging
+
+    from drill.fleet import _quiet_logs
+
+    agent_log = logging.getLogger("fleetdrain.ecs")
+    before = agent_log.getEffectiveLevel()
+    restore = _quiet_logs()
+    assert agent_log.getEffectiveLevel() == logging.CRITICAL
+    restore()
+    assert agent_log.getEffectiveLevel() == before, "later tests read the agent's logs"
