@@ -60,6 +60,11 @@ class HeartbeatLoop:
                 continue
             self.sent += 1
             self.last_success = self.clock()
+            # At debug level: when each one went out and how long the server took, so that a
+            # gap the server reports can be told apart from a late send.
+            log.debug(
+                "heartbeat %d sent, answered in %.3fs", self.sent, self.last_success - started
+            )
             if self.on_success is not None:
                 self.on_success(self.last_success)
             await self.sleep(max(0.0, self.interval - (self.clock() - started)))
