@@ -38,6 +38,10 @@ WALL_PER_DRILL_SECOND = 0.1
 #: Scenario name -> (kind, one-line description), in the order they run by default.
 SCENARIOS: dict[str, tuple[ScenarioKind, str]] = {
     "stop-task": ("after", "ecs stop-task under a running build: it finishes there"),
+    "deadline": (
+        "after",
+        "stop-task under a build longer than stopTimeout: cancelled, agent_stop, retried",
+    ),
     "deploy": ("after", "service deployment: the busy task is protected and finishes"),
     "scale-in": (
         "after",

@@ -170,6 +170,24 @@ def stop_task(run: Run) -> None:
         run.note("the build was retried: it should have finished where it ran")
 
 
+def deadline(run: Run) -> None:
+    """``ecs stop-task`` under a build longer than stopTimeout, no controller involved: the
+    agent cancels it before SIGKILL could come, reports ``agent_stop``, the retry rule re-runs
+    it on another agent, and it passes there."""
+    run.agent_definition()
+    task = run.start(0, "deadline-a1")
+    job = run.job("deadline", 600, first_attempt_only=True)
+    run.running(job, on="deadline-a1")
+    run.start(1, "deadline-b1")  # where the retry can run
+    run.stop_task(task, "game day: stop-task under a long build")
+    run.outcomes(STOP_TIMEOUT + 120)
+    run.fleet.runtime.wait_stopped([task], run.wall(STOP_TIMEOUT + 30))
+    expect_clean_exit(run, [task])
+    first = run.fleet.coord.job(job)
+    if first.signal_reason != "agent_stop":
+        run.note(f"the first attempt was reported signal_reason={first.signal_reason}")
+
+
 def deploy(run: Run) -> None:
     """A service deployment replaces every task; the busy one is protected and finishes."""
     run.agent_definition()
@@ -392,6 +410,12 @@ def wait_for_loss(run: Run, key: str, timeout_drill: float) -> None:
 SPECS: dict[str, Spec] = {
     "stop-task": Spec(
         "after", "ecs stop-task under a running build: it finishes there", 1, stop_task
+    ),
+    "deadline": Spec(
+        "after",
+        "stop-task under a build longer than stopTimeout: cancelled, agent_stop, retried",
+        2,
+        deadline,
     ),
     "deploy": Spec(
         "after", "service deployment: the busy task is protected and finishes", 2, deploy

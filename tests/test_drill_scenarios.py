@@ -135,3 +135,11 @@ def test_a_fault_can_wait_for_the_drain() -> None:
 def test_unknown_scenarios_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="nope"):
         run_local_drill(["nope"], workdir=tmp_path)
+
+
+def test_the_cli_lists_exactly_the_scenarios_that_exist() -> None:
+    from drill.scenarios import SPECS
+
+    # local_drill.SCENARIOS stays import-light for the CLI; it must not drift from the bodies.
+    assert list(SCENARIOS) == list(SPECS)
+    assert {n: (s.kind, s.description) for n, s in SPECS.items()} == SCENARIOS
