@@ -459,3 +459,51 @@ def test_a_deadline_shorter_than_the_signal_grace_cuts_the_grace_not_the_report(
     assert (done.signal_reason, done.signal, done.exit_status) == ("agent_stop", "SIGKILL", "137")
     assert done.retried
     assert "signal grace cut" in proc.output()
+
+
+def test_a_finish_retrying_since_before_sigterm_gives_up_before_the_deadline(make_fleet):
+    """The job ended during an outage, so its finish was already in the hour-long retry loop
+    (no deadline yet) when SIGTERM came: the deadline that appears must bound that loop too."""
+    fleet = make_fleet(lost_agent_timeout=30.0)
+    proc, name, _ = fleet.agent("--stop-timeout", "4", "--cancel-grace-period", "2")
+    agent_id = fleet.agent_id(name)
+    _outage(fleet, None, agent_id=agent_id)
+    job = fleet.coord.add_job("echo quick")
+    assert fleet.coord.wait_for(
+        lambda c: any(
+            e.detail.get("endpoint") == "finish" for e in c.events_of("fault", agent_id=agent_id)
+        ),
+        10,
+    ), proc.output()
+    time.sleep(1.0)  # well into the retry loop, with back-off growing towards 5 s
+    sigterm_at = time.monotonic()
+    proc.send(signal.SIGTERM)
+    code = proc.wait(timeout=10)
+    exited_after = time.monotonic() - sigterm_at
+    assert code == 0, proc.output()
+    assert exited_after < 4.0 - 0.5, exited_after
+    assert fleet.coord.job(job.id).state != "finished"
+    assert "finish could not be reported" in proc.output()
+
+
+def test_a_job_that_ended_by_itself_is_not_reported_cancelled_by_a_later_stop(make_fleet):
+    """The job exited 0, its log was still going out (chunks refused) when the forced stop
+    came: it passed, so it must be reported as it ended, not as agent_stop (which retry rules
+    would run again)."""
+    fleet = make_fleet(lost_agent_timeout=30.0)
+    proc, name, _ = fleet.agent("--stop-timeout", "6", "--cancel-grace-period", "2")
+    agent_id = fleet.agent_id(name)
+    refusing = fleet.coord.faults.add(
+        Fault(endpoint="chunks", kind="status", status=503, agent_id=agent_id)
+    )
+    job = fleet.coord.add_job("echo passed", retry=RETRY)
+    assert fleet.coord.wait_for(lambda c: refusing.fired >= 2, 10), proc.output()
+    proc.send(signal.SIGQUIT)  # forced stop while the job's log is still retrying
+    time.sleep(0.5)
+    fleet.coord.faults.remove(refusing)
+    assert proc.wait(timeout=10) == 0, proc.output()
+    done = fleet.coord.job(job.id)
+    assert (done.state, done.exit_status, done.signal_reason) == ("finished", "0", None), done
+    assert not done.retried
+    assert b"passed" in done.log and done.chunks_failed_count == 0
+    assert "never retrieved" not in proc.output()

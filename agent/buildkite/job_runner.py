@@ -111,6 +111,12 @@ class JobRunner:
         """
         if self.cancel_reason is not None:
             return
+        if self._exited is not None and self._exited.done():
+            # The job has already ended by itself (its log and finish may still be going out):
+            # there is nothing to cancel, and its result must not be reported as cancelled,
+            # or a retry rule would run a job that passed once more.
+            log.info("job %s has already ended: not cancelling it (%s)", self.job.id, reason)
+            return
         self.cancel_reason = reason
         log.info("cancelling job %s (%s)", self.job.id, reason)
         self._cancel_task = asyncio.get_running_loop().create_task(self._cancel())
@@ -126,7 +132,7 @@ class JobRunner:
         sig = self.settings.cancel_signal
         # Signal first: a note stuck behind a full log buffer must never delay the cancel.
         signal_group(self.pgid, sig)
-        if self._streamer is not None:
+        if self._streamer is not None and not self._streamer.closed:
             left = self._time_left()
             note = "" if left is None else f", {left:.0f}s before the deadline"
             self._streamer.write_nowait(
