@@ -193,7 +193,7 @@ def timeline_svg(scenario: ScenarioReport) -> str:
         f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
         f'aria-label="timeline of {_e(scenario.name)}">'
     ]
-    step = _tick_step(end - start)
+    # Ticks on the same step the start was aligned to, so that they read 24, 26, 28 ...
     tick = start
     axis_y = TOP + len(lanes) * LANE_H
     while tick <= end:
@@ -203,7 +203,7 @@ def timeline_svg(scenario: ScenarioReport) -> str:
             'stroke="#eaeef2"/>'
         )
         out.append(f'<text x="{tx:.1f}" y="{axis_y + 14}" text-anchor="middle">{tick:g}s</text>')
-        tick += step
+        tick = round(tick + step, 9)  # no 0.30000000000000004s
     out.append(
         f'<line class="axis" x1="{LABEL_W}" y1="{axis_y}" x2="{LABEL_W + PLOT_W}" y2="{axis_y}" '
         'stroke="#8c959f"/>'

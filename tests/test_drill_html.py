@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import re
 from html.parser import HTMLParser
 
@@ -318,3 +319,19 @@ def test_an_agent_and_its_task_of_the_same_name_get_a_lane_each() -> None:
     # Nothing happened before 30 s: the axis starts near the first event, not at 0.
     ticks = [float(t[:-1]) for t in text if re.fullmatch(r"[\d.]+s", t)]
     assert min(ticks) >= 25 and max(ticks) >= 44
+
+
+def test_ticks_are_round_and_evenly_spaced() -> None:
+    s = ScenarioReport(
+        name="x",
+        description="d",
+        timeline=[ev(26.5, "task", "t", "RUNNING"), ev(42.0, "task", "t", "STOPPED")],
+    )
+    text = parse(timeline_svg(s)).text
+    ticks = [float(t[:-1]) for t in text if re.fullmatch(r"[\d.]+s", t)]
+    steps = {round(b - a, 6) for a, b in itertools.pairwise(ticks)}
+    assert len(steps) == 1
+    step = steps.pop()
+    # Every tick a multiple of the step (26, 28, 30 ..., never 26, 31, 36).
+    assert all(t % step == 0 for t in ticks), ticks
+    assert ticks[0] <= 26.5 and ticks[-1] >= 40
