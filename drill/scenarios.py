@@ -338,6 +338,12 @@ def faults(run: Run) -> None:
         action = fleet.gaps.actions[iid]
         if action.result != "CONTINUE":
             run.note(f"{iid}: lifecycle action {action.state} ({action.result})")
+    first = fleet.coord.job(job_b)
+    if first.signal_reason != "agent_stop":
+        run.note(
+            f"the spot build's first attempt was reported signal_reason={first.signal_reason}, "
+            "not agent_stop"
+        )
     if not fleet.coord.events_of("fault"):
         run.note("no fault fired: the scenario tested nothing")
     if a1.exit_code == 137 or b1.exit_code == 137:
