@@ -395,7 +395,10 @@ def read_deployment(session: Any, stack_name: str, template: dict[str, Any]) -> 
         attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["VisibilityTimeout"])
         function_arn = m["FunctionArn"]
         if function_arn not in functions:
-            function_arn = next(a for a in functions if a.endswith(":" + function_arn))
+            ours = [a for a in functions if a.endswith(":" + function_arn)]
+            if not ours:
+                continue  # another stack's function
+            function_arn = ours[0]
         mappings.append(
             QueueMapping(
                 queue_arn=arn,

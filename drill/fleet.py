@@ -292,8 +292,14 @@ def local_fleet(
     pid1: bool,
     progress: Callable[[str], None] = lambda _m: None,
     template_params: dict[str, str] | None = None,
+    notification_queue: bool = False,
 ) -> Iterator[Fleet]:
-    """A fleet of ``instances`` container instances in the ASG, everything wired and running."""
+    """A fleet of ``instances`` container instances in the ASG, everything wired and running.
+
+    ``notification_queue``: the group also sends its lifecycle notifications to an SQS queue,
+    deployed as the template's ``LifecycleNotificationQueueArn`` (the lifecycle function then
+    gets each action twice: from EventBridge and as an SQS batch).
+    """
     import boto3
     from moto import mock_aws
 
@@ -331,6 +337,15 @@ def local_fleet(
         secret = session.client("secretsmanager").create_secret(
             Name="fleetdrain/coordinator-token", SecretString=coord.api_token
         )
+        notifications_url: str | None = None
+        extra = dict(template_params or {})
+        if notification_queue:
+            sqs = session.client("sqs")
+            notifications_url = sqs.create_queue(QueueName="ci-agents-lifecycle")["QueueUrl"]
+            arn = sqs.get_queue_attributes(QueueUrl=notifications_url, AttributeNames=["QueueArn"])[
+                "Attributes"
+            ]["QueueArn"]
+            extra["LifecycleNotificationQueueArn"] = arn
         params = stack_params(
             cluster=CLUSTER,
             asg_name=ASG,
@@ -338,7 +353,7 @@ def local_fleet(
             coordinator_url=server.url,
             coordinator_org=coord.org,
             token_secret_arn=secret["ARN"],
-            extra=template_params,
+            extra=extra,
         )
         deployment = deploy_stack(params, session=session)
         logging.getLogger("moto").setLevel(logging.CRITICAL)  # deploy_stack sets its own
@@ -401,6 +416,8 @@ def local_fleet(
             pid1=pid1,
             record=timeline.record,
             imds=imds,
+            sqs=session.client("sqs"),
+            notification_queue_url=notifications_url,
         )
         stack.callback(runtime.close)
         for iid in ids:

@@ -232,6 +232,7 @@ def run_scenario(
         workdir=workdir,
         time_scale=speed,
         instances=spec.instances,
+        notification_queue=spec.notification_queue,
         pid1=pid1,
         progress=progress,
     ) as fleet:

@@ -37,8 +37,8 @@ class Spec:
     description: str
     instances: int
     run: Callable[[Run], None]
-    #: Wall seconds the scenario may take at the default pace (scaled with the time scale).
-    budget: float = 60.0
+    #: The ASG also sends lifecycle notifications to an SQS queue (see ``local_fleet``).
+    notification_queue: bool = False
 
 
 @dataclass
@@ -293,7 +293,8 @@ def rebalance(run: Run) -> None:
 def faults(run: Run) -> None:
     """Coordinator 5xx, latency and 401 bursts during two drains (a scale-in, and a spot
     notice that arrives before its own lifecycle action), the lifecycle event delivered three
-    times: every build passes, none is lost."""
+    times by EventBridge and once more as an SQS notification: every build passes, none is
+    lost."""
     fleet = run.fleet
     run.agent_definition()
     a1 = run.start(0, "faults-a1")
@@ -449,6 +450,7 @@ SPECS: dict[str, Spec] = {
         "coordinator 5xx/latency/401 bursts during drains; duplicate and reordered events",
         3,
         faults,
+        notification_queue=True,
     ),
     "shell-pid1": Spec(
         "before", "sh -c as PID 1 never forwards SIGTERM: SIGKILL, build lost", 1, shell_pid1

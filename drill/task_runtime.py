@@ -24,6 +24,7 @@ seconds; :class:`DrillClock` turns them into wall seconds by the time scale.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -137,9 +138,13 @@ class TaskRuntime:
         record: Recorder = lambda *_a: None,
         agent_env: Mapping[str, str] | None = None,
         imds: ImdsStandIn | None = None,
+        sqs: Any = None,
+        notification_queue_url: str | None = None,
     ) -> None:
         """``imds``: each instance's metadata (the agents' ``--tags-from-ec2-meta-data``, and
-        the spot notice and target lifecycle state that IMDS publishes)."""
+        the spot notice and target lifecycle state that IMDS publishes).
+        ``notification_queue_url``: the Auto Scaling group's lifecycle notification target
+        (an SQS queue, sent to with ``sqs``), if it has one besides EventBridge."""
         self.gaps = gaps
         self.ecs = ecs
         self.cluster = cluster
@@ -153,6 +158,8 @@ class TaskRuntime:
         self.record = record
         self.agent_env = dict(agent_env or {})
         self.imds = imds
+        self.sqs = sqs
+        self.notification_queue_url = notification_queue_url
         self.definitions: dict[str, TaskDefinition] = {}
         self.tasks: dict[str, RunningTask] = {}
         self.container_instances: dict[str, str] = {}  # instance id -> container instance ARN
@@ -184,8 +191,6 @@ class TaskRuntime:
 
     def add_instance(self, instance_id: str) -> str:
         """Register the EC2 instance as a container instance of the cluster; its ARN."""
-        import json
-
         with self.lock:
             out = self.ecs.register_container_instance(
                 cluster=self.cluster,
@@ -375,6 +380,12 @@ class TaskRuntime:
         """
         with self.lock:
             event = self.gaps.begin_termination(instance_id)
+            if self.notification_queue_url is not None:
+                # The group's notification target gets the same action (moto sends none).
+                self.sqs.send_message(
+                    QueueUrl=self.notification_queue_url,
+                    MessageBody=json.dumps(AwsGaps.sqs_body(event)),
+                )
         if self.imds is not None:
             self.imds.set_target_lifecycle_state("Terminated", instance_id=instance_id)
         self.record("instance", instance_id, "Terminating:Wait", {})

@@ -148,3 +148,28 @@ def test_a_failing_eventbridge_target_is_retried_then_dead_lettered(deployed: De
     sqs = boto3.client("sqs", region_name="us-east-1")
     dlq = sqs.receive_message(QueueUrl=deployed.outputs["DrainDeadLetterQueueUrl"])
     assert [json.loads(m["Body"])["id"] for m in dlq["Messages"]] == [event["id"]]
+
+
+def test_a_notification_queue_feeds_the_lifecycle_function(deployed: Deployment) -> None:
+    # A second stack in the same (moto) account, with the group's SQS notification target.
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    url = sqs.create_queue(QueueName="lifecycle-notifications")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    second = deploy_stack(
+        {**PARAMS, "LifecycleNotificationQueueArn": arn}, stack_name="with-notifications"
+    )
+    fns = {f.logical_id: f for f in second.functions.values()}
+    (mapping,) = [m for m in second.mappings if m.queue_arn == arn]
+    assert mapping.function_arn == fns["LifecycleHookFunction"].arn
+    assert mapping.report_batch_item_failures
+    # The real handler, as an SQS batch: the test notification is ignored and consumed.
+    router = EventRouter(second)
+    sqs.send_message(
+        QueueUrl=url, MessageBody=(EVENTS / "asg-test-notification.sqs-body.json").read_text()
+    )
+    assert router.poll_queues() >= 1
+    (inv,) = [i for i in router.invocations if i.function == "LifecycleHookFunction"]
+    assert inv.response == {"batchItemFailures": []} and inv.error is None
+    assert "Messages" not in sqs.receive_message(QueueUrl=url)
