@@ -256,6 +256,7 @@ def spot(run: Run) -> None:
     job = run.job("spot", 600, first_attempt_only=True)
     run.running(job, on="spot-a1")
     run.start(1, "spot-b1")  # where the retry can run
+    notice = run.fleet.clock()
     run.fleet.runtime.spot_interruption(run.fleet.instances[0])
     run.outcomes(400)
     run.fleet.runtime.wait_stopped([doomed], run.wall(150))
@@ -265,10 +266,27 @@ def spot(run: Run) -> None:
             f"the first attempt was reported signal_reason={first.signal_reason} "
             f"exit_status={first.exit_status}, not agent_stop"
         )
+        explain_spot_race(run, doomed, notice)
     if doomed.exit_code == 137:
         run.note("the agent was SIGKILLed with the instance")
     if not run.fleet.coord.step("spot").retries:
         run.note("the build was not retried")
+
+
+def explain_spot_race(run: Run, task: RunningTask, notice: float) -> None:
+    """Say who cancelled the build first: the controller's forced stop (a server-side cancel,
+    which the agent reports as ``cancel``) or the agent's own deadline (``agent_stop``)."""
+    rec = run.drain(0)
+    if rec is None or rec.forced_at is None or task.sigterm_drill is None:
+        return
+    own = task.sigterm_drill + STOP_TIMEOUT - CANCEL_GRACE - DRAIN_MARGIN
+    margin = run.fleet.controller.settings.spot_margin
+    run.note(
+        f"the controller forced the drain {rec.forced_at - notice:.0f}s after the notice "
+        f"(SpotMarginSeconds {margin:.0f}), before the agent's own deadline cancel at "
+        f"{own - notice:.0f}s (stopTimeout {STOP_TIMEOUT:.0f} - cancel grace "
+        f"{CANCEL_GRACE:.0f} - drain margin {DRAIN_MARGIN:.0f} after SIGTERM)"
+    )
 
 
 def rebalance(run: Run) -> None:

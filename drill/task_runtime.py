@@ -109,6 +109,7 @@ class RunningTask:
     process: AgentProcess
     definition: TaskDefinition
     sigterm_at: float | None = None  # wall, monotonic
+    sigterm_drill: float | None = None  # the same moment on the drill clock
     sigkilled: bool = False
     exit_code: int | None = None
     stopped_at: float | None = None  # wall, monotonic
@@ -318,6 +319,7 @@ class TaskRuntime:
         if task.sigterm_at is not None or task.stopped.is_set():
             return
         task.sigterm_at = time.monotonic()
+        task.sigterm_drill = self.clock()
         self.record("signal", task.name, "SIGTERM", {"reason": reason})
         with contextlib.suppress(ProcessLookupError, RuntimeError):
             task.process.send(signal.SIGTERM)
