@@ -30,6 +30,7 @@ import math
 import os
 import shlex
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +46,15 @@ from drill.processes import AgentProcess, agent_command, spawn_agent
 log = logging.getLogger("fleetdrain.drill.runtime")
 
 SPOT_NOTICE_SECONDS = 120.0
+#: How often (wall seconds) each agent's /status is read for the timeline.
+STATUS_POLL_INTERVAL = 0.15
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
 
 #: (kind, subject, what, detail[, at]) -> None: where the runtime reports what it did; ``at``
 #: (a ``time.monotonic()`` stamp) dates an entry other than now (a deadline ahead).
@@ -237,15 +247,36 @@ class TaskRuntime:
         )
         self._names += 1
         name = name or f"{family}-{self._names}"
-        process = self._spawn(definition, name, task_id, instance_id)
+        port = _free_port()
+        process = self._spawn(definition, name, task_id, instance_id, port)
         task = RunningTask(arn, task_id, instance_id, family, group, name, process, definition)
         self.tasks[arn] = task
         self.record("task", name, "RUNNING", {"task_arn": arn, "instance": instance_id})
         self._thread(self._watch, task, name=f"watch-{name}")
+        self._thread(self._watch_status, task, port, name=f"status-{name}")
         return task
 
+    def _watch_status(self, task: RunningTask, port: int) -> None:
+        """Put the agent's own state (its ``/status``: idle, busy, draining, stopping...) on
+        the timeline as it changes."""
+        import httpx
+
+        last: str | None = None
+        with httpx.Client(timeout=1.0) as http:
+            while not task.stopped.is_set() and not self._closed.is_set():
+                try:
+                    body = http.get(f"http://127.0.0.1:{port}/status").json()
+                except (httpx.HTTPError, ValueError):
+                    body = None
+                state = body.get("state") if isinstance(body, dict) else None
+                if isinstance(state, str) and state != last:
+                    last = state
+                    detail = {"deadline_in_seconds": body.get("deadline_in_seconds")}
+                    self.record("agent", task.name, state, detail)
+                task.stopped.wait(STATUS_POLL_INTERVAL)
+
     def _spawn(
-        self, definition: TaskDefinition, name: str, task_id: str, instance_id: str
+        self, definition: TaskDefinition, name: str, task_id: str, instance_id: str, port: int
     ) -> AgentProcess:
         args = [
             "start",
@@ -261,6 +292,9 @@ class TaskRuntime:
             *(["--tags-from-ec2-meta-data"] if self.imds is not None else []),
             "--stop-timeout",
             f"{self.clock.wall(definition.stop_timeout):.3f}",
+            # infra/ serves it on 127.0.0.1:3901; here the agents share one network namespace.
+            "--health-check-addr",
+            f"127.0.0.1:{port}",
             *definition.agent_args,
         ]
         env = {**self.agent_env, **self.standin.env_for(task_id)}

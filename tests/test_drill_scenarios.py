@@ -54,6 +54,9 @@ def test_stop_task_finishes_the_build_where_it_ran(report: DrillReport) -> None:
     s = by_name(report, "stop-task")
     assert s.ok and (s.jobs_run, s.passed, s.retried, s.lost) == (1, 1, 0, 0)
     assert whats(s, "signal", "stop-task-a1") == ["SIGTERM"]
+    # The agent's own state (its /status): it heard SIGTERM and drained the running build.
+    states = whats(s, "agent", "stop-task-a1")
+    assert states.index("busy") < states.index("draining")
     assert "exited 0" in whats(s, "task", "stop-task-a1")
     assert "finished exit 0" in whats(s, "job", "stop-task #1")
     # The task's STOPPED event went through the deployed rule to the drain monitor.
@@ -108,6 +111,8 @@ def test_shell_as_pid1_shows_the_lost_build(report: DrillReport) -> None:
     assert s.lost >= 1
     signals = whats(s, "signal", "shell-pid1-a1")
     assert signals == ["SIGTERM", "SIGKILL"], "SIGTERM unheard, SIGKILL at stopTimeout"
+    states = whats(s, "agent", "shell-pid1-a1")
+    assert "busy" in states and "draining" not in states, "the agent never knew"
     assert "exited 137 (SIGKILL)" in whats(s, "task", "shell-pid1-a1")
     assert "lost" in whats(s, "agent", "shell-pid1-a1")
     assert "lost" in whats(s, "job", "shell-pid1 #1")
