@@ -507,3 +507,46 @@ def test_a_job_that_ended_by_itself_is_not_reported_cancelled_by_a_later_stop(ma
     assert not done.retried
     assert b"passed" in done.log and done.chunks_failed_count == 0
     assert "never retrieved" not in proc.output()
+
+
+def test_a_forced_remote_stop_during_a_drain_is_reported_agent_stop_and_retried(make_fleet):
+    """The drain controller's force (REST stop, force) reaches a draining agent as a server
+    cancel: it must come out agent_stop so the retry rule runs the job elsewhere."""
+    fleet = make_fleet()
+    proc_a, name_a, _ = fleet.agent()
+    agent_a = fleet.agent_id(name_a)
+    job = fleet.coord.add_job(
+        f'if [ "$BUILDKITE_AGENT_NAME" = "{name_a}" ]; then sleep 60; fi; echo passed',
+        retry=RETRY,
+        key="forced",
+    )
+    fleet.wait_job_state(job.id, ("running",))
+    proc_a.send(signal.SIGTERM)  # DRAINING: the agent drains, the job runs on
+    time.sleep(0.5)
+    assert fleet.coord.job(job.id).state == "running"
+    _, name_b, _ = fleet.agent()
+    fleet.agent_id(name_b)
+    fleet.coord.stop_agent(agent_a, force=True)
+
+    assert proc_a.wait(timeout=15) == 0, proc_a.output()
+    first = fleet.coord.job(job.id)
+    assert first.state == "canceled"
+    assert first.signal_reason == "agent_stop", first
+    assert fleet.coord.wait_for(lambda c: c.step("forced").outcome == "passed", 15), (
+        fleet.coord.step("forced")
+    )
+    assert fleet.coord.step("forced").attempts[-1].agent_id == fleet.coord.agent_named(name_b).id
+
+
+def test_a_server_cancel_of_a_job_on_a_working_agent_stays_cancel(make_fleet):
+    fleet = make_fleet()
+    proc, name, _ = fleet.agent()
+    fleet.agent_id(name)
+    job = fleet.coord.add_job("sleep 60", retry=RETRY, key="user-cancel")
+    fleet.wait_job_state(job.id, ("running",))
+    fleet.coord.cancel_job(job.id)
+    fleet.wait_job_state(job.id, ("canceled",), timeout=15)
+    assert fleet.coord.job(job.id).signal_reason == "cancel"
+    assert not fleet.coord.job(job.id).retried
+    proc.send(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0

@@ -86,10 +86,12 @@ class JobRunner:
         settings: JobSettings,
         *,
         deadline: Callable[[], float | None] = lambda: None,
+        stopping: Callable[[], bool] = lambda: False,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
         self.api = api
+        self.stopping = stopping
         self.job = job
         self.reaper = reaper
         self.settings = settings
@@ -272,8 +274,20 @@ class JobRunner:
             except (ApiError, RetryableError) as exc:
                 log.debug("job %s: state poll failed: %s", self.job.id, exc)
                 continue
-            if state in ("canceling", "canceled", "timing_out", "timed_out"):
+            if state in ("timing_out", "timed_out"):
                 self.cancel("cancel")
+                return
+            if state in ("canceling", "canceled"):
+                # A cancel that reaches an agent which is itself stopping is, in a fleet, the
+                # drain controller's forced stop (REST stop with force: the server's only way to
+                # reach a busy agent). It is reported agent_stop, as the agent's own deadline
+                # cancel would be, so the pipeline's retry rule re-runs the job elsewhere
+                # instead of the build ending canceled. The price: a user's cancel that lands
+                # during a drain is retried once.
+                reason = "agent_stop" if self.stopping() else "cancel"
+                if reason == "agent_stop":
+                    log.info("job %s: the server cancelled it while this agent stops", self.job.id)
+                self.cancel(reason)
                 return
 
     async def _upload(self, chunk: Chunk) -> None:

@@ -271,6 +271,7 @@ class BuildkiteWorker:
             self.reaper,
             settings,
             deadline=lambda: self.deadline,
+            stopping=self._stop.is_set,
             clock=self.clock,
             rng=self.rng,
         )
