@@ -59,8 +59,10 @@ SPOT_NOTICE_SECONDS = 120.0
 #: A pending tick older than this is taken as lost and replaced.
 LOST_TICK_SLACK = 120.0
 MAX_RACES = 5
-#: How often a step that finds the record held by another step looks again (seconds).
-LEASE_POLL = 0.1
+#: A step that finds the record held by another step looks again after this, doubling up
+#: to LEASE_POLL_MAX (a step takes well under a second; a long wait need not read 200 times).
+LEASE_POLL = 0.05
+LEASE_POLL_MAX = 1.0
 
 # Metric names (EMF, namespace set by the handler layer).
 DRAINS_STARTED = "DrainsStarted"
@@ -210,7 +212,7 @@ class DrainController:
                     "lifecycle action ignored", extra={"instance_id": instance_id, "reason": why}
                 )
                 return Result("ignored", instance_id, detail=why)
-        races = 0
+        races = polls = 0
         waited = 0.0
         while True:
             try:
@@ -229,8 +231,10 @@ class DrainController:
                         f"drain record of {instance_id} held by another step "
                         f"(lease until {leased.until:.0f})"
                     ) from None
-                self.sleep(LEASE_POLL)
-                waited += LEASE_POLL
+                pause = min(LEASE_POLL_MAX, LEASE_POLL * 2**polls)
+                polls += 1
+                self.sleep(pause)
+                waited += pause
 
     def _not_ours(self, s: LifecycleSignal) -> str:
         want_asg, want_hook = self.settings.asg_name, self.settings.hook_name
