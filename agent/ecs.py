@@ -263,8 +263,12 @@ class ProtectionKeeper:
             wait = self._check_interval
             if failures:
                 wait = min(wait, RETRY_BASE_SECONDS * 2 ** min(failures - 1, 6))
+            # asyncio.timeout, not wait_for: on Python 3.11 a cancelled wait_for around
+            # Event.wait() was seen never to finish (its inner Event.wait task stayed pending),
+            # which hung wrap at exit; a timeout scope has no inner task to wait for.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
 
     async def release(self) -> None:
         """Turn protection off if it is on (at shutdown, after :meth:`run` was cancelled).

@@ -11,7 +11,6 @@ loopback, which proxies must not see anyway). The Buildkite API client (``start`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json as jsonlib
 import ssl
 from collections.abc import Mapping
@@ -134,9 +133,9 @@ class HttpClient:
                 content = await reader.read(self.max_body)
             return Response(status, content, response_headers)
         finally:
+            # Not awaiting wait_closed(): a request cancelled at exit (a deadline, a shutdown)
+            # must not wait on a peer; the loop finishes closing the socket by itself.
             writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
 
     def _tls_context(self) -> ssl.SSLContext:
         # Made on first use: a plain-http client (the usual case here) never loads a CA store.
