@@ -189,7 +189,10 @@ class BuildkiteWorker:
                     wait = reg.ping_interval + self.rng.uniform(0, reg.ping_interval)
                     if idle_limit > 0:
                         wait = min(wait, max(0.0, idle_since + idle_limit - self.clock()))
-                    await asyncio.wait_for(self._stop.wait(), wait)
+                    # A timeout scope, not wait_for (see ProtectionKeeper.run): this task is
+                    # cancelled when the server marks the agent lost, and must then end.
+                    async with asyncio.timeout(wait):
+                        await self._stop.wait()
                     break
                 except TimeoutError:
                     pass
