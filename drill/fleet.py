@@ -218,48 +218,6 @@ class ScaledDelays:
             return self._due.get(body)
 
 
-def drill_controller(settings: Any, session: Any, clock: DrillClock) -> Any:
-    """The controller as ``lambdas.runtime.build_controller`` builds it, on the drill clock.
-
-    The same objects and client configuration; the clock is the one thing that differs
-    (``build_controller`` uses the wall clock, and the drill compresses time).
-    """
-    from botocore.config import Config
-
-    from lambdas.drain.coordinator import CoordinatorClient, SecretToken
-    from lambdas.drain.core import DrainController
-    from lambdas.drain.ecs_fleet import EcsFleet
-    from lambdas.drain.lifecycle import LifecycleActions
-    from lambdas.drain.state import DynamoDrainStore
-    from lambdas.drain.ticks import SqsTicks
-    from lambdas.runtime import PowertoolsMetrics
-
-    config = Config(retries={"mode": "adaptive", "max_attempts": 6}, connect_timeout=3)
-    token = SecretToken(
-        session.client("secretsmanager", config=config),
-        settings.coordinator_token_secret_arn,
-        clock=time.monotonic,
-    )
-    coordinator = CoordinatorClient(
-        settings.coordinator_url, settings.coordinator_org, token.get, token.invalidate
-    )
-    return DrainController(
-        settings,
-        DynamoDrainStore(
-            session.client("dynamodb", config=config),
-            settings.table_name,
-            clock,
-            settings.record_ttl,
-        ),
-        EcsFleet(session.client("ecs", config=config), settings.cluster, clock),
-        coordinator,
-        LifecycleActions(session.client("autoscaling", config=config)),
-        SqsTicks(session.client("sqs", config=config), settings.queue_url),
-        PowertoolsMetrics(),
-        clock,
-    )
-
-
 _QUIET = ("fleetdrain", "fleetdrain.drain", "moto", "botocore", "boto3")
 
 
@@ -358,7 +316,7 @@ def local_fleet(
         deployment = deploy_stack(params, session=session)
         logging.getLogger("moto").setLevel(logging.CRITICAL)  # deploy_stack sets its own
         settings = Settings.from_env(deployment.function("DrainMonitorFunction").environment)
-        controller = drill_controller(settings, session, clock)
+        controller = lambda_runtime.build_controller(settings, session, clock=clock)
         lambda_runtime.set_controller(controller)
         stack.callback(lambda_runtime.set_controller, None)
 

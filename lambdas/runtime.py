@@ -67,8 +67,14 @@ def controller() -> DrainController:
     return _controller
 
 
-def build_controller(settings: Settings, session: Any = None) -> DrainController:
-    """Real AWS clients (adaptive retries, short timeouts) behind the core's small objects."""
+def build_controller(
+    settings: Settings, session: Any = None, *, clock: Callable[[], float] = time.time
+) -> DrainController:
+    """Real AWS clients (adaptive retries, short timeouts) behind the core's small objects.
+
+    ``clock`` (epoch seconds) is what every drain time is measured on: the wall clock in
+    Lambda; the drill passes its compressed clock, so the controller it runs is this one.
+    """
     import boto3
     from botocore.config import Config
 
@@ -84,7 +90,6 @@ def build_controller(settings: Settings, session: Any = None) -> DrainController
         read_timeout=10,
     )
     session = session or boto3.session.Session()
-    clock = time.time
     coordinator = None
     if settings.coordinator_url and settings.coordinator_org:
         token = SecretToken(
