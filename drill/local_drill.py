@@ -56,6 +56,25 @@ SCENARIOS: dict[str, tuple[ScenarioKind, str]] = {
         "after",
         "coordinator 5xx/latency/401 bursts during drains; duplicate and reordered events",
     ),
+    "wrapped-stop-task": (
+        "after",
+        "stop-task under a build, the agent behind wrap: SIGTERM passed on, it finishes there",
+    ),
+    "wrapped-scale-in": (
+        "after",
+        "scale-in under a long build, every agent behind wrap: IMDS soft drain, wraps hold, "
+        "hook completes",
+    ),
+    "wrapped-spot": (
+        "after",
+        "spot under a build that cannot finish, agents behind wrap: SIGQUIT before the "
+        "notice's deadline, agent_stop, retried",
+    ),
+    "wrapped-worker-scale-in": (
+        "after",
+        "scale-in under a non-Buildkite queue worker behind wrap: busy from its children, "
+        "protected, its unit completes",
+    ),
     "shell-pid1": ("before", "sh -c as PID 1 never forwards SIGTERM: SIGKILL, build lost"),
     "heartbeat-stops": (
         "before",

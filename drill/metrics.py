@@ -24,14 +24,24 @@ def fill_report(run: Run) -> None:
         report.passed += 1 if step.outcome == "passed" else 0
         if step.outcome != "passed" and report.kind == "after":
             report.notes.append(f"build {key}: {step.outcome}")
+    units = run.work.units() if run.work is not None else []
+    for unit in units:
+        # A non-Buildkite worker's unit of work counts as a build: run once claimed, passed
+        # once its completion marker exists, lost when claimed and killed before that.
+        report.jobs_run += 1 if unit.claimed_by else 0
+        report.passed += 1 if unit.done_by else 0
+        report.lost += 1 if unit.lost else 0
+        if not unit.done_by and report.kind == "after":
+            report.notes.append(f"unit {unit.name}: {'lost' if unit.lost else 'never taken'}")
     report.longest_drain_seconds = _longest_drain(run)
     report.hook_completion_latency_seconds = _hook_latency(run)
     gaps = [coord.heartbeat_gaps(a.id) for a in coord.agents() if a.connected_at is not None]
     if gaps:
         report.max_heartbeat_gap_intervals = round(max(gaps) / HEARTBEAT_INTERVAL, 2)
     if report.kind == "after":
+        expected = len(run.keys) + len(units)
         report.ok = (
-            bool(run.keys) and report.passed == len(run.keys) and report.lost == 0
+            expected > 0 and report.passed == expected and report.lost == 0
         ) and not report.notes
     else:
         report.ok = report.lost > 0

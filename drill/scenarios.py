@@ -18,8 +18,9 @@ from typing import Any
 
 from drill.coordinator import Fault, RetryRule
 from drill.fleet import CLUSTER, LOST_AGENT_TIMEOUT, Fleet
+from drill.queue_worker import UnitWatch, WorkQueue
 from drill.report import ScenarioKind, ScenarioReport
-from drill.task_runtime import RunningTask, TaskDefinition
+from drill.task_runtime import AGENT_PROGRAM, RunningTask, TaskDefinition
 
 #: The pipeline's retry rules, as Buildkite recommends for agents that can go away.
 RETRY = [RetryRule(exit_status="-1", limit=2), RetryRule(signal_reason="agent_stop", limit=2)]
@@ -27,6 +28,25 @@ FAMILY = "ci-agents"
 STOP_TIMEOUT = 120.0  # the task definition's stopTimeout (infra/)
 CANCEL_GRACE = 10.0  # the agent's defaults
 DRAIN_MARGIN = 5.0
+IMDS_POLL = 5.0  # wrap's --imds-poll-interval default
+BUSY_INTERVAL = 1.0  # wrap's --busy-interval default
+WRAPPED_FAMILY = "ci-agents-wrapped"
+WORKER_FAMILY = "queue-workers"
+#: wrap as infra/wrap.Dockerfile has it, with the task definition's additions: PID 1, task
+#: protection while busy, IMDS notices.
+WRAP_ENTRYPOINT = (AGENT_PROGRAM, "wrap", "--task-protection", "--watch-imds", "--")
+#: Our agent in the Go agent's place behind wrap. The Go agent has no stop timeout of its own
+#: (wrap's deadline drives it, with SIGQUIT) and does no task protection (wrap's job): so
+#: neither does its stand-in. It tags itself from ECS and IMDS as infra/ configures it.
+GO_AGENT_STAND_IN = (
+    AGENT_PROGRAM,
+    "start",
+    "--tags-from-ecs-meta-data",
+    "--tags-from-ec2-meta-data",
+    "--no-task-protection",
+    "--stop-timeout",
+    "86400",
+)
 
 
 @dataclass
@@ -49,6 +69,8 @@ class Run:
     report: ScenarioReport
     keys: list[str] = field(default_factory=list)
     tasks: list[RunningTask] = field(default_factory=list)
+    #: The queue of a non-Buildkite worker scenario: its units count as its builds.
+    work: WorkQueue | None = None
 
     # -- time
 
@@ -75,6 +97,62 @@ class Run:
         )
         self.fleet.runtime.register(definition)
         return definition
+
+    def wrap_environment(self) -> tuple[tuple[str, str], ...]:
+        """wrap's settings in the container's environment (infra/wrap.Dockerfile's ``ENV``),
+        durations at the drill's pace; wrap's own /status on a port of its own."""
+        return (
+            ("FLEETDRAIN_HEALTH_CHECK_ADDR", "127.0.0.1:{port:wrap}"),
+            ("BUILDKITE_CANCEL_GRACE_PERIOD", f"{self.wall(CANCEL_GRACE):.3f}"),
+            ("FLEETDRAIN_DRAIN_MARGIN", f"{self.wall(DRAIN_MARGIN):.3f}"),
+            ("FLEETDRAIN_IMDS_POLL_INTERVAL", f"{self.wall(IMDS_POLL):.3f}"),
+            ("FLEETDRAIN_BUSY_INTERVAL", f"{self.wall(BUSY_INTERVAL):.3f}"),
+        )
+
+    def wrapped_definition(self, family: str = WRAPPED_FAMILY) -> TaskDefinition:
+        """The agent behind wrap: ``entryPoint`` wrap, ``command`` the agent (as a task
+        definition for infra/wrap.Dockerfile's image registers them)."""
+        definition = TaskDefinition(
+            family,
+            STOP_TIMEOUT,
+            entry_point=WRAP_ENTRYPOINT,
+            command=GO_AGENT_STAND_IN,
+            environment=(
+                *self.wrap_environment(),
+                ("BUILDKITE_AGENT_HEALTH_CHECK_ADDR", "127.0.0.1:{port:agent}"),
+                *(
+                    [("FLEETDRAIN_BUSY_PROBE", f"http://127.0.0.1:{{port:agent}}{BUSY_PROBE_PATH}")]
+                    if BUSY_PROBE_PATH is not None
+                    else []
+                ),
+            ),
+            status_port="wrap",
+        )
+        self.fleet.runtime.register(definition)
+        return definition
+
+    def worker_definition(self, work: WorkQueue, family: str = WORKER_FAMILY) -> TaskDefinition:
+        """A queue consumer behind wrap: no busy probe (busy = it has children)."""
+        definition = TaskDefinition(
+            family,
+            STOP_TIMEOUT,
+            entry_point=WRAP_ENTRYPOINT,
+            command=("/bin/bash", str(work.script)),
+            environment=(*self.wrap_environment(), *work.environment(self.wall(1))),
+            status_port="wrap",
+        )
+        self.fleet.runtime.register(definition)
+        return definition
+
+    def start_worker(self, instance: int, name: str, family: str = WORKER_FAMILY) -> RunningTask:
+        """A worker task on the fleet's ``instance``-th instance, its worker running (wrap
+        says ``idle``: there is no coordinator agent to wait for)."""
+        task = self.fleet.runtime.run_task(self.fleet.instances[instance], family, name=name)
+        self.tasks.append(task)
+        self.fleet.wait(
+            lambda: wrap_state(task) == "idle", self.wall(300), f"{name}'s worker to start"
+        )
+        return task
 
     def start(self, instance: int, name: str, family: str = FAMILY) -> RunningTask:
         """An agent task on the fleet's ``instance``-th instance, connected."""
@@ -155,18 +233,19 @@ class Run:
 # ---------------------------------------------------------------------------- after
 
 
-def stop_task(run: Run) -> None:
+def stop_task(run: Run, name: str = "stop-task", family: str = FAMILY) -> None:
     """``ecs stop-task`` under a running build: it finishes on the same agent."""
-    run.agent_definition()
-    task = run.start(0, "stop-task-a1")
-    job = run.job("stop-task", 25)
+    if family == FAMILY:
+        run.agent_definition()
+    task = run.start(0, f"{name}-a1", family)
+    job = run.job(name, 25)
     run.running(job)
     run.sleep(5)
     run.stop_task(task, "game day: stop-task under a build")
     run.outcomes(200)
     run.fleet.runtime.wait_stopped([task], run.wall(60))
     expect_clean_exit(run, [task])
-    if run.fleet.coord.step("stop-task").retries:
+    if run.fleet.coord.step(name).retries:
         run.note("the build was retried: it should have finished where it ran")
 
 
@@ -225,37 +304,37 @@ def replace_old_tasks(run: Run, old: list[RunningTask]) -> None:
         run.note(f"still protected after 600s: {[t.name for t in pending]}")
 
 
-def scale_in(run: Run) -> None:
+def scale_in(run: Run, name: str = "scale-in", family: str = FAMILY) -> None:
     """ASG scale-in under a build longer than stopTimeout: the two-phase drain lets it finish,
     then the hook completes."""
-    run.agent_definition()
-    busy = run.start(0, "scale-in-a1")
-    job = run.job("scale-in", 200)
-    run.running(job, on="scale-in-a1")
-    idle = run.start(0, "scale-in-a2")
-    run.start(1, "scale-in-b1")
+    if family == FAMILY:
+        run.agent_definition()
+    busy = run.start(0, f"{name}-a1", family)
+    job = run.job(name, 200)
+    run.running(job, on=f"{name}-a1")
+    idle = run.start(0, f"{name}-a2", family)
+    run.start(1, f"{name}-b1", family)
     run.fleet.runtime.scale_in(run.fleet.instances[0])
     run.outcomes(400)
     rec = run.wait_drain_done(0, 200)
-    action = run.fleet.gaps.actions[run.fleet.instances[0]]
     run.fleet.runtime.wait_stopped([busy, idle], run.wall(60))
     expect_clean_exit(run, [busy, idle])
-    if action.result != "CONTINUE" or action.state != "completed":
-        run.note(f"lifecycle action {action.state} ({action.result}), not completed CONTINUE")
+    expect_hook_continued(run, 0)
     if rec.forced_at is not None:
         run.note("the drain was forced")
-    if run.fleet.coord.step("scale-in").retries:
+    if run.fleet.coord.step(name).retries:
         run.note("the long build was retried instead of finishing")
 
 
-def spot(run: Run) -> None:
+def spot(run: Run, name: str = "spot", family: str = FAMILY) -> None:
     """A spot interruption under a build that cannot finish in two minutes: cancelled and
     reported ``agent_stop`` before the instance dies, retried on another instance, passes."""
-    run.agent_definition()
-    doomed = run.start(0, "spot-a1")
-    job = run.job("spot", 600, first_attempt_only=True)
-    run.running(job, on="spot-a1")
-    run.start(1, "spot-b1")  # where the retry can run
+    if family == FAMILY:
+        run.agent_definition()
+    doomed = run.start(0, f"{name}-a1", family)
+    job = run.job(name, 600, first_attempt_only=True)
+    run.running(job, on=f"{name}-a1")
+    run.start(1, f"{name}-b1", family)  # where the retry can run
     notice = run.fleet.clock()
     run.fleet.runtime.spot_interruption(run.fleet.instances[0])
     run.outcomes(400)
@@ -269,7 +348,7 @@ def spot(run: Run) -> None:
         explain_spot_race(run, doomed, notice)
     if doomed.exit_code == 137:
         run.note("the agent was SIGKILLed with the instance")
-    if not run.fleet.coord.step("spot").retries:
+    if not run.fleet.coord.step(name).retries:
         run.note("the build was not retried")
 
 
@@ -369,6 +448,117 @@ def faults(run: Run) -> None:
         run.note("an agent was SIGKILLed")
 
 
+# ---------------------------------------------------------------------------- wrapped
+
+#: What wrap's busy probe would ask the agent behind it; None: no probe, busy while the agent
+#: has a child process (it runs each job as one, and has none while idle). The Go agent's
+#: probe is ``/status.json`` with ``aggregate_status`` idle/busy (infra/wrap.Dockerfile). Ours
+#: serves neither: its ``/status`` says ``state`` and always answers 200, which wrap's probe
+#: reads as busy for good (protection never off, even before the agent has registered).
+#: Once ``start``'s /status carries ``aggregate_status``, set this to "/status".
+BUSY_PROBE_PATH: str | None = None
+
+
+def wrapped_stop_task(run: Run) -> None:
+    """``stop-task`` with the agent behind wrap: wrap passes SIGTERM on, the agent finishes
+    the build, wrap exits with its status."""
+    run.wrapped_definition()
+    stop_task(run, "wrapped-stop-task", WRAPPED_FAMILY)
+    expect_wrap_never_killed(run)
+
+
+def wrapped_scale_in(run: Run) -> None:
+    """``scale-in`` with every agent behind wrap: wrap sees the lifecycle state in IMDS and
+    drains its agent softly, the controller pauses it too; the long build finishes, the wraps
+    hold their tasks up until DRAINING, the hook completes."""
+    run.wrapped_definition()
+    scale_in(run, "wrapped-scale-in", WRAPPED_FAMILY)
+    expect_wrap_never_killed(run)
+
+
+def wrapped_spot(run: Run) -> None:
+    """``spot`` with every agent behind wrap: the deadline is the notice's (from IMDS), wrap
+    sends the force signal before it, the agent cancels and reports ``agent_stop``, the retry
+    passes elsewhere."""
+    run.wrapped_definition()
+    spot(run, "wrapped-spot", WRAPPED_FAMILY)
+    expect_wrap_never_killed(run)
+
+
+def wrapped_worker_scale_in(run: Run) -> None:
+    """ASG scale-in under a queue consumer behind wrap that never talks to the coordinator:
+    busy from its children, task protection on while it works, soft drain from IMDS's
+    target lifecycle state; the controller sees it busy only through ``GetTaskProtection``.
+    The unit in hand (longer than stopTimeout) completes, new units go to the other instance,
+    the hook completes; a unit killed half-way would be lost."""
+    fleet = run.fleet
+    work = WorkQueue(fleet.workdir / "work")
+    run.work = work
+    run.worker_definition(work)
+    with UnitWatch(work, fleet.timeline.record):
+        a1 = run.start_worker(0, "worker-a1")
+        work.submit("unit-1", run.wall(200))
+        fleet.wait(
+            lambda: work.unit("unit-1").claimed_by == "worker-a1",
+            run.wall(60),
+            "worker-a1 to take unit-1",
+        )
+        fleet.wait(lambda: protected(run, a1), run.wall(60), "worker-a1's task protection")
+        run.start_worker(1, "worker-b1")
+        fleet.runtime.scale_in(fleet.instances[0])
+        # Work that comes in during the drain: only the other instance may take it.
+        for unit in ("unit-2", "unit-3"):
+            work.submit(unit, run.wall(20))
+        # Every unit completed, or lost: claimed by the worker that has stopped without it.
+        fleet.wait(
+            lambda: all(u.done_by or (u.lost and a1.stopped.is_set()) for u in work.units()),
+            run.wall(400),
+            "every unit to complete",
+        )
+        rec = run.wait_drain_done(0, 200)
+        fleet.runtime.wait_stopped([a1], run.wall(60))
+    expect_clean_exit(run, [a1])
+    expect_hook_continued(run, 0)
+    expect_wrap_never_killed(run)
+    if rec.forced_at is not None:
+        run.note("the drain was forced")
+    units = {u.name: u for u in work.units()}
+    if units["unit-1"].done_by != "worker-a1":
+        run.note(f"unit-1 was not completed where it ran: {units['unit-1']}")
+    for name in ("unit-2", "unit-3"):
+        if units[name].claimed_by not in (None, "worker-b1"):
+            run.note(f"{name} was taken by {units[name].claimed_by} while it drained")
+    done_at = next(
+        (e.t for e in fleet.timeline.sorted() if e.subject == "unit-1" and "completed" in e.what),
+        None,
+    )
+    draining = [e.t for e in fleet.timeline.sorted() if e.what == "DRAINING"]
+    if done_at is not None and draining and min(draining) < done_at:
+        run.note("DRAINING came before the protected worker's unit completed")
+
+
+def wrap_state(task: RunningTask) -> str | None:
+    """wrap's own state (its /status), or None when it does not answer."""
+    import httpx
+
+    port = task.ports.get("wrap")
+    if port is None:
+        return None
+    try:
+        body = httpx.get(f"http://127.0.0.1:{port}/status", timeout=1.0).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    state = body.get("state") if isinstance(body, dict) else None
+    return state if isinstance(state, str) else None
+
+
+def expect_wrap_never_killed(run: Run) -> None:
+    """wrap's deadline SIGKILL is its last resort: in these scenarios it must never come."""
+    for task in run.fleet.runtime.tasks.values():
+        if "SIGKILL to the worker" in task.process.output():
+            run.note(f"wrap SIGKILLed {task.name}'s worker at its deadline")
+
+
 # ---------------------------------------------------------------------------- before
 
 
@@ -413,6 +603,12 @@ def protected(run: Run, task: RunningTask) -> bool:
     with run.fleet.lock:
         out = run.fleet.client("ecs").get_task_protection(cluster=CLUSTER, tasks=[task.arn])
     return any(p.get("protectionEnabled") for p in out.get("protectedTasks", []))
+
+
+def expect_hook_continued(run: Run, instance: int) -> None:
+    action = run.fleet.gaps.actions[run.fleet.instances[instance]]
+    if action.result != "CONTINUE" or action.state != "completed":
+        run.note(f"lifecycle action {action.state} ({action.result}), not completed CONTINUE")
 
 
 def expect_clean_exit(run: Run, tasks: list[RunningTask]) -> None:
@@ -469,6 +665,33 @@ SPECS: dict[str, Spec] = {
         3,
         faults,
         notification_queue=True,
+    ),
+    "wrapped-stop-task": Spec(
+        "after",
+        "stop-task under a build, the agent behind wrap: SIGTERM passed on, it finishes there",
+        1,
+        wrapped_stop_task,
+    ),
+    "wrapped-scale-in": Spec(
+        "after",
+        "scale-in under a long build, every agent behind wrap: IMDS soft drain, wraps hold, "
+        "hook completes",
+        2,
+        wrapped_scale_in,
+    ),
+    "wrapped-spot": Spec(
+        "after",
+        "spot under a build that cannot finish, agents behind wrap: SIGQUIT before the "
+        "notice's deadline, agent_stop, retried",
+        2,
+        wrapped_spot,
+    ),
+    "wrapped-worker-scale-in": Spec(
+        "after",
+        "scale-in under a non-Buildkite queue worker behind wrap: busy from its children, "
+        "protected, its unit completes",
+        2,
+        wrapped_worker_scale_in,
     ),
     "shell-pid1": Spec(
         "before", "sh -c as PID 1 never forwards SIGTERM: SIGKILL, build lost", 1, shell_pid1

@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import signal
 import socket
@@ -92,9 +93,26 @@ class DrillClock:
         return max(0, math.ceil(drill_seconds / self.scale)) if drill_seconds > 0 else 0
 
 
+#: The program name images put on PATH; in the drill it runs this checkout's agent.
+AGENT_PROGRAM = "fleetdrain-agent"
+#: ``{port:NAME}`` in a container's environment: a loopback port of the task's own.
+_PORT = re.compile(r"\{port:([a-z0-9_-]+)\}")
+
+
 @dataclass(frozen=True)
 class TaskDefinition:
-    """What the runtime needs of a task definition (the agent's container)."""
+    """What the runtime needs of a task definition (the agent's container).
+
+    Two ways to say what the container runs:
+
+    - ``entry_point`` None: the agent image's own ``ENTRYPOINT ["fleetdrain-agent", "start"]``
+      (agent/Dockerfile) with flags the runtime adds (name, endpoint, health address, scaled
+      stop timeout) and ``agent_args``.
+    - ``entry_point`` (and ``command``): the container definition's ``entryPoint`` and
+      ``command``, run as written (exec form: ``entry_point[0]`` is PID 1), as a task
+      definition for another image (infra/wrap.Dockerfile's) registers them. Per-task values
+      come in the environment, as ECS gives them: see :meth:`TaskRuntime.task_environment`.
+    """
 
     family: str
     stop_timeout: float = 120.0  # drill seconds, the container's stopTimeout
@@ -104,6 +122,14 @@ class TaskDefinition:
     #: anti-pattern that never forwards SIGTERM). False: exec form, the agent is PID 1.
     shell_entrypoint: bool = False
     container_name: str = "agent"
+    entry_point: tuple[str, ...] | None = None
+    command: tuple[str, ...] = ()
+    #: The container's ``environment``. ``{port:NAME}`` in a value becomes a loopback port of
+    #: the task's own: on ECS each task has its own network namespace and can use fixed ports
+    #: (3901, 3902); here the tasks share one, as with dynamic host ports.
+    environment: tuple[tuple[str, str], ...] = ()
+    #: Which ``{port:NAME}`` serves the task's PID 1 ``/status`` (the drill's timeline).
+    status_port: str = "agent"
 
 
 @dataclass
@@ -124,6 +150,8 @@ class RunningTask:
     exit_code: int | None = None
     stopped_at: float | None = None  # wall, monotonic
     stopped: threading.Event = field(default_factory=threading.Event)
+    #: The loopback ports the task was given (``{port:NAME}``; ``agent`` for the agent image).
+    ports: dict[str, int] = field(default_factory=dict)
 
 
 class TaskRuntime:
@@ -185,18 +213,20 @@ class TaskRuntime:
 
     def register(self, definition: TaskDefinition) -> None:
         """Register the task definition with ECS (moto) and remember its runtime details."""
+        container: dict[str, Any] = {
+            "name": definition.container_name,
+            "image": "fleetdrain-agent:latest",
+            "memory": 512,
+            "essential": True,
+            "stopTimeout": int(definition.stop_timeout),
+        }
+        if definition.entry_point is not None:
+            container["entryPoint"] = list(definition.entry_point)
+            container["command"] = list(definition.command)
+            container["environment"] = [{"name": k, "value": v} for k, v in definition.environment]
         with self.lock:
             self.ecs.register_task_definition(
-                family=definition.family,
-                containerDefinitions=[
-                    {
-                        "name": definition.container_name,
-                        "image": "fleetdrain-agent:latest",
-                        "memory": 512,
-                        "essential": True,
-                        "stopTimeout": int(definition.stop_timeout),
-                    }
-                ],
+                family=definition.family, containerDefinitions=[container]
             )
         self.definitions[definition.family] = definition
 
@@ -247,18 +277,26 @@ class TaskRuntime:
         )
         self._names += 1
         name = name or f"{family}-{self._names}"
-        port = _free_port()
-        process = self._spawn(definition, name, task_id, instance_id, port)
+        ports: dict[str, int] = {}
+        if definition.entry_point is None:
+            ports["agent"] = _free_port()
+            process = self._spawn(definition, name, task_id, instance_id, ports["agent"])
+        else:
+            process = self._spawn_container(definition, name, task_id, instance_id, ports)
+        port = ports.get(definition.status_port)
         task = RunningTask(arn, task_id, instance_id, family, group, name, process, definition)
+        task.ports = ports
         self.tasks[arn] = task
         self.record("task", name, "RUNNING", {"task_arn": arn, "instance": instance_id})
         self._thread(self._watch, task, name=f"watch-{name}")
-        self._thread(self._watch_status, task, port, name=f"status-{name}")
+        if port is not None:
+            self._thread(self._watch_status, task, port, name=f"status-{name}")
         return task
 
     def _watch_status(self, task: RunningTask, port: int) -> None:
         """Put the agent's own state (its ``/status``: idle, busy, draining, stopping...) on
-        the timeline as it changes."""
+        the timeline as it changes; ``holding`` for a wrapper that stays up after a soft drain
+        (its worker gone, waiting for ECS to stop the task)."""
         import httpx
 
         last: str | None = None
@@ -269,6 +307,8 @@ class TaskRuntime:
                 except (httpx.HTTPError, ValueError):
                     body = None
                 state = body.get("state") if isinstance(body, dict) else None
+                if isinstance(body, dict) and body.get("holding") is True:
+                    state = "holding"
                 if isinstance(state, str) and state != last:
                     last = state
                     detail = {"deadline_in_seconds": body.get("deadline_in_seconds")}
@@ -309,6 +349,68 @@ class TaskRuntime:
             return spawn_agent([], log_path=log_path, env=env, pid1=self.pid1,
                                command=["/bin/sh", "-c", script])  # fmt: skip
         return spawn_agent(args, log_path=log_path, env=env, pid1=self.pid1)
+
+    def task_environment(
+        self, definition: TaskDefinition, name: str, task_id: str, instance_id: str
+    ) -> tuple[dict[str, str], dict[str, int]]:
+        """A container's environment as ECS would give it (and the ports it was given).
+
+        The container definition's own ``environment`` (its ``{port:NAME}`` filled in), plus
+        what ECS and the task's secrets supply per task: the metadata and agent URIs, the
+        agent token and endpoint, a name, a build path, and ``FLEETDRAIN_STOP_TIMEOUT`` equal
+        to the container's stopTimeout (in wall seconds at the drill's pace), as infra/ sets
+        it.
+        """
+        ports: dict[str, int] = {}
+
+        def port(match: re.Match[str]) -> str:
+            return str(ports.setdefault(match.group(1), _free_port()))
+
+        env = {
+            **self.agent_env,
+            **self.standin.env_for(task_id),
+            "BUILDKITE_AGENT_TOKEN": self.registration_token,
+            "BUILDKITE_AGENT_ENDPOINT": self.endpoint,
+            "BUILDKITE_AGENT_NAME": name,
+            "BUILDKITE_BUILD_PATH": str(self.workdir / "builds" / name),
+            "FLEETDRAIN_STOP_TIMEOUT": f"{self.clock.wall(definition.stop_timeout):.3f}",
+            # Not an ECS variable: the name the drill's timeline knows this task by.
+            "DRILL_TASK_NAME": name,
+        }
+        if self.imds is not None:
+            env["FLEETDRAIN_IMDS_ENDPOINT"] = self.imds.base_url_for(instance_id)
+        for key, value in definition.environment:
+            env[key] = _PORT.sub(port, value)
+        return env, ports
+
+    def _spawn_container(
+        self,
+        definition: TaskDefinition,
+        name: str,
+        task_id: str,
+        instance_id: str,
+        ports: dict[str, int],
+    ) -> AgentProcess:
+        """Run the container's ``entryPoint`` + ``command`` as written, exec form: the first
+        word is PID 1. ``fleetdrain-agent`` is on the container's PATH (:meth:`_image_path`)."""
+        assert definition.entry_point is not None
+        env, given = self.task_environment(definition, name, task_id, instance_id)
+        ports.update(given)
+        env["PATH"] = os.pathsep.join([str(self._image_path()), os.environ.get("PATH", "")])
+        argv = [*definition.entry_point, *definition.command]
+        log_path = self.workdir / f"{name}.log"
+        return spawn_agent([], log_path=log_path, env=env, pid1=self.pid1, command=argv)
+
+    def _image_path(self) -> Path:
+        """A PATH directory with ``fleetdrain-agent`` in it, the image's console script: this
+        interpreter running this checkout's agent (``exec``: no process of its own)."""
+        bin_dir = self.workdir / "bin"
+        shim = bin_dir / AGENT_PROGRAM
+        if not shim.exists():
+            bin_dir.mkdir(parents=True, exist_ok=True)
+            shim.write_text(f'#!/bin/sh\nexec {shlex.join(agent_command())} "$@"\n')
+            shim.chmod(0o755)
+        return bin_dir
 
     def _watch(self, task: RunningTask) -> None:
         code = task.process.popen.wait()
@@ -451,10 +553,12 @@ class TaskRuntime:
         """The two-minute warning: the event now, the instance reclaimed when it runs out."""
         with self.lock:
             event = self.gaps.spot_interruption(instance_id)
-        if self.imds is not None:
-            when = datetime.fromtimestamp(self.clock() + SPOT_NOTICE_SECONDS, UTC)
-            self.imds.set_spot_action(when, instance_id=instance_id)
         wall = self.clock.wall(SPOT_NOTICE_SECONDS)
+        if self.imds is not None:
+            # The notice's time is read by processes against their own clock, the wall clock:
+            # in the agents' frame the instance goes in two minutes of drill time, ``wall``.
+            when = datetime.fromtimestamp(time.time() + wall, UTC)
+            self.imds.set_spot_action(when, instance_id=instance_id)
         self.record("instance", instance_id, "spot interruption notice", {})
         self.record(
             "deadline", instance_id, "instance reclaimed (spot 120s)", {}, time.monotonic() + wall
