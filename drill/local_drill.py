@@ -67,8 +67,8 @@ SCENARIOS: dict[str, tuple[ScenarioKind, str]] = {
     ),
     "wrapped-spot": (
         "after",
-        "spot under a build that cannot finish, agents behind wrap: SIGQUIT before the "
-        "notice's deadline, agent_stop, retried",
+        "spot under a build that cannot finish, agents behind wrap (IMDS notice): cancelled "
+        "before the instance goes, agent_stop, retried",
     ),
     "wrapped-worker-scale-in": (
         "after",

@@ -14,6 +14,7 @@ claimed and has no ``done`` file when the scenario ends was killed half-way: los
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,9 +131,8 @@ def _line(path: Path, index: int) -> str | None:
 class UnitWatch:
     """Puts the units on the timeline as workers claim and complete them (polls the queue)."""
 
-    def __init__(
-        self, queue: WorkQueue, record: Callable[[str, str, str, dict[str, object]], None]
-    ) -> None:
+    def __init__(self, queue: WorkQueue, record: Callable[..., None]) -> None:
+        """``record(kind, subject, what, detail, at)``: the fleet timeline's ``record``."""
         self.queue = queue
         self.record = record
         self._seen: dict[str, Unit] = {}
@@ -157,7 +157,19 @@ class UnitWatch:
         for unit in self.queue.units():
             before = self._seen.get(unit.name, Unit(unit.name, None, None))
             if unit.claimed_by and not before.claimed_by:
-                self.record("job", unit.name, f"running on {unit.claimed_by}", {})
+                at = _written_at(self.queue.claimed / unit.name)
+                self.record("job", unit.name, f"running on {unit.claimed_by}", {}, at)
             if unit.done_by and not before.done_by:
-                self.record("job", unit.name, f"completed on {unit.done_by}", {})
+                at = _written_at(self.queue.done / unit.name)
+                self.record("job", unit.name, f"completed on {unit.done_by}", {}, at)
             self._seen[unit.name] = unit
+
+
+def _written_at(path: Path) -> float | None:
+    """When the worker wrote the file, as a ``time.monotonic()`` stamp (the timeline's clock),
+    not when this watch happened to look."""
+    try:
+        mtime = path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    return time.monotonic() - max(0.0, time.time() - mtime)

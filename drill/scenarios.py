@@ -477,9 +477,12 @@ def wrapped_scale_in(run: Run) -> None:
 
 
 def wrapped_spot(run: Run) -> None:
-    """``spot`` with every agent behind wrap: the deadline is the notice's (from IMDS), wrap
-    sends the force signal before it, the agent cancels and reports ``agent_stop``, the retry
-    passes elsewhere."""
+    """``spot`` with every agent behind wrap: wrap reads the notice from IMDS and drains its
+    agent with the notice's deadline. The build is cancelled before the instance goes, by
+    whichever comes first: the controller's forced stop (notice + 120 - SpotMarginSeconds,
+    100 s) or wrap's force signal (the notice's time - cancel grace - margin, 105 s, earlier
+    here by up to a drill-compressed second, as IMDS gives whole seconds); either way it is
+    reported ``agent_stop`` and the retry passes elsewhere."""
     run.wrapped_definition()
     spot(run, "wrapped-spot", WRAPPED_FAMILY)
     expect_wrap_never_killed(run)
@@ -681,8 +684,8 @@ SPECS: dict[str, Spec] = {
     ),
     "wrapped-spot": Spec(
         "after",
-        "spot under a build that cannot finish, agents behind wrap: SIGQUIT before the "
-        "notice's deadline, agent_stop, retried",
+        "spot under a build that cannot finish, agents behind wrap (IMDS notice): cancelled "
+        "before the instance goes, agent_stop, retried",
         2,
         wrapped_spot,
     ),

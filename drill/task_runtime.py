@@ -300,6 +300,7 @@ class TaskRuntime:
         import httpx
 
         last: str | None = None
+        seen: set[str] = set()
         with httpx.Client(timeout=1.0) as http:
             while not task.stopped.is_set() and not self._closed.is_set():
                 try:
@@ -313,6 +314,12 @@ class TaskRuntime:
                     last = state
                     detail = {"deadline_in_seconds": body.get("deadline_in_seconds")}
                     self.record("agent", task.name, state, detail)
+                # wrap's IMDS watch: what it saw (a spot notice, lifecycle Terminated) and when.
+                notices = body.get("imds_notices") if isinstance(body, dict) else None
+                for notice in notices if isinstance(notices, list) else []:
+                    if notice not in seen:
+                        seen.add(notice)
+                        self.record("agent", task.name, f"IMDS {notice}", {})
                 task.stopped.wait(STATUS_POLL_INTERVAL)
 
     def _spawn(

@@ -16,6 +16,9 @@ from drill.task_runtime import TaskDefinition
 pytestmark = pytest.mark.timeout(90)
 
 SCALE = 10.0  # drill seconds per wall second
+WORKER = (
+    'echo "I am $DRILL_TASK_NAME, pid $$, wrap on $FLEETDRAIN_HEALTH_CHECK_ADDR"; exec sleep 30'
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +36,18 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         )
         # A shell-form entrypoint with a 20 s (drill) stopTimeout: SIGTERM never reaches the agent.
         f.runtime.register(TaskDefinition("shell", 20.0, shell_entrypoint=True))
+        # A container definition with its own entryPoint and command (wrap in front of a shell
+        # worker), and an environment with a port of the task's own.
+        f.runtime.register(
+            TaskDefinition(
+                "wrapped-sh",
+                120.0,
+                entry_point=("fleetdrain-agent", "wrap", "--"),
+                command=("/bin/sh", "-c", WORKER),
+                environment=(("FLEETDRAIN_HEALTH_CHECK_ADDR", "127.0.0.1:{port:wrap}"),),
+                status_port="wrap",
+            )
+        )
         yield f
 
 
@@ -127,6 +142,37 @@ def test_sigterm_that_is_never_heard_ends_in_sigkill_at_stop_timeout(fleet: Flee
     whats = [(e.kind, e.what) for e in fleet.timeline.sorted() if e.subject == "shell-1"]
     assert ("signal", "SIGTERM") in whats and ("signal", "SIGKILL") in whats
     assert whats.index(("signal", "SIGTERM")) < whats.index(("signal", "SIGKILL"))
+
+
+def test_a_container_runs_its_entry_point_and_command_as_registered(fleet: Fleet) -> None:
+    if not fleet.runtime.pid1:
+        pytest.skip("the entry point is PID 1 only in a PID namespace")
+    with fleet.lock:
+        registered = fleet.client("ecs").describe_task_definition(taskDefinition="wrapped-sh")
+    (container,) = registered["taskDefinition"]["containerDefinitions"]
+    # What infra/ would register: the definition's words, as written.
+    assert container["entryPoint"] == ["fleetdrain-agent", "wrap", "--"]
+    assert container["command"] == ["/bin/sh", "-c", WORKER]
+    assert container["environment"] == [
+        {"name": "FLEETDRAIN_HEALTH_CHECK_ADDR", "value": "127.0.0.1:{port:wrap}"}
+    ]
+    task = fleet.runtime.run_task(fleet.instances[0], "wrapped-sh", name="wrapped-sh-1")
+    port = task.ports["wrap"]
+    fleet.wait(lambda: "I am wrapped-sh-1" in task.process.output(), 10, "the worker to start")
+    # The entry point is PID 1 (wrap), the command its child (pid 2); the port was filled in.
+    assert f"pid 2, wrap on 127.0.0.1:{port}" in task.process.output()
+
+    def states() -> list[str]:
+        return [
+            e.what for e in fleet.timeline.sorted() if (e.kind, e.subject) == ("agent", task.name)
+        ]
+
+    fleet.wait(lambda: "idle" in states(), 10, "wrap's /status on the timeline")
+    stop_task(fleet, task.arn)
+    assert task.stopped.wait(10)
+    # sh has no SIGTERM handler: it died of wrap's graceful signal, and wrap passed that on.
+    assert task.exit_code == 143, task.process.output()
+    assert "sending SIGTERM to the worker" in task.process.output()
 
 
 def test_the_fleet_gives_logging_back() -> None:
