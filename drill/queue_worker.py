@@ -13,6 +13,7 @@ claimed and has no ``done`` file when the scenario ends was killed half-way: los
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -32,11 +33,8 @@ trap 'echo "$name: SIGQUIT: abandoning the unit in hand"
       if [ -n "$child" ]; then kill -KILL "$child" 2>/dev/null; fi
       exit 3' QUIT
 # Idle waits read from a FIFO nobody writes to: a timeout with no child process, because
-# `sleep` would be one, and a child is what makes this worker busy.
-idle=$(mktemp -u)
-mkfifo "$idle"
-exec 3<>"$idle"
-rm -f "$idle"
+# `sleep` would be one (so would mktemp or mkfifo), and a child is what makes it busy.
+exec 3<>"$IDLE_FIFO"
 echo "$name: consuming $QUEUE_DIR"
 while [ "$stopping" = 0 ]; do
     unit=
@@ -89,6 +87,9 @@ class WorkQueue:
         self.done = root / "done"
         for d in (self.queue, self.claimed, self.done):
             d.mkdir(parents=True, exist_ok=True)
+        self.idle_fifo = root / "idle.fifo"
+        if not self.idle_fifo.exists():
+            os.mkfifo(self.idle_fifo)
         self.script = root / "queue-worker.sh"
         self.script.write_text(WORKER_SCRIPT)
         self.script.chmod(0o755)
@@ -101,6 +102,7 @@ class WorkQueue:
             ("CLAIMED_DIR", str(self.claimed)),
             ("DONE_DIR", str(self.done)),
             ("IDLE_POLL", f"{idle_poll:.3f}"),
+            ("IDLE_FIFO", str(self.idle_fifo)),
         )
 
     def submit(self, name: str, wall_seconds: float) -> None:
