@@ -550,3 +550,25 @@ def test_a_server_cancel_of_a_job_on_a_working_agent_stays_cancel(make_fleet):
     assert not fleet.coord.job(job.id).retried
     proc.send(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0
+
+
+def test_a_finish_stuck_on_a_silent_server_since_before_sigterm_is_cut_at_the_deadline(make_fleet):
+    """The finish went out before there was a deadline and the server sits on it (30 s): when
+    SIGTERM brings a deadline, that attempt must end by it too, not at its own 30 s timeout."""
+    fleet = make_fleet(lost_agent_timeout=60.0)
+    proc, name, _ = fleet.agent("--stop-timeout", "4", "--cancel-grace-period", "2")
+    agent_id = fleet.agent_id(name)
+    stuck = fleet.coord.faults.add(
+        Fault(endpoint="finish", kind="latency", seconds=30, count=1, agent_id=agent_id)
+    )
+    fleet.coord.add_job("echo quick")
+    assert fleet.coord.wait_for(lambda c: stuck.fired == 1, 10), proc.output()
+    time.sleep(0.5)
+    sigterm_at = time.monotonic()
+    proc.send(signal.SIGTERM)
+    code = proc.wait(timeout=10)
+    exited_after = time.monotonic() - sigterm_at
+    # On its own terms (the last resort, 0.5 s before the deadline, exits 1).
+    assert code == 0, proc.output()
+    assert exited_after < 4.0 - 0.5, exited_after
+    assert "no answer before the deadline" in proc.output()

@@ -156,6 +156,8 @@ class AgentApi:
         self.token = token
         self.request_headers: dict[str, str] = {}
         self._log_retries = on_retry_log
+        #: Attempts under a ``done_by`` limit now in flight, with their limit.
+        self._in_flight: set[tuple[asyncio.Timeout, Deadline]] = set()
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -236,20 +238,26 @@ class AgentApi:
             return None if at is None else at - MIN_ATTEMPT_SECONDS
 
         async def once() -> httpx.Response:
-            at = end()
-            if at is None:
+            if done_by is None:
                 return await self._send(method, path, **kwargs)
-            left = at - self.clock()
-            if left <= 0:
+            at = end()
+            if at is not None and at - self.clock() <= 0:
                 raise RetryableError(f"{method} {path}: no time left before the deadline")
             # One attempt must not outlive the deadline either (a server that answers after
-            # 30 s, a connection that hangs): the whole attempt, not each read, is bounded.
+            # 30 s, a connection that hangs): the whole attempt, not each read, is bounded,
+            # and an attempt that started before there was a deadline gets it when it comes
+            # (see deadline_changed).
+            entry = (asyncio.timeout_at(self._loop_time(at)), done_by)
             try:
-                async with asyncio.timeout(left):
-                    return await self._send(method, path, **kwargs)
+                async with entry[0]:
+                    self._in_flight.add(entry)
+                    try:
+                        return await self._send(method, path, **kwargs)
+                    finally:
+                        self._in_flight.discard(entry)
             except TimeoutError:
                 raise RetryableError(
-                    f"{method} {path}: no answer within the {left:.2f}s left before the deadline"
+                    f"{method} {path}: no answer before the deadline (cut off)"
                 ) from None
 
         return await retrying(
@@ -260,6 +268,21 @@ class AgentApi:
             clock=self.clock,
             give_up_at=give_up_at,
         )
+
+    def deadline_changed(self) -> None:
+        """Re-read ``done_by`` for every attempt in flight: a deadline has appeared or moved
+        (SIGTERM, a spot notice), and an attempt that began without one must end by it too.
+        Call it from the event loop's thread."""
+        for scope, done_by in list(self._in_flight):
+            at = done_by()
+            if at is not None:
+                scope.reschedule(self._loop_time(at))
+
+    def _loop_time(self, at: float | None) -> float | None:
+        """``at`` on :attr:`clock` as event-loop time (None stays None)."""
+        if at is None:
+            return None
+        return asyncio.get_running_loop().time() + (at - self.clock())
 
     # -- calls -------------------------------------------------------------------------------
 

@@ -93,6 +93,8 @@ class BuildkiteWorker:
     def stop_gracefully(self, deadline: float | None) -> None:
         """Take no new job; finish the running one; disconnect; exit."""
         self.deadline = deadline
+        # Uploads and a finish already waiting on a slow server must end by it too.
+        self.api.deadline_changed()
         if not self._stop.is_set():
             log.info("graceful stop: %s", "draining the running job" if self.busy() else "idle")
         self._stop.set()
