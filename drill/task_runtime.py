@@ -3,7 +3,9 @@
 What the ECS container agent and EC2 do on a real host, done on this machine:
 
 - :meth:`TaskRuntime.run_task` starts the task in moto (``StartTask`` on the instance's
-  container instance) and then its process: ``fleetdrain-agent start`` as PID 1 of its own PID
+  container instance) and then its process: ``fleetdrain-agent start`` (the agent image's
+  entry point), or the container definition's own ``entryPoint`` + ``command`` (e.g.
+  ``fleetdrain-agent wrap -- ...``), as PID 1 of its own PID
   namespace where the machine allows it, with ``ECS_CONTAINER_METADATA_URI_V4`` and
   ``ECS_AGENT_URI`` pointing at an :class:`~drill.aws_endpoints.EcsAgentStandIn` that serves
   its metadata and task protection; protection it sets reaches ECS
