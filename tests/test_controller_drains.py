@@ -1175,3 +1175,38 @@ def test_draining_events_reach_the_monitor(world: World) -> None:
     assert [r["status"] for r in world.route(draining_event(world, b))] == ["ignored"]
     world.run_until(lambda: world.record(a).phase == "done", limit=60)
     assert world.coord.job(agent.job_id or "").passed
+
+
+def test_later_steps_ask_for_known_agents_one_by_one(world: World) -> None:
+    a, b = world.build(instances=2)
+    world.controller(tick_interval=20, heartbeat_interval=60)
+    busy = world.add_agent(a, job_seconds=100)
+    idle = world.add_agent(a)
+    for _ in range(300):  # the organization's agents fill four pages
+        world.add_agent(b)
+    client = world.ctl.coordinator
+    assert isinstance(client, CoordinatorClient)
+    world.emit(world.gaps.begin_termination(a))
+    rec = world.record(a)
+    assert rec.agent_ids == {busy.task_arn: busy.agent_id, idle.task_arn: idle.agent_id}
+    assert rec.listing_pages == 4, "what a listing costs: the per-agent asks are cheaper"
+    before = client.requests
+    world.advance(20)  # one tick, one step
+    assert world.record(a).steps == rec.steps + 1
+    assert client.requests - before == 2, "one GET an agent, not four pages of the organization"
+
+    # The idle task's agent re-registers (a new id under the same task): the step cannot trust
+    # what it knew, lists again, and pauses the new agent too.
+    world.coord.disconnect(idle.token, {})
+    reg = world.coord.register(
+        world.coord.registration_token,
+        RegisterRequest(name="agent-again", meta_data=[f"ecs:task-arn={idle.task_arn}"]),
+    )
+    world.coord.connect(reg.access_token, {})
+    idle.agent_id, idle.token = reg.id, reg.access_token
+    world.advance(20)
+    assert world.coord.agent(reg.id).paused
+    assert world.record(a).agent_ids[idle.task_arn] == reg.id
+    world.run_until(lambda: world.record(a).phase == "done", limit=120)
+    assert world.gaps.actions[a].result == "CONTINUE"
+    assert world.coord.job(busy.job_id or "").passed

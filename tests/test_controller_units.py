@@ -298,6 +298,12 @@ def test_coordinator_client_pages_pauses_and_stops(
     assert coord.agent(agent.id).paused
     assert client.stop(agent.id, force=True)
     assert coord.agent(agent.id).stop_requested
+    # One agent by id: one request; an id the coordinator does not know is None.
+    before = client.requests
+    one = client.agent(agent.id)
+    assert one is not None and one.id == agent.id and one.task_arn == agent.task_arn
+    assert client.agent("no-such-agent") is None
+    assert client.requests == before + 2
     assert not client.pause("no-such-agent", "x", 1), "404: nothing to signal"
 
 

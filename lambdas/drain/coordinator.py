@@ -125,6 +125,8 @@ class CoordinatorClient:
         self._backoff = backoff
         self._sleep = sleep
         self.requests = 0
+        #: How many pages the last :meth:`agents_for` read (the size of the organization).
+        self.last_pages = 0
 
     def close(self) -> None:
         self._http.close()
@@ -184,7 +186,22 @@ class CoordinatorClient:
                 if view is not None and view.task_arn in wanted:
                     found.append(view)
             url = response.links.get("next", {}).get("url")
+        self.last_pages = pages
         return found
+
+    def agent(self, agent_id: str) -> AgentView | None:
+        """One agent by id (``GET .../agents/{id}``); None if the coordinator no longer knows
+        it. One request, where :meth:`agents_for` pages through the whole organization."""
+        response = self._request("GET", f"{self._base}/{agent_id}")
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise CoordinatorUnavailable(f"GET agent: HTTP {response.status_code}")
+        try:
+            row = response.json()
+        except ValueError as exc:
+            raise CoordinatorUnavailable("GET agent: not JSON") from exc
+        return _agent_view(row)
 
     def pause(self, agent_id: str, note: str, timeout_minutes: int) -> bool:
         """Pause an agent; False when the coordinator says it cannot (not connected, unknown)."""

@@ -106,7 +106,12 @@ class Fleet(Protocol):
 
 
 class Coordinator(Protocol):
+    #: Pages the last ``agents_for`` read.
+    last_pages: int
+
     def agents_for(self, task_arns: Any) -> list[AgentView]: ...
+
+    def agent(self, agent_id: str) -> AgentView | None: ...
 
     def pause(self, agent_id: str, note: str, timeout_minutes: int) -> bool: ...
 
@@ -552,12 +557,36 @@ class _Step:
             self.fallback(tasks, "no coordinator configured")
             return None
         try:
-            agents = ctl.coordinator.agents_for(t.arn for t in tasks)
+            agents = self.known_agents(tasks)
+            if agents is None:
+                agents = ctl.coordinator.agents_for(t.arn for t in tasks)
+                rec.agent_ids.update({a.task_arn: a.id for a in agents if a.live})
+                rec.listing_pages = ctl.coordinator.last_pages
         except CoordinatorUnavailable as exc:
             self.coordinator_down(tasks, str(exc))
             return None
         rec.coordinator_down_at = None
         return [a for a in agents if a.live]
+
+    def known_agents(self, tasks: list[TaskInfo]) -> list[AgentView] | None:
+        """The tasks' agents asked one by one, when an earlier step found an agent for every
+        task still here and that takes fewer requests than the listing did (a request an
+        agent, instead of every page of the organization); None when the listing is cheaper or
+        what we know cannot be trusted: a task with no known agent (new, or a wrapped worker),
+        or a known agent that is gone while its task runs (it may have re-registered)."""
+        rec, coordinator = self.rec, self.ctl.coordinator
+        assert coordinator is not None
+        if not tasks or len(tasks) >= rec.listing_pages:
+            return None
+        if any(t.arn not in rec.agent_ids for t in tasks):
+            return None
+        found = []
+        for task in tasks:
+            view = coordinator.agent(rec.agent_ids[task.arn])
+            if view is None or not view.live or view.task_arn != task.arn:
+                return None
+            found.append(view)
+        return found
 
     def coordinator_down(self, tasks: list[TaskInfo], why: str) -> None:
         """The coordinator failed us. In the soft phase wait ``coordinator_grace`` first (a

@@ -48,6 +48,10 @@ class DrainRecord(BaseModel):
     lifecycle_state: LifecycleState = "none"
     last_heartbeat_at: float | None = None
     container_instance_arn: str | None = None
+    #: Task ARN -> the coordinator agent found for it (later steps ask for these one by one).
+    agent_ids: dict[str, str] = Field(default_factory=dict)
+    #: Pages the last listing of the organization's agents took (its cost in requests).
+    listing_pages: int = 0
     paused_agents: list[str] = Field(default_factory=list)
     stopped_agents: list[str] = Field(default_factory=list)
     stopped_tasks: list[str] = Field(default_factory=list)
