@@ -252,7 +252,8 @@ def test_busy_from_children_drives_task_protection(wrap):
         w.tell("job 1.0")
         w.wait_event("job started")
         wait_until(lambda: ecs.protection("task-1").enabled, 2, w.output)
-        assert w.status()["task_protection"]["enabled"] is True
+        # The stand-in turns it on before wrap has read the answer: wait for wrap's view too.
+        wait_until(lambda: w.status()["task_protection"]["enabled"] is True, 2, w.output)
         w.wait_event("job done", 3)
         wait_until(lambda: not ecs.protection("task-1").enabled, 2, w.output)
         w.send(signal.SIGTERM)
