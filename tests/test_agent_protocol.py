@@ -735,7 +735,9 @@ def test_network_drops_and_5xx_are_retried(harness: Harness) -> None:
     assert done.log == b"".join(f"line {i}\n".encode() for i in range(1, 6))
     assert done.log_complete
     assert not fleet.coord.events_of("rejected"), fleet.coord.events_of("rejected")
-    assert fleet.coord.heartbeat_gaps(agent_id) < 0.5 * 1.5
+    # A dropped heartbeat is retried within a quarter interval: the gap stays under 1.5 x
+    # (plus the 0.1 s the PID-1 tests allow a loaded machine).
+    assert fleet.coord.heartbeat_gaps(agent_id) < 0.5 * 1.5 + 0.1
     assert stop_and_wait(proc) == 0
 
 
