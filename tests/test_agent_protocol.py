@@ -496,7 +496,7 @@ def test_a_job_someone_else_accepted_sends_the_agent_back_to_pinging(harness: Ha
         return {**payload, "action": None, "job": offer}
 
     rec.rewrite("ping", stale_offer)
-    second, _, agent_b = start_agent(fleet)
+    second, _, agent_b = start_agent(fleet, "--tags", "queue=default,who=b")
     wait_until(
         fleet,
         lambda: bool(fleet.coord.events_of("accept_rejected", agent_id=agent_b)),
@@ -504,7 +504,8 @@ def test_a_job_someone_else_accepted_sends_the_agent_back_to_pinging(harness: Ha
         "B never tried the stale offer",
     )
     rejected_at = event_time(fleet, "accept_rejected", agent_id=agent_b)
-    nxt = fleet.coord.add_job("echo second")
+    # For B only: A may be idle again by now (a loaded machine), and must not take it.
+    nxt = fleet.coord.add_job("echo second", agent_query_rules=["who=b"])
     fleet.wait_job_state(nxt.id, ("finished",))
     assert fleet.coord.job(nxt.id).agent_id == agent_b
     assert fleet.coord.job(nxt.id).exit_status == "0"
