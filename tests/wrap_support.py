@@ -50,13 +50,20 @@ trap on_term TERM
 trap on_quit QUIT
 for sig in INT HUP USR1 USR2 WINCH; do trap "say 'got $sig'" "$sig"; done
 exec 3<>"$CONTROL"
+# fd 4: a FIFO nobody writes, so `read -t` on it is a sleep without a child process (a child
+# would make the worker look busy to wrap).
+mkfifo "$CONTROL.idle" && exec 4<>"$CONTROL.idle"
 say "started"
 echo "worker stderr line" >&2
 while :; do
   if [ -n "$draining" ] && [ -z "$job" ]; then
     say "drained"; say "exiting"; exit "${TERM_STATUS:-0}"
   fi
-  if read -r -t 0.05 -u 3 cmd arg; then
+  # Bash reads a FIFO a byte at a time: a `read -t` that times out mid-line would drop the
+  # line's start. So wait with a zero-timeout poll, then read the whole line (written at once).
+  if ! read -t 0 -u 3; then
+    read -t 0.05 -u 4 _ || true
+  elif read -r -u 3 cmd arg; then
     case "$cmd" in
       job) sleep "$arg" & job=$!; say "job started" ;;
       orphans) for _ in $(seq "$arg"); do (sleep 0.2 &); done; say "orphans left" ;;
