@@ -451,11 +451,11 @@ def faults(run: Run) -> None:
 # ---------------------------------------------------------------------------- wrapped
 
 #: What wrap's busy probe would ask the agent behind it; None: no probe, busy while the agent
-#: has a child process (it runs each job as one, and has none while idle). The Go agent's
-#: probe is ``/status.json`` with ``aggregate_status`` idle/busy (infra/wrap.Dockerfile). Ours
-#: serves neither: its ``/status`` says ``state`` and always answers 200, which wrap's probe
-#: reads as busy for good (protection never off, even before the agent has registered).
-#: Once ``start``'s /status carries ``aggregate_status``, set this to "/status".
+#: has a child process (it runs each job as one, and has none while idle). ``start``'s
+#: ``/status`` carries ``aggregate_status`` idle/busy as the Go agent's ``/status.json`` does,
+#: so "/status" works too, but a probe that does not answer yet counts as busy (issue 6), so
+#: protection would be on from the task's start until the agent serves: the child-process
+#: signal keeps the drill's protection timeline exact (tests/test_drill_wrapped.py).
 BUSY_PROBE_PATH: str | None = None
 
 

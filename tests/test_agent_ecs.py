@@ -70,6 +70,7 @@ def test_tags_protection_and_health_on_ecs(make_fleet):
         assert _get(addr, "/health")[0] == 200
         assert _health_exit(addr) == 0
         assert not ecs.protection("task-1").enabled
+        assert _get(addr, "/status")[1]["aggregate_status"] == "idle"
 
         job = fleet.coord.add_job("echo working; sleep 1.5; echo done")
         fleet.wait_job_state(job.id, ("running",))
@@ -78,6 +79,7 @@ def test_tags_protection_and_health_on_ecs(make_fleet):
         )
         status = _get(addr, "/status")[1]
         assert status["state"] == "busy"
+        assert status["aggregate_status"] == "busy"  # what `wrap --busy-probe` reads
         assert status["job"]["id"] == job.id
         assert status["task_protection"]["enabled"] is True
 

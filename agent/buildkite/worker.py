@@ -118,6 +118,8 @@ class BuildkiteWorker:
         runner = self.runner
         return {
             "state": self.state,
+            # The Go agent's /status.json field, so `wrap --busy-probe` reads either agent.
+            "aggregate_status": "busy" if self.busy() else "idle",
             "agent_id": self.agent_id,
             "name": self.config.name,
             "job": None
