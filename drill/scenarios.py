@@ -11,6 +11,7 @@ the anti-patterns and must show the loss (or the drill could not see one).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -609,7 +610,14 @@ def protected(run: Run, task: RunningTask) -> bool:
 
 
 def expect_hook_continued(run: Run, instance: int) -> None:
-    action = run.fleet.gaps.actions[run.fleet.instances[instance]]
+    instance_id = run.fleet.instances[instance]
+    # The runtime's watcher (50 ms polls) records the completion and terminates the instance:
+    # wait for it, so the report's timeline never ends a scenario before its hook does.
+    with contextlib.suppress(TimeoutError):
+        run.fleet.wait(
+            lambda: instance_id in run.fleet.runtime.terminated, 5.0, "the instance to terminate"
+        )
+    action = run.fleet.gaps.actions[instance_id]
     if action.result != "CONTINUE" or action.state != "completed":
         run.note(f"lifecycle action {action.state} ({action.result}), not completed CONTINUE")
 
