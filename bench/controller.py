@@ -71,9 +71,6 @@ from lambdas import runtime  # noqa: E402
 from lambdas.drain import core  # noqa: E402
 from lambdas.drain.state import DrainRecord, DynamoDrainStore  # noqa: E402
 from tests.test_controller_drains import (  # noqa: E402
-    ASG,
-    CLUSTER,
-    HOOK,
     REGION,
     Clock,
     World,
@@ -111,70 +108,8 @@ class BenchWorld(World):
     """The tests' world, with any number of instances and counted controller clients."""
 
     def build_many(self, instances: int) -> list[str]:
-        self.ec2.create_launch_template(
-            LaunchTemplateName="ci-agents",
-            LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "c6g.large"},
-        )
-        self.asg.create_auto_scaling_group(
-            AutoScalingGroupName=ASG,
-            LaunchTemplate={"LaunchTemplateName": "ci-agents", "Version": "$Latest"},
-            MinSize=0,
-            MaxSize=instances,
-            DesiredCapacity=instances,
-            AvailabilityZones=[f"{REGION}a"],
-        )
-        self.asg.put_lifecycle_hook(
-            LifecycleHookName=HOOK,
-            AutoScalingGroupName=ASG,
-            LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING",
-            HeartbeatTimeout=300,
-            DefaultResult="CONTINUE",
-        )
-        ids: list[str] = []
-        token: str | None = None
-        while True:
-            page = self.asg.describe_auto_scaling_instances(
-                MaxRecords=50, **({"NextToken": token} if token else {})
-            )
-            ids.extend(i["InstanceId"] for i in page["AutoScalingInstances"])
-            token = page.get("NextToken")
-            if not token:
-                break
-        self.ecs.create_cluster(clusterName=CLUSTER)
-        self.ecs.register_task_definition(
-            family="fleetdrain-agent",
-            containerDefinitions=[{"name": "agent", "image": "agent", "memory": 512}],
-        )
-        self.ecs.register_task_definition(
-            family="log-router",
-            containerDefinitions=[{"name": "router", "image": "router", "memory": 64}],
-        )
-        self.ecs.create_service(
-            cluster=CLUSTER, serviceName="ci-agents", taskDefinition="fleetdrain-agent"
-        )
-        self.ecs.create_service(
-            cluster=CLUSTER,
-            serviceName="log-router",
-            taskDefinition="log-router",
-            schedulingStrategy="DAEMON",
-        )
-        self.ci_arn = {}
-        for iid in ids:
-            ci = self.ecs.register_container_instance(
-                cluster=CLUSTER, instanceIdentityDocument=f'{{"instanceId": "{iid}"}}'
-            )
-            self.ci_arn[iid] = ci["containerInstance"]["containerInstanceArn"]
-            self.start_task(iid, "log-router", "service:log-router")
-        self.ddb.create_table(
-            TableName="drains",
-            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
-        secret = self.sm.create_secret(Name="coordinator-token", SecretString=self.coord.api_token)
-        self.secret_arn = secret["ARN"]
-        self.instances = ids
-        return ids
+        """The tests' world with ``instances`` instances."""
+        return self.build(instances)
 
     def counted_controller(self, calls: Calls, **overrides: Any) -> core.DrainController:
         """The tests' controller wiring, its four AWS clients counted."""

@@ -182,6 +182,8 @@ class World:
     # ------------------------------------------------------------------ building
 
     def build(self, instances: int = 2, hook_timeout: int = 300) -> list[str]:
+        """The group with its hook, the cluster, its services and daemon, the table, the secret;
+        the instance ids (bench/controller.py builds a thousand with this too)."""
         self.ec2.create_launch_template(
             LaunchTemplateName="ci-agents",
             LaunchTemplateData={"ImageId": "ami-12c6146b", "InstanceType": "c6g.large"},
@@ -190,7 +192,7 @@ class World:
             AutoScalingGroupName=ASG,
             LaunchTemplate={"LaunchTemplateName": "ci-agents", "Version": "$Latest"},
             MinSize=0,
-            MaxSize=20,
+            MaxSize=max(20, instances),
             DesiredCapacity=instances,
             AvailabilityZones=[f"{REGION}a"],
         )
@@ -201,8 +203,16 @@ class World:
             HeartbeatTimeout=hook_timeout,
             DefaultResult="CONTINUE",
         )
-        group = self.asg.describe_auto_scaling_groups(AutoScalingGroupNames=[ASG])
-        ids = [i["InstanceId"] for i in group["AutoScalingGroups"][0]["Instances"]]
+        ids: list[str] = []
+        token: str | None = None
+        while True:  # paged: describe_auto_scaling_groups lists at most 50 instances here
+            page = self.asg.describe_auto_scaling_instances(
+                MaxRecords=50, **({"NextToken": token} if token else {})
+            )
+            ids.extend(i["InstanceId"] for i in page["AutoScalingInstances"])
+            token = page.get("NextToken")
+            if not token:
+                break
         self.ecs.create_cluster(clusterName=CLUSTER)
         self.ecs.register_task_definition(
             family="fleetdrain-agent",
