@@ -389,7 +389,8 @@ class _GameDay:
             )
         return task_arn
 
-    def _describe_task(self, task_arn: str) -> dict[str, Any]:
+    def _lookup_task(self, task_arn: str) -> dict[str, Any] | None:
+        """The task as ECS describes it, or None when the cluster has no such task."""
         out = self._aws(
             "ECS DescribeTasks",
             self.aws.ecs.describe_tasks,
@@ -397,9 +398,12 @@ class _GameDay:
             tasks=[task_arn],
         )
         tasks = out.get("tasks") or []
-        if not tasks:
+        return dict(tasks[0]) if tasks else None
+
+    def _describe_task(self, task_arn: str) -> dict[str, Any]:
+        task = self._lookup_task(task_arn)
+        if task is None:
             raise GameDayError(f"task {task_arn} is not in cluster {self.c.cluster}")
-        task: dict[str, Any] = tasks[0]
         if self.c.service and task.get("group") != f"service:{self.c.service}":
             raise GameDayError(
                 f"task {task_arn} belongs to {task.get('group')!r}, not service:{self.c.service}"
@@ -547,16 +551,9 @@ class _GameDay:
         )
 
     def _observe_task(self, task_arn: str, short: str) -> bool:
-        out = self._aws(
-            "ECS DescribeTasks",
-            self.aws.ecs.describe_tasks,
-            cluster=self.c.cluster,
-            tasks=[task_arn],
-        )
-        tasks = out.get("tasks") or []
-        if not tasks:
+        task = self._lookup_task(task_arn)
+        if task is None:
             return False
-        task = tasks[0]
         status = str(task.get("lastStatus", "?"))
         if status == "STOPPED":
             codes = [c.get("exitCode") for c in task.get("containers", [])]
