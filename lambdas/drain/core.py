@@ -364,24 +364,27 @@ class DrainController:
             return _Merge(rec, "joined", detail="reopened to complete the lifecycle action")
         return _Merge(rec, "joined")
 
+    def _start_in_cluster(self, instance_id: str, now: float, **fields: Any) -> _Merge:
+        """A new drain for an instance of the cluster; an EC2 notice for any other is ignored
+        (unlike a lifecycle action, it has no hook that waits for an answer)."""
+        ci = self.fleet.find_container_instance(instance_id)
+        if ci is None:
+            return _Merge(None, "ignored", detail="instance is not in the cluster")
+        return _Merge(
+            self._new(instance_id, now, container_instance_arn=ci.arn, **fields), "started"
+        )
+
     def _merge_spot(self, rec: DrainRecord | None, s: SpotSignal, now: float) -> _Merge:
         deadline = s.time.timestamp() + SPOT_NOTICE_SECONDS - self.settings.spot_margin
         if rec is None:
-            ci = self.fleet.find_container_instance(s.instance_id)
-            if ci is None:
-                return _Merge(None, "ignored", detail="instance is not in the cluster")
-            return _Merge(
-                self._new(
-                    s.instance_id,
-                    now,
-                    reasons=["spot"],
-                    phase="hard",
-                    force_at=deadline,
-                    spot_deadline=deadline,
-                    container_instance_arn=ci.arn,
-                    seen_events=[s.event_id],
-                ),
-                "started",
+            return self._start_in_cluster(
+                s.instance_id,
+                now,
+                reasons=["spot"],
+                phase="hard",
+                force_at=deadline,
+                spot_deadline=deadline,
+                seen_events=[s.event_id],
             )
         if rec.phase == "done":
             return _Merge(None, "ignored", detail="drain already done")
@@ -400,19 +403,8 @@ class DrainController:
         if self.settings.rebalance_action == "ignore":
             return _Merge(None, "ignored", detail="rebalance recommendations are ignored")
         if rec is None:
-            ci = self.fleet.find_container_instance(s.instance_id)
-            if ci is None:
-                return _Merge(None, "ignored", detail="instance is not in the cluster")
-            return _Merge(
-                self._new(
-                    s.instance_id,
-                    now,
-                    reasons=["rebalance"],
-                    phase="soft",
-                    container_instance_arn=ci.arn,
-                    seen_events=[s.event_id],
-                ),
-                "started",
+            return self._start_in_cluster(
+                s.instance_id, now, reasons=["rebalance"], phase="soft", seen_events=[s.event_id]
             )
         if rec.phase == "done" or "rebalance" in rec.reasons or rec.saw(s.event_id):
             return self._duplicate(rec, now)
