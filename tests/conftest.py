@@ -123,3 +123,23 @@ def make_fleet(tmp_path: Path) -> Iterator:
     for fleet in made:
         fleet.close()
         fleet.server.stop()
+
+
+#: Credentials moto accepts; nothing real can be reached with them.
+FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SECURITY_TOKEN": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake AWS credentials, and none of the variables that would point a test at a real
+    endpoint, table or token (a test that needs one sets it itself)."""
+    for key, value in FAKE_AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_ENDPOINT_URL", "FLEETDRAIN_TABLE", "FLEETDRAIN_API_TOKEN"):
+        monkeypatch.delenv(key, raising=False)

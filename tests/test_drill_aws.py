@@ -131,17 +131,6 @@ class Fleet:
 
 
 @pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("FLEETDRAIN_API_TOKEN", raising=False)
-
-
-@pytest.fixture
 def fleet(aws_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fleet]:
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     moto.start()

@@ -10,6 +10,7 @@ from typing import Any
 
 import boto3
 import pytest
+from conftest import FAKE_AWS_ENV
 from moto import mock_aws
 
 from drill.aws_support import event_rules, load_template
@@ -34,13 +35,8 @@ def sample(name: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def deployed() -> Iterator[Deployment]:
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
+        for key, value in FAKE_AWS_ENV.items():
             mp.setenv(key, value)
         with mock_aws():
             yield deploy_stack(PARAMS)

@@ -27,18 +27,6 @@ NOW = 1_770_000_000.0
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    monkeypatch.delenv("FLEETDRAIN_TABLE", raising=False)
-
-
 def create_table(client, name: str = "drains") -> None:
     client.create_table(
         TableName=name,
