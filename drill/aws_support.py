@@ -5,7 +5,8 @@ controller's calls, but not:
 
 - **Lifecycle actions**: no ``Terminating:Wait``, no ``RecordLifecycleActionHeartbeat`` or
   ``CompleteLifecycleAction``, no heartbeat timeout. :meth:`AwsGaps.begin_termination` puts an
-  instance in ``Terminating:Wait`` and returns the EventBridge event AWS would send; the two
+  instance in ``Terminating:Wait`` and returns the EventBridge event AWS would send (so does
+  ``TerminateInstanceInAutoScalingGroup`` when the group has a termination hook); the two
   API calls are served (same wire errors as AWS: ``ValidationError: No active Lifecycle Action
   found with token ...``); :meth:`AwsGaps.expire_lifecycle_actions` applies the heartbeat
   timeout (the default result, the token then dead).
@@ -46,7 +47,11 @@ from typing import Any
 
 import yaml
 from moto.autoscaling.exceptions import ValidationError
-from moto.autoscaling.models import autoscaling_backends
+from moto.autoscaling.models import (
+    AutoScalingBackend,
+    TerminateInstanceActivity,
+    autoscaling_backends,
+)
 from moto.autoscaling.responses import AutoScalingResponse
 from moto.core.responses import ActionResult, EmptyResult
 from moto.ecs.exceptions import InvalidParameterException
@@ -213,11 +218,7 @@ class AwsGaps:
                     break
             else:
                 continue
-            hooks = [
-                h
-                for h in backend.lifecycle_hooks.values()
-                if h.auto_scaling_group_name == group.name and h.lifecycle_transition == TERMINATING
-            ]
+            hooks = _termination_hooks(backend, group.name)
             if not hooks:
                 raise ValueError(f"group {group.name} has no termination lifecycle hook")
             hook = hooks[0]
@@ -590,7 +591,33 @@ def _describe_tasks(self: EC2ContainerServiceResponse) -> ActionResult:
     return _moto_describe_tasks(self)
 
 
+_moto_terminate_instance = AutoScalingBackend.terminate_instance
+
+
+def _termination_hooks(backend: Any, group_name: str) -> list[Any]:
+    return [
+        h
+        for h in backend.lifecycle_hooks.values()
+        if h.auto_scaling_group_name == group_name and h.lifecycle_transition == TERMINATING
+    ]
+
+
+def _terminate_instance(
+    self: AutoScalingBackend, instance_id: str, should_decrement: bool
+) -> TerminateInstanceActivity:
+    # TerminateInstanceInAutoScalingGroup: moto terminates at once whatever the group's hooks;
+    # AWS puts an instance whose group has a termination hook in Terminating:Wait and emits the
+    # lifecycle event (begin_termination), and terminates it when the action is completed.
+    for group in self.autoscaling_groups.values():
+        for state in group.instance_states:
+            if state.instance.id == instance_id and _termination_hooks(self, group.name):
+                _gaps().begin_termination(instance_id)
+                return TerminateInstanceActivity(state.instance, group.desired_capacity or 0)
+    return _moto_terminate_instance(self, instance_id, should_decrement)
+
+
 _PATCHES: tuple[tuple[type, str, Callable[..., Any]], ...] = (
+    (AutoScalingBackend, "terminate_instance", _terminate_instance),
     (EC2ContainerServiceResponse, "list_tasks", _list_tasks),
     (EC2ContainerServiceResponse, "describe_tasks", _describe_tasks),
     (AutoScalingResponse, "complete_lifecycle_action", _complete_lifecycle_action),

@@ -496,10 +496,8 @@ class _Ctx:
 
 
 def test_kill_instance_drains_through_the_controller_and_shows_the_drain_table(
-    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+    fleet: Fleet,
 ) -> None:
-    from moto.autoscaling.models import AutoScalingBackend, TerminateInstanceActivity
-
     endpoint = fleet.endpoint
     asg = boto3.client("autoscaling", region_name=REGION, endpoint_url=endpoint)
     ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint)
@@ -537,23 +535,6 @@ def test_kill_instance_drains_through_the_controller_and_shows_the_drain_table(
     sm = boto3.client("secretsmanager", region_name=REGION, endpoint_url=endpoint)
     secret_arn = sm.create_secret(Name="coordinator", SecretString=TOKEN)["ARN"]
 
-    # A gap filler for this test: moto terminates at once and knows no lifecycle hooks. AWS
-    # puts an instance whose group has a termination hook in Terminating:Wait and emits the
-    # lifecycle event: that is what begin_termination does.
-    def terminate(self: AutoScalingBackend, instance_id: str, should_decrement: bool):
-        state = next(
-            s
-            for g in self.autoscaling_groups.values()
-            for s in g.instance_states
-            if s.instance.id == instance_id
-        )
-        activity = TerminateInstanceActivity(
-            state.instance, state.instance.autoscaling_group.desired_capacity
-        )
-        fleet.gaps.begin_termination(instance_id)
-        return activity
-
-    monkeypatch.setattr(AutoScalingBackend, "terminate_instance", terminate)
     task_arn = fleet.start_agent_task("agent-1")
     with LambdaPump(fleet, secret_arn) as pump:
         report = run_game_day(config(fleet, kill="instance", table="drains", timeout=60.0))
