@@ -455,6 +455,27 @@ def resolve_handler(spec: str) -> Handler:
     return handler
 
 
+def sqs_lambda_event(messages: list[dict[str, Any]], queue_arn: str) -> dict[str, Any]:
+    """The event Lambda's SQS event source mapping invokes a function with, from messages as
+    ``ReceiveMessage`` returned them."""
+    return {
+        "Records": [
+            {
+                "messageId": m["MessageId"],
+                "receiptHandle": m["ReceiptHandle"],
+                "body": m["Body"],
+                "attributes": m.get("Attributes", {}),
+                "messageAttributes": m.get("MessageAttributes", {}),
+                "md5OfBody": m.get("MD5OfBody", ""),
+                "eventSource": "aws:sqs",
+                "eventSourceARN": queue_arn,
+                "awsRegion": REGION,
+            }
+            for m in messages
+        ]
+    }
+
+
 class EventRouter:
     """EventBridge rules and SQS event source mappings, delivering to in-process handlers.
 
@@ -607,22 +628,7 @@ class EventRouter:
 
     def _deliver_batch(self, mapping: QueueMapping, messages: list[dict[str, Any]]) -> None:
         fn = self.deployment.functions[mapping.function_arn]
-        event = {
-            "Records": [
-                {
-                    "messageId": m["MessageId"],
-                    "receiptHandle": m["ReceiptHandle"],
-                    "body": m["Body"],
-                    "attributes": m.get("Attributes", {}),
-                    "messageAttributes": m.get("MessageAttributes", {}),
-                    "md5OfBody": m.get("MD5OfBody", ""),
-                    "eventSource": "aws:sqs",
-                    "eventSourceARN": mapping.queue_arn,
-                    "awsRegion": REGION,
-                }
-                for m in messages
-            ]
-        }
+        event = sqs_lambda_event(messages, mapping.queue_arn)
         try:
             response = self._invoke(fn, event, f"sqs:{mapping.queue_arn}", 1)
         except Exception:

@@ -29,6 +29,7 @@ from moto import mock_aws
 
 from agent.buildkite.models import RegisterRequest
 from drill.aws_support import AwsGaps, event_rules, load_template
+from drill.aws_world import sqs_lambda_event
 from drill.coordinator import Coordinator, CoordinatorServer, RetryRule
 from drill.coordinator.faults import Fault
 from lambdas import drain_monitor, lifecycle_hook, runtime, spot_interruption
@@ -891,22 +892,7 @@ def deliver_queue(
         messages = out.get("Messages", [])
         if not messages:
             return delivered
-        event = {
-            "Records": [
-                {
-                    "messageId": m["MessageId"],
-                    "receiptHandle": m["ReceiptHandle"],
-                    "body": m["Body"],
-                    "attributes": m.get("Attributes", {}),
-                    "messageAttributes": {},
-                    "md5OfBody": m["MD5OfBody"],
-                    "eventSource": "aws:sqs",
-                    "eventSourceARN": arn,
-                    "awsRegion": REGION,
-                }
-                for m in messages
-            ]
-        }
+        event = sqs_lambda_event(messages, arn)
         response = handler(event, Ctx())
         failed = {f["itemIdentifier"] for f in response["batchItemFailures"]}
         assert not failed, response
