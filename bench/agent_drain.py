@@ -6,8 +6,8 @@
 Not a test: it prints a table of figures with the goal beside each and exits 0 whatever they
 are (``--strict`` exits 1 when a goal is missed). The agent runs as PID 1 of its own PID
 namespace when ``unshare`` works here (the table says which), exactly as
-:func:`drill.processes.spawn_agent` runs it for the tests; signals come from outside the
-namespace, as ECS sends them.
+:func:`fleetdrain.drill.world.processes.spawn_agent` runs it for the tests; signals come from
+outside the namespace, as ECS sends them.
 
 The coordinator runs in a process of its own by default (this script re-executed with
 ``--serve-coordinator``, driven over a JSON-lines pipe), so that its HTTP handling, gunzip and
@@ -112,7 +112,7 @@ class CoordinatorControl:
     """
 
     def __init__(self, **coord_kwargs: Any) -> None:
-        from drill.coordinator import Coordinator, CoordinatorServer
+        from fleetdrain.drill.coordinator import Coordinator, CoordinatorServer
 
         self.coord = Coordinator(**coord_kwargs)
         self.server = CoordinatorServer(self.coord).start()
@@ -314,7 +314,7 @@ class RssSampler:
 class Agent:
     """One agent process under the benchmark, with a pidfd for its exact exit time."""
 
-    proc: Any  # drill.processes.AgentProcess
+    proc: Any  # fleetdrain.drill.world.processes.AgentProcess
     name: str
     agent_id: str
     pid: int
@@ -348,7 +348,7 @@ class Bench:
     agents: list[Agent] = field(default_factory=list)
 
     def start_agent(self) -> Agent:
-        from drill.processes import spawn_agent
+        from fleetdrain.drill.world.processes import spawn_agent
 
         self.counter += 1
         name = f"bench-{self.counter}"
@@ -652,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.serve_coordinator is not None:
         return serve_coordinator(ns.serve_coordinator)
 
-    from drill.processes import pid_namespaces_available
+    from fleetdrain.drill.world.processes import pid_namespaces_available
 
     size = (ns.size_mb if ns.size_mb is not None else (32 if ns.quick else 256)) * MB
     idle_runs = ns.idle_runs or (5 if ns.quick else 10)

@@ -1,12 +1,13 @@
-"""Benchmark: the drain controller (``lambdas/``) in moto, with the embedded coordinator.
+"""Benchmark: the drain controller (``fleetdrain/controller/``) in moto, with the embedded
+coordinator.
 
     .venv/bin/python bench/controller.py             # ~3-5 min (1,000-instance scale-in)
     .venv/bin/python bench/controller.py --quick     # ~1 min (100 instances, fewer samples)
 
 Not a test: it prints figures with their goals and exits 0 whatever they are (``--strict``
-exits 1 when a goal is missed). The world is the tests' (``tests/test_controller_drains.py``):
-moto in-process with ``drill.aws_support`` filling its gaps, the coordinator over loopback HTTP,
-agents simulated at the coordinator (register, connect, a job; on SIGTERM an idle agent exits,
+exits 1 when a goal is missed). The world is the tests' (``tests/controller/test_drains.py``):
+moto in-process with ``fleetdrain.drill.aws.gaps`` filling its gaps, the coordinator over loopback
+HTTP, agents simulated at the coordinator (register, connect, a job; on SIGTERM an idle agent exits,
 a busy one finishes its job first), events routed to the real handlers by ``template.yaml``'s
 own patterns, drain ticks delivered when due. Time is a fake clock (so a 5-minute job takes no
 5 minutes); latencies are wall time (``perf_counter``).
@@ -18,10 +19,10 @@ own patterns, drain ticks delivered when due. Time is a fake clock (so a 5-minut
 2. AWS calls per drained instance, idle (2 idle agents) and busy (a 5-minute job, 20 s ticks,
    60 s heartbeats): every call of the controller's clients, counted by a botocore
    ``before-call`` hook, by operation; coordinator REST requests beside them.
-3. Handler cold import: a fresh CPython 3.12 importing ``lambdas.lifecycle_hook`` from an
-   artifact built by ``lambdas/Makefile`` for this machine's architecture (Lambda's is aarch64,
-   which cannot be imported here), with ``.pyc`` and without; boto3 beside it, as the runtime
-   provides it. Skipped (with the reason) when no CPython 3.12 is found.
+3. Handler cold import: a fresh CPython 3.12 importing ``fleetdrain.controller.lifecycle_hook``
+   from an artifact built by ``fleetdrain/controller/Makefile`` for this machine's architecture
+   (Lambda's is aarch64, which cannot be imported here), with ``.pyc`` and without; boto3 beside
+   it, as the runtime provides it. Skipped (with the reason) when no CPython 3.12 is found.
 4. A scale-in of N instances (default 1,000; one idle agent and a daemon task each), drained
    one after another through the handlers: wall time, calls, every hook completed, no errors.
 """
@@ -65,12 +66,12 @@ warnings.filterwarnings("ignore", message="No application metrics to publish")
 import boto3  # noqa: E402
 from moto import mock_aws  # noqa: E402
 
-from drill.aws_support import AwsGaps  # noqa: E402
-from drill.coordinator import Coordinator, CoordinatorServer  # noqa: E402
-from lambdas import runtime  # noqa: E402
-from lambdas.drain import core  # noqa: E402
-from lambdas.drain.state import DrainRecord, DynamoDrainStore  # noqa: E402
-from tests.test_controller_drains import (  # noqa: E402
+from fleetdrain.controller import runtime  # noqa: E402
+from fleetdrain.controller.drain import core  # noqa: E402
+from fleetdrain.controller.drain.state import DrainRecord, DynamoDrainStore  # noqa: E402
+from fleetdrain.drill.aws.gaps import AwsGaps  # noqa: E402
+from fleetdrain.drill.coordinator import Coordinator, CoordinatorServer  # noqa: E402
+from tests.controller.test_drains import (  # noqa: E402
     REGION,
     Clock,
     World,
@@ -249,7 +250,10 @@ def bench_calls(job_seconds: float) -> dict[str, Any]:
 
 def find_python312() -> str | None:
     out = subprocess.run(
-        ["make", "-s", "-C", str(ROOT / "lambdas"), "--eval", "p: ; @echo $(PYC_PYTHON)", "p"],
+        [
+            *("make", "-s", "-C", str(ROOT / "fleetdrain" / "controller")),
+            *("--eval", "p: ; @echo $(PYC_PYTHON)", "p"),
+        ],
         capture_output=True,
         text=True,
     )
@@ -260,7 +264,7 @@ IMPORT_ONE = """
 import sys, time
 sys.path[:] = [sys.argv[1], sys.argv[2], *sys.path[1:]]
 t = time.perf_counter()
-import lambdas.lifecycle_hook
+import fleetdrain.controller.lifecycle_hook
 print(time.perf_counter() - t)
 """
 
@@ -268,14 +272,14 @@ print(time.perf_counter() - t)
 def bench_import(runs: int) -> dict[str, Any]:
     py = find_python312()
     if py is None:
-        return {"skipped": "no CPython 3.12 here (see lambdas/Makefile: PYC_PYTHON)"}
+        return {"skipped": "no CPython 3.12 here (see fleetdrain/controller/Makefile: PYC_PYTHON)"}
     arch = os.uname().machine
     tmp = Path(tempfile.mkdtemp(prefix="fleetdrain-bench-"))
     try:
         artifact, rt = tmp / "artifact", tmp / "runtime"
         subprocess.run(
             [
-                *("make", "-s", "-C", str(ROOT / "lambdas"), "artifact"),
+                *("make", "-s", "-C", str(ROOT / "fleetdrain" / "controller"), "artifact"),
                 *(f"PLATFORM=manylinux2014_{arch}", f"ARTIFACTS_DIR={artifact}", "REQUIRE_PYC=1"),
             ],
             check=True,
@@ -308,7 +312,7 @@ def bench_import(runs: int) -> dict[str, Any]:
         check = subprocess.run(
             [
                 py,
-                str(ROOT / "lambdas" / "check_artifact.py"),
+                str(ROOT / ".ci" / "check_artifact.py"),
                 "imports",
                 str(artifact),
                 f"--runtime={rt}",
@@ -449,7 +453,10 @@ def main(argv: list[str] | None = None) -> int:
         show_ops(f["by_op"])
 
     imp = bench_import(3 if args.quick else 7)
-    print("\n3. handler cold import (a fresh CPython 3.12: import lambdas.lifecycle_hook)")
+    print(
+        "\n3. handler cold import"
+        " (a fresh CPython 3.12: import fleetdrain.controller.lifecycle_hook)"
+    )
     if "skipped" in imp:
         print(f"   skipped: {imp['skipped']}")
     else:

@@ -30,7 +30,7 @@ Figures, per wrapper:
 
 Two ``wrap`` columns: bare (as the others: no options), and ``wrap+`` with everything on:
 ``--busy-probe``, task protection and ``--watch-imds`` against the drill's ECS agent and IMDS
-stand-ins, served from this process (the wrapper then talks HTTP with agent/minihttp.py).
+stand-ins, served from this process (the wrapper then talks HTTP with fleetdrain/agent/minihttp.py).
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def measure(
 @contextlib.contextmanager
 def stand_ins() -> Iterator[dict[str, str]]:
     """ECS agent and IMDS stand-ins; the environment that points ``wrap+`` at them."""
-    from drill.aws_endpoints import EcsAgentStandIn, ImdsStandIn
+    from fleetdrain.drill.aws.endpoints import EcsAgentStandIn, ImdsStandIn
 
     ecs = EcsAgentStandIn()
     ecs.add_task("bench")
@@ -266,11 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     ns = parser.parse_args(argv)
 
-    from drill.processes import pid_namespaces_available
+    from fleetdrain.drill.world.processes import pid_namespaces_available
 
     pid1, why = pid_namespaces_available()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    wrap = [sys.executable, "-m", "agent.cli", "wrap", "--"]
+    wrap = [sys.executable, "-m", "fleetdrain.agent.cli", "wrap", "--"]
     wrappers: list[tuple[str, list[str] | None, str]] = [
         ("none", [], ""),
         ("tini", ["tini", "--"] if pid1 else ["tini", "-s", "--"], "tini"),

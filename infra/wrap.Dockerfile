@@ -23,8 +23,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md /tmp/fleetdrain/
-COPY agent /tmp/fleetdrain/agent
-COPY drill /tmp/fleetdrain/drill
+COPY fleetdrain /tmp/fleetdrain/fleetdrain
 RUN python3 -m venv /opt/fleetdrain \
  && /opt/fleetdrain/bin/pip install --no-cache-dir /tmp/fleetdrain \
  && ln -s /opt/fleetdrain/bin/fleetdrain-agent /usr/local/bin/fleetdrain-agent \

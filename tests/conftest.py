@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from drill.coordinator import Coordinator, CoordinatorServer
-from drill.processes import AgentProcess, pid_namespaces_available, spawn_agent
+from fleetdrain.drill.coordinator import Coordinator, CoordinatorServer
+from fleetdrain.drill.world.processes import AgentProcess, pid_namespaces_available, spawn_agent
 
 _names = itertools.count(1)
 
@@ -72,9 +72,14 @@ class Fleet:
         return proc, name, addr
 
     def agent_id(self, name: str, timeout: float = 10.0) -> str:
-        """The coordinator's id for the agent called ``name`` once it has connected."""
+        """The coordinator's id for the agent called ``name`` once it has connected.
+
+        "Has connected", not "is connected": an agent with a short job (``--disconnect-after-job``)
+        can connect, run it and disconnect between two polls.
+        """
         assert self.coord.wait_for(
-            lambda c: (a := c.agent_named(name)) is not None and a.connection_state == "connected",
+            lambda c: (a := c.agent_named(name)) is not None
+            and bool(c.events_of("connect", agent_id=a.id)),
             timeout,
         ), f"{name} did not connect:\n{self._logs()}"
         agent = self.coord.agent_named(name)

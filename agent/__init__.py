@@ -1,3 +1,0 @@
-"""fleetdrain-agent: a PID-1-safe build agent for ECS that drains without losing jobs."""
-
-__version__ = "0.1.0"

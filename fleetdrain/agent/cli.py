@@ -1,0 +1,152 @@
+"""``fleetdrain-agent``: ``start`` (the built-in agent), ``wrap`` (the PID-1 layer in front of
+another agent) and ``health`` (container healthCheck)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Mapping
+
+from fleetdrain import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    from fleetdrain.agent.settings import add_start_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="fleetdrain-agent",
+        description="A PID-1-safe build agent for ECS that drains without losing jobs.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    start = sub.add_parser(
+        "start",
+        help="run the built-in Buildkite agent (as PID 1 in an ECS task)",
+        description="Register, run jobs, and drain on SIGTERM without losing a job: heartbeats "
+        "continue while draining, and a job that cannot finish before --stop-timeout is "
+        "cancelled and reported (signal_reason agent_stop) before SIGKILL.",
+    )
+    add_start_arguments(start)
+    from fleetdrain.agent.wrap import DESCRIPTION as WRAP_DESCRIPTION
+    from fleetdrain.agent.wrap import USAGE as WRAP_USAGE
+    from fleetdrain.agent.wrap_settings import add_wrap_arguments
+
+    wrap = sub.add_parser(
+        "wrap",
+        help="run another agent (CMD) as the child of the PID-1 layer: wrap [options] -- CMD",
+        usage=WRAP_USAGE,
+        description=WRAP_DESCRIPTION,
+    )
+    add_wrap_arguments(wrap)
+    health = sub.add_parser(
+        "health",
+        help="exit 0 if the local agent is healthy (for the ECS container healthCheck)",
+        description=HEALTH_DESCRIPTION,
+    )
+    add_health_arguments(health)
+    return parser
+
+
+HEALTH_DESCRIPTION = "GET http://ADDR/health; exit 0 on 200, 1 otherwise."
+#: Where ``health`` looks when no --addr is given, first match wins. wrap's own variable comes
+#: first: in a wrapped container BUILDKITE_AGENT_HEALTH_CHECK_ADDR is the wrapped Go agent's
+#: server, which knows nothing of the drain (a holding wrapper, the deadline).
+HEALTH_ADDR_ENV = ("FLEETDRAIN_HEALTH_CHECK_ADDR", "BUILDKITE_AGENT_HEALTH_CHECK_ADDR")
+DEFAULT_HEALTH_ADDR = "127.0.0.1:3901"
+
+
+def health_addr_default(environ: Mapping[str, str] | None = None) -> str:
+    """The address ``health`` checks without --addr: see :data:`HEALTH_ADDR_ENV`."""
+    env = os.environ if environ is None else environ
+    for name in HEALTH_ADDR_ENV:
+        value = (env.get(name) or "").strip()
+        if value:
+            return value
+    return DEFAULT_HEALTH_ADDR
+
+
+def add_health_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``health`` flags."""
+    parser.add_argument(
+        "--addr",
+        default=health_addr_default(),
+        help="the agent's --health-check-addr [$FLEETDRAIN_HEALTH_CHECK_ADDR, then "
+        "$BUILDKITE_AGENT_HEALTH_CHECK_ADDR] (default %(default)s)",
+    )
+    parser.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+
+
+def configure_logging(level: str) -> None:
+    """One line per record on stderr (awslogs keeps it as it is)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fleetdrain-agent``."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["wrap"]:
+        # Straight to wrap: it runs as PID 1 in front of another agent, and the full parser
+        # would load start's settings (pydantic: ~11 MB and ~60 ms) for nothing.
+        from fleetdrain.agent.wrap import main as wrap_main
+
+        return wrap_main(args[1:])
+    if args[:1] == ["health"]:
+        # The container healthCheck runs this every few seconds: no pydantic, no httpx.
+        health_parser = argparse.ArgumentParser(
+            prog="fleetdrain-agent health", description=HEALTH_DESCRIPTION
+        )
+        add_health_arguments(health_parser)
+        return _health(health_parser.parse_args(args[1:]))
+    parser = _parser()
+    ns = parser.parse_args(args)
+    if ns.command == "health":
+        return _health(ns)
+    if ns.command == "wrap":
+        from fleetdrain.agent.wrap import main_from_namespace
+
+        return main_from_namespace(ns)
+    if ns.command == "start":
+        from pydantic import ValidationError
+
+        from fleetdrain.agent.settings import settings_from_args
+
+        try:
+            settings = settings_from_args(ns)
+        except (ValueError, ValidationError) as exc:
+            print(f"fleetdrain-agent start: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        configure_logging(settings.log_level)
+        from fleetdrain.agent.start import run_start
+
+        return asyncio.run(run_start(settings))
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _health(ns: argparse.Namespace) -> int:
+    from fleetdrain.agent.health import check
+
+    return check(ns.addr, timeout=ns.timeout)
+
+
+def _one_line(exc: Exception) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"{where}: {err['msg']}" if where else str(err["msg"])
+    return str(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Settings of ``fleetdrain-agent start``: flags, with the environment variables of
+``buildkite-agent start`` where that option exists there, so a task definition can switch."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from fleetdrain.agent.reaper import parse_signal
+
+DEFAULT_ENDPOINT = "https://agent.buildkite.com/v3"
+
+
+class StartSettings(BaseModel):
+    """Validated settings for ``start``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    token: SecretStr
+    endpoint: str = DEFAULT_ENDPOINT
+    name: str = Field(default_factory=socket.gethostname)
+    tags: list[str] = Field(default_factory=list)
+    priority: int | None = None
+    build_path: Path = Path("/var/lib/buildkite-agent/builds")
+    cancel_grace_period: float = Field(default=10.0, gt=0)
+    signal_grace_period: float | None = None
+    cancel_signal: str = "SIGTERM"
+    disconnect_after_job: bool = False
+    disconnect_after_idle_timeout: float = Field(default=0.0, ge=0)
+    health_check_addr: str | None = None
+    stop_timeout: float = Field(default=120.0, gt=0)
+    drain_margin: float = Field(default=5.0, ge=0)
+    tags_from_ecs_meta_data: bool = False
+    tags_from_ec2_meta_data: bool = False
+    task_protection: bool = False
+    log_level: str = "info"
+
+    @field_validator("cancel_signal")
+    @classmethod
+    def _known_signal(cls, value: str) -> str:
+        return parse_signal(value).name
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_endpoint(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint must be an http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _grace_below_cancel_grace(self) -> StartSettings:
+        # The Go agent's rule: the signal grace is always less than the cancel grace period.
+        if self.signal_grace_period is not None and (
+            self.signal_grace_period >= self.cancel_grace_period
+        ):
+            raise ValueError(
+                f"signal grace period ({self.signal_grace_period}s) must be less than the "
+                f"cancel grace period ({self.cancel_grace_period}s)"
+            )
+        return self
+
+    @property
+    def effective_signal_grace(self) -> float:
+        """The signal grace period: given, or the cancel grace period minus one second."""
+        if self.signal_grace_period is not None:
+            return self.signal_grace_period
+        return max(self.cancel_grace_period - 1.0, self.cancel_grace_period * 0.9)
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def _env_bool(name: str) -> bool:
+    return (os.environ.get(name) or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def add_start_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``start`` flags; each defaults from its environment variable."""
+    a = parser.add_argument
+    a(
+        "--token",
+        default=_env("BUILDKITE_AGENT_TOKEN"),
+        help="registration token [$BUILDKITE_AGENT_TOKEN]",
+    )
+    a(
+        "--endpoint",
+        default=_env("BUILDKITE_AGENT_ENDPOINT", DEFAULT_ENDPOINT),
+        help="agent API endpoint [$BUILDKITE_AGENT_ENDPOINT] (default %(default)s)",
+    )
+    a(
+        "--name",
+        default=_env("BUILDKITE_AGENT_NAME"),
+        help="agent name; %%hostname and %%n are expanded [$BUILDKITE_AGENT_NAME] "
+        "(default: hostname)",
+    )
+    a(
+        "--tags",
+        action="append",
+        default=None,
+        help="key=value tags, comma separated, repeatable [$BUILDKITE_AGENT_TAGS]",
+    )
+    a(
+        "--priority",
+        type=int,
+        default=_env("BUILDKITE_AGENT_PRIORITY"),
+        help="agent priority [$BUILDKITE_AGENT_PRIORITY]",
+    )
+    a(
+        "--build-path",
+        default=_env("BUILDKITE_BUILD_PATH", "/var/lib/buildkite-agent/builds"),
+        help="where jobs run [$BUILDKITE_BUILD_PATH] (default %(default)s)",
+    )
+    a(
+        "--cancel-grace-period",
+        type=float,
+        default=_env("BUILDKITE_CANCEL_GRACE_PERIOD", "10"),
+        help="seconds a cancelled job gets before SIGKILL [$BUILDKITE_CANCEL_GRACE_PERIOD] "
+        "(default %(default)s)",
+    )
+    a(
+        "--signal-grace-period-seconds",
+        type=float,
+        default=_env("BUILDKITE_SIGNAL_GRACE_PERIOD_SECONDS"),
+        help="seconds between the cancel signal and SIGKILL; less than the cancel grace period "
+        "[$BUILDKITE_SIGNAL_GRACE_PERIOD_SECONDS] (default: cancel grace period - 1)",
+    )
+    a(
+        "--cancel-signal",
+        default=_env("BUILDKITE_CANCEL_SIGNAL", "SIGTERM"),
+        help="signal sent to a cancelled job's process group [$BUILDKITE_CANCEL_SIGNAL] "
+        "(default %(default)s)",
+    )
+    a(
+        "--disconnect-after-job",
+        action="store_true",
+        default=_env_bool("BUILDKITE_AGENT_DISCONNECT_AFTER_JOB"),
+        help="disconnect after one job [$BUILDKITE_AGENT_DISCONNECT_AFTER_JOB]",
+    )
+    a(
+        "--disconnect-after-idle-timeout",
+        type=float,
+        default=_env("BUILDKITE_AGENT_DISCONNECT_AFTER_IDLE_TIMEOUT", "0"),
+        help="disconnect after this many idle seconds, 0 = never "
+        "[$BUILDKITE_AGENT_DISCONNECT_AFTER_IDLE_TIMEOUT]",
+    )
+    a(
+        "--health-check-addr",
+        default=_env("BUILDKITE_AGENT_HEALTH_CHECK_ADDR"),
+        help="host:port for /health and /status [$BUILDKITE_AGENT_HEALTH_CHECK_ADDR]",
+    )
+    a(
+        "--stop-timeout",
+        type=float,
+        default=_env("FLEETDRAIN_STOP_TIMEOUT", "120"),
+        help="seconds ECS allows between SIGTERM and SIGKILL: the task definition's stopTimeout "
+        "[$FLEETDRAIN_STOP_TIMEOUT] (default %(default)s)",
+    )
+    a(
+        "--drain-margin",
+        type=float,
+        default=_env("FLEETDRAIN_DRAIN_MARGIN", "5"),
+        help="seconds kept spare before SIGKILL when cancelling at the deadline "
+        "[$FLEETDRAIN_DRAIN_MARGIN] (default %(default)s)",
+    )
+    a(
+        "--tags-from-ecs-meta-data",
+        action="store_true",
+        default=_env_bool("BUILDKITE_AGENT_TAGS_FROM_ECS_META_DATA"),
+        help="add ecs:* tags from task metadata v4 [$BUILDKITE_AGENT_TAGS_FROM_ECS_META_DATA]",
+    )
+    a(
+        "--tags-from-ec2-meta-data",
+        action="store_true",
+        default=_env_bool("BUILDKITE_AGENT_TAGS_FROM_EC2_META_DATA"),
+        help="add aws:* tags from EC2 instance metadata [$BUILDKITE_AGENT_TAGS_FROM_EC2_META_DATA]",
+    )
+    protection_default = os.environ.get("FLEETDRAIN_TASK_PROTECTION")
+    a(
+        "--task-protection",
+        action=argparse.BooleanOptionalAction,
+        default=(
+            _env_bool("FLEETDRAIN_TASK_PROTECTION")
+            if protection_default is not None
+            else bool(os.environ.get("ECS_AGENT_URI"))
+        ),
+        help="ECS task scale-in protection while a job runs [$FLEETDRAIN_TASK_PROTECTION] "
+        "(default: on when $ECS_AGENT_URI is set)",
+    )
+    a(
+        "--log-level",
+        default=_env("BUILDKITE_AGENT_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="log level [$BUILDKITE_AGENT_LOG_LEVEL] (default %(default)s)",
+    )
+
+
+def expand_name(name: str | None) -> str:
+    """The agent name with ``%hostname`` and ``%n`` expanded, as the Go agent does."""
+    host = socket.gethostname()
+    if not name:
+        return host
+    return name.replace("%hostname", host).replace("%n", "1").replace("%spawn", "1")
+
+
+def settings_from_args(ns: argparse.Namespace) -> StartSettings:
+    """Validate parsed flags into :class:`StartSettings` (pydantic raises on bad values)."""
+    tags: list[str] = []
+    raw_tags = ns.tags if ns.tags is not None else [_env("BUILDKITE_AGENT_TAGS") or ""]
+    for chunk in raw_tags:
+        tags.extend(t.strip() for t in chunk.split(",") if t.strip())
+    if not ns.token:
+        raise ValueError("a registration token is required: --token or $BUILDKITE_AGENT_TOKEN")
+    return StartSettings(
+        token=ns.token,
+        endpoint=ns.endpoint,
+        name=expand_name(ns.name),
+        tags=tags,
+        priority=ns.priority,
+        build_path=Path(ns.build_path),
+        cancel_grace_period=ns.cancel_grace_period,
+        signal_grace_period=ns.signal_grace_period_seconds,
+        cancel_signal=ns.cancel_signal,
+        disconnect_after_job=ns.disconnect_after_job,
+        disconnect_after_idle_timeout=ns.disconnect_after_idle_timeout,
+        health_check_addr=ns.health_check_addr,
+        stop_timeout=ns.stop_timeout,
+        drain_margin=ns.drain_margin,
+        tags_from_ecs_meta_data=ns.tags_from_ecs_meta_data,
+        tags_from_ec2_meta_data=ns.tags_from_ec2_meta_data,
+        task_protection=ns.task_protection,
+        log_level=ns.log_level,
+    )

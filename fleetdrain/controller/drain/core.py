@@ -1,0 +1,760 @@
+"""The drain state machine: one record per EC2 instance, two phases, every step idempotent.
+
+Phases (``DrainRecord.phase``):
+
+- ``soft``: the instance's agents are paused through the coordinator (they finish their job and
+  take no new one, but stay up); the lifecycle action is kept alive with heartbeats. When no
+  agent is busy (coordinator: no job; agents without a coordinator record: task protection
+  off), the drain moves to ``hard``.
+- ``hard``: the container instance is ``DRAINING`` (ECS SIGTERMs the service tasks, idle by now)
+  and tasks that no service owns get ``StopTask``. When no non-daemon task is left, the
+  lifecycle action is completed (``CONTINUE``) and the drain is ``done``.
+- ``done``: terminal; ``outcome`` says how (``drained``, ``no_tasks``, ``not_in_cluster``,
+  ``lifecycle_gone``).
+
+At ``force_at`` (scale-in: the start plus the budget; spot: the notice's time plus 120 s minus a
+margin) the drain forces: hard at once, and every agent is stopped with ``force`` through the
+coordinator, so running jobs are cancelled and reported (``agent_stop``) before the instance
+dies. If the coordinator cannot be reached (for longer than ``coordinator_grace`` in the soft
+phase, at once otherwise) the drain falls back to ``StopTask`` for every task: the agents' own
+deadline-aware drain does the rest.
+
+Events merge into the record (:meth:`DrainController.handle`) and then a step runs. Merging is
+pure and conditional on the record's version: a duplicate event (same event id, same lifecycle
+token, a spot notice already known) changes nothing, a late one can only add (a token, an
+earlier deadline), never move a drain backwards, and a spot warning during a scale-in drain
+moves ``force_at`` earlier and the phase to ``hard``. A step re-reads the world (tasks, agents)
+and acts only on what is not done yet, so running it twice, or after a crash half-way, is safe;
+each drain keeps one delayed tick pending as the safety net. Two steps never run at once on
+one drain: a step claims the record (a lease, in the conditional write that merges its event)
+and releases it with its own save; an event that finds the record held waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fleetdrain.controller.drain.config import Settings
+from fleetdrain.controller.drain.coordinator import AgentView
+from fleetdrain.controller.drain.ecs_fleet import ContainerInstance, TaskInfo
+from fleetdrain.controller.drain.errors import CoordinatorUnavailable, LifecycleGone, Retryable
+from fleetdrain.controller.drain.events import (
+    Ignored,
+    InstanceDrainingSignal,
+    LifecycleSignal,
+    RebalanceSignal,
+    Signal,
+    SpotSignal,
+    TaskStoppedSignal,
+    TickSignal,
+)
+from fleetdrain.controller.drain.state import Conflict, DrainRecord, DrainStore
+
+log = logging.getLogger("fleetdrain.drain")
+
+SPOT_NOTICE_SECONDS = 120.0
+#: A pending tick older than this is taken as lost and replaced.
+LOST_TICK_SLACK = 120.0
+MAX_RACES = 5
+#: A step that finds the record held by another step looks again after this, doubling up
+#: to LEASE_POLL_MAX (a step takes well under a second; a long wait need not read 200 times).
+LEASE_POLL = 0.05
+LEASE_POLL_MAX = 1.0
+
+# Metric names (EMF, namespace set by the handler layer).
+DRAINS_STARTED = "DrainsStarted"
+DRAINS_COMPLETED = "DrainsCompleted"
+DRAINS_ABANDONED = "DrainsAbandoned"
+DRAINS_FORCED = "DrainsForced"
+DRAIN_SECONDS = "DrainSeconds"
+HOOK_COMPLETION_LATENCY = "HookCompletionLatency"
+JOBS_FORCE_CANCELLED = "JobsForceCancelled"
+AGENTS_SIGKILLED = "AgentsSigkilled"
+COORDINATOR_FALLBACKS = "CoordinatorFallbacks"
+EVENTS_REJECTED = "EventsRejected"
+
+
+class Metrics(Protocol):
+    def count(self, name: str, value: float = 1.0) -> None: ...
+
+    def seconds(self, name: str, value: float) -> None: ...
+
+
+class NullMetrics:
+    def count(self, name: str, value: float = 1.0) -> None:
+        pass
+
+    def seconds(self, name: str, value: float) -> None:
+        pass
+
+
+class Fleet(Protocol):
+    def find_container_instance(self, instance_id: str) -> ContainerInstance | None: ...
+
+    def tasks_on(self, container_instance_arn: str) -> list[TaskInfo]: ...
+
+    def set_draining(self, arn: str) -> None: ...
+
+    def stop_task(self, task_arn: str, reason: str) -> None: ...
+
+    def protected(self, task_arns: list[str]) -> set[str]: ...
+
+
+class Coordinator(Protocol):
+    #: Pages the last ``agents_for`` read.
+    last_pages: int
+
+    def agents_for(self, task_arns: Any) -> list[AgentView]: ...
+
+    def agent(self, agent_id: str) -> AgentView | None: ...
+
+    def pause(self, agent_id: str, note: str, timeout_minutes: int) -> bool: ...
+
+    def stop(self, agent_id: str, force: bool) -> bool: ...
+
+
+class Lifecycle(Protocol):
+    def heartbeat(self, asg_name: str, hook_name: str, token: str, instance_id: str) -> None: ...
+
+    def complete(
+        self, asg_name: str, hook_name: str, token: str, instance_id: str, result: str = ...
+    ) -> None: ...
+
+
+class Ticks(Protocol):
+    def schedule(self, instance_id: str, drain_id: str, tick_id: str, delay: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one :meth:`DrainController.handle` did (for the handler's log line and tests)."""
+
+    action: str  # started | joined | stepped | duplicate | ignored
+    instance_id: str | None = None
+    drain_id: str | None = None
+    phase: str | None = None
+    detail: str = ""
+
+
+class _Leased(Exception):
+    """The drain record is held by another step (until ``until``)."""
+
+    def __init__(self, until: float) -> None:
+        super().__init__(until)
+        self.until = until
+
+
+@dataclass
+class _Merge:
+    record: DrainRecord | None
+    action: str
+    changed: bool = True
+    step: bool = True
+    detail: str = ""
+
+
+class DrainController:
+    """Applies signals to drain records and advances drains. Knows nothing of Lambda."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: DrainStore,
+        fleet: Fleet,
+        coordinator: Coordinator | None,
+        lifecycle: Lifecycle,
+        ticks: Ticks,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] | None = None,
+        coordinator_grace: float = 30.0,
+        sleep: Callable[[float], None] | None = None,
+        lease_wait: float = 20.0,
+    ) -> None:
+        import time
+
+        #: How the wait for another step's lease sleeps, and for how long at most.
+        self.sleep = sleep or time.sleep
+        self.lease_wait = lease_wait
+        self.settings = settings
+        self.store = store
+        self.fleet = fleet
+        self.coordinator = coordinator
+        self.lifecycle = lifecycle
+        self.ticks = ticks
+        self.metrics: Metrics = metrics or NullMetrics()
+        self.clock = clock or time.time
+        self.coordinator_grace = coordinator_grace
+
+    # ------------------------------------------------------------------ entry point
+
+    def handle(self, signal: Signal) -> Result:
+        """Merge ``signal`` into its drain and step it. Raises :class:`Retryable` on trouble
+        that a retry can fix; everything else that is wrong with the world ends the drain
+        cleanly with a logged reason."""
+        if isinstance(signal, Ignored):
+            return Result("ignored", detail=signal.reason)
+        if isinstance(signal, TaskStoppedSignal):
+            self._count_sigkills(signal)
+            if not signal.container_instance_arn:
+                return Result("ignored", detail="task without a container instance")
+            instance_id = self.store.instance_for(signal.container_instance_arn)
+            if instance_id is None:
+                return Result("ignored", detail="no drain on that container instance")
+        elif isinstance(signal, InstanceDrainingSignal):
+            found = signal.instance_id or self.store.instance_for(signal.container_instance_arn)
+            if found is None:
+                return Result("ignored", detail="no drain on that container instance")
+            instance_id = found
+        else:
+            instance_id = signal.instance_id
+        if isinstance(signal, LifecycleSignal):
+            why = self._not_ours(signal)
+            if why:
+                log.info(
+                    "lifecycle action ignored", extra={"instance_id": instance_id, "reason": why}
+                )
+                return Result("ignored", instance_id, detail=why)
+        races = polls = 0
+        waited = 0.0
+        while True:
+            try:
+                return self._handle_once(instance_id, signal)
+            except Conflict:
+                races += 1
+                if races >= MAX_RACES:
+                    raise Retryable(
+                        f"drain record of {instance_id} kept changing under us"
+                    ) from None
+            except _Leased as leased:
+                # Another step holds the record: it is short (a few API calls), so wait for
+                # it here rather than hand the event back to a retry that comes much later.
+                if waited >= self.lease_wait:
+                    raise Retryable(
+                        f"drain record of {instance_id} held by another step "
+                        f"(lease until {leased.until:.0f})"
+                    ) from None
+                pause = min(LEASE_POLL_MAX, LEASE_POLL * 2**polls)
+                polls += 1
+                self.sleep(pause)
+                waited += pause
+
+    def _not_ours(self, s: LifecycleSignal) -> str:
+        want_asg, want_hook = self.settings.asg_name, self.settings.hook_name
+        if want_asg and s.asg_name != want_asg:
+            return f"lifecycle action of group {s.asg_name!r}, not ours ({want_asg!r})"
+        if want_hook and s.hook_name != want_hook:
+            return f"lifecycle action of hook {s.hook_name!r}, not ours ({want_hook!r})"
+        return ""
+
+    def _handle_once(self, instance_id: str, signal: Signal) -> Result:
+        now = self.clock()
+        current = self.store.get(instance_id)
+        merge = self._merge(current, signal, now)
+        record = merge.record
+        if record is None:
+            return Result(merge.action, instance_id, detail=merge.detail)
+        step = merge.step and record.phase != "done"
+        if current is not None and current.leased(now) and (merge.changed or step):
+            # Only the lease holder writes while it steps; we merge again once it is done.
+            raise _Leased(current.lease_until or now)
+        if step:
+            # Claim the record in the same conditional write that merges the event: of two
+            # steps that race, one claims and acts, the other waits and then sees its work.
+            record = record.model_copy(deep=True)
+            record.lease_id = uuid.uuid4().hex[:12]
+            record.lease_until = now + self.settings.step_lease
+        if current is None:
+            record = self.store.create(record)
+            self.metrics.count(DRAINS_STARTED)
+            self._log(record).info(
+                "drain started",
+                extra={"reasons": record.reasons, "phase": record.phase},
+            )
+        elif merge.changed or step:
+            record = self.store.save(record)
+        if step:
+            record = self._step(record)
+        return Result(merge.action, instance_id, record.drain_id, record.phase, merge.detail)
+
+    # ------------------------------------------------------------------ merging (pure)
+
+    def _new(self, instance_id: str, now: float, **fields: Any) -> DrainRecord:
+        return DrainRecord(
+            instance_id=instance_id,
+            drain_id=uuid.uuid4().hex[:16],
+            cluster=self.settings.cluster,
+            started_at=now,
+            **fields,
+        )
+
+    def _merge(self, rec: DrainRecord | None, signal: Signal, now: float) -> _Merge:
+        if isinstance(signal, LifecycleSignal):
+            return self._merge_lifecycle(rec, signal, now)
+        if isinstance(signal, SpotSignal):
+            return self._merge_spot(rec, signal, now)
+        if isinstance(signal, RebalanceSignal):
+            return self._merge_rebalance(rec, signal, now)
+        if rec is None or rec.phase == "done":
+            return _Merge(None, "ignored", detail="no drain in flight")
+        if isinstance(signal, TickSignal):
+            if signal.drain_id != rec.drain_id:
+                return _Merge(None, "ignored", detail="tick of another drain")
+            rec = rec.model_copy(deep=True)
+            if rec.tick_id == signal.tick_id:
+                rec.tick_id = rec.tick_due = None
+            return _Merge(rec, "stepped")
+        if isinstance(signal, TaskStoppedSignal):
+            if rec.saw(signal.event_id):
+                return self._duplicate(rec, now)
+            rec = rec.model_copy(deep=True)
+            rec.remember(signal.event_id)
+            stopped = signal.stopped_at.timestamp()
+            rec.last_task_stopped_at = max(rec.last_task_stopped_at or 0.0, stopped)
+            return _Merge(rec, "stepped")
+        assert isinstance(signal, InstanceDrainingSignal)
+        if rec.draining_at is not None:
+            # Our own DRAINING (ECS repeats the event at every task that stops): no news.
+            return self._duplicate(rec, now)
+        return _Merge(rec, "stepped", changed=False)
+
+    def _duplicate(self, rec: DrainRecord, now: float) -> _Merge:
+        # Nothing changes; step only if no tick is pending (a crash may have lost it).
+        pending = rec.tick_due is not None and rec.tick_due > now - LOST_TICK_SLACK
+        return _Merge(rec, "duplicate", changed=False, step=rec.phase != "done" and not pending)
+
+    def _merge_lifecycle(self, rec: DrainRecord | None, s: LifecycleSignal, now: float) -> _Merge:
+        started = min(now, s.time.timestamp())
+        budget_end = started + self.settings.drain_budget
+        if rec is None:
+            return _Merge(
+                self._new(
+                    s.instance_id,
+                    now,
+                    reasons=["scale_in"],
+                    phase="soft",
+                    force_at=budget_end,
+                    asg_name=s.asg_name,
+                    hook_name=s.hook_name,
+                    lifecycle_token=s.token,
+                    lifecycle_state="pending",
+                    last_heartbeat_at=started,
+                    seen_events=[s.event_id],
+                ),
+                "started",
+            )
+        if rec.lifecycle_token == s.token or rec.saw(s.event_id):
+            return self._duplicate(rec, now)
+        rec = rec.model_copy(deep=True)
+        rec.remember(s.event_id)
+        rec.asg_name, rec.hook_name, rec.lifecycle_token = s.asg_name, s.hook_name, s.token
+        rec.lifecycle_state = "pending"
+        rec.last_heartbeat_at = started
+        if "scale_in" not in rec.reasons:
+            rec.reasons.append("scale_in")
+        rec.force_at = budget_end if rec.force_at is None else min(rec.force_at, budget_end)
+        if rec.phase == "done":
+            # Drained already (a rebalance, a spot notice): only the action is left to complete.
+            rec.phase, rec.outcome, rec.outcome_reason = "hard", None, None
+            rec.completed_at = None
+            return _Merge(rec, "joined", detail="reopened to complete the lifecycle action")
+        return _Merge(rec, "joined")
+
+    def _start_in_cluster(self, instance_id: str, now: float, **fields: Any) -> _Merge:
+        """A new drain for an instance of the cluster; an EC2 notice for any other is ignored
+        (unlike a lifecycle action, it has no hook that waits for an answer)."""
+        ci = self.fleet.find_container_instance(instance_id)
+        if ci is None:
+            return _Merge(None, "ignored", detail="instance is not in the cluster")
+        return _Merge(
+            self._new(instance_id, now, container_instance_arn=ci.arn, **fields), "started"
+        )
+
+    def _merge_spot(self, rec: DrainRecord | None, s: SpotSignal, now: float) -> _Merge:
+        deadline = s.time.timestamp() + SPOT_NOTICE_SECONDS - self.settings.spot_margin
+        if rec is None:
+            return self._start_in_cluster(
+                s.instance_id,
+                now,
+                reasons=["spot"],
+                phase="hard",
+                force_at=deadline,
+                spot_deadline=deadline,
+                seen_events=[s.event_id],
+            )
+        if rec.phase == "done":
+            return _Merge(None, "ignored", detail="drain already done")
+        if rec.saw(s.event_id) or (rec.spot_deadline is not None and rec.spot_deadline <= deadline):
+            return self._duplicate(rec, now)
+        rec = rec.model_copy(deep=True)
+        rec.remember(s.event_id)
+        if "spot" not in rec.reasons:
+            rec.reasons.append("spot")
+        rec.spot_deadline = deadline
+        rec.force_at = deadline if rec.force_at is None else min(rec.force_at, deadline)
+        rec.phase = "hard"  # no time for the soft phase
+        return _Merge(rec, "joined", detail="spot notice: deadline moved earlier")
+
+    def _merge_rebalance(self, rec: DrainRecord | None, s: RebalanceSignal, now: float) -> _Merge:
+        if self.settings.rebalance_action == "ignore":
+            return _Merge(None, "ignored", detail="rebalance recommendations are ignored")
+        if rec is None:
+            return self._start_in_cluster(
+                s.instance_id, now, reasons=["rebalance"], phase="soft", seen_events=[s.event_id]
+            )
+        if rec.phase == "done" or "rebalance" in rec.reasons or rec.saw(s.event_id):
+            return self._duplicate(rec, now)
+        rec = rec.model_copy(deep=True)
+        rec.remember(s.event_id)
+        rec.reasons.append("rebalance")
+        return _Merge(rec, "joined", step=False)
+
+    # ------------------------------------------------------------------ the step
+
+    def _step(self, claimed: DrainRecord) -> DrainRecord:
+        """Advance the drain as far as the world allows now; save (releasing the lease the
+        caller claimed); return the saved record."""
+        rec = claimed.model_copy(deep=True)
+        rec.steps += 1
+        now = self.clock()
+        lg = self._log(rec)
+        step = _Step(self, rec, now, lg)
+        try:
+            step.run()
+            if rec.phase != "done":
+                self._schedule_tick(rec, now, step.coordinator_down_since)
+            if rec.container_instance_arn and step.linked:
+                # Before the save: a step that fails here is retried with steps == 1 again.
+                self.store.link(rec.container_instance_arn, rec.instance_id)
+        except BaseException:
+            self._release(claimed, lg)
+            raise
+        rec.lease_id = rec.lease_until = None
+        return self.store.save(rec)
+
+    def _release(self, claimed: DrainRecord, lg: DrainLog) -> None:
+        """A step failed: give the record back as it was claimed, so the retry need not wait
+        for the lease to expire (if this write fails too, the lease expires on its own)."""
+        try:
+            self.store.save(claimed.model_copy(update={"lease_id": None, "lease_until": None}))
+        except Exception as exc:
+            lg.warning("could not release the drain record", extra={"error": str(exc)})
+
+    def _schedule_tick(self, rec: DrainRecord, now: float, down_since: float | None) -> None:
+        s = self.settings
+        due = now + s.tick_interval
+        if rec.force_at is not None and rec.forced_at is None:
+            due = min(due, rec.force_at)
+        if rec.lifecycle_state == "pending":
+            due = min(due, (rec.last_heartbeat_at or now) + s.heartbeat_interval)
+        if down_since is not None:
+            due = min(due, down_since + self.coordinator_grace)
+        delay = max(1, math.ceil(due - now))
+        due = now + delay
+        if (
+            rec.tick_due is not None
+            and now - LOST_TICK_SLACK < rec.tick_due <= due + 0.5
+            and rec.tick_id is not None
+        ):
+            return  # the pending tick comes soon enough
+        tick_id = uuid.uuid4().hex[:12]
+        self.ticks.schedule(rec.instance_id, rec.drain_id, tick_id, delay)
+        rec.tick_id, rec.tick_due = tick_id, due
+
+    # ------------------------------------------------------------------ helpers
+
+    def _count_sigkills(self, signal: TaskStoppedSignal) -> None:
+        killed = [
+            name
+            for name, code in signal.exit_codes.items()
+            if code == 137 and name in self.settings.agent_containers
+        ]
+        if killed:
+            self.metrics.count(AGENTS_SIGKILLED, len(killed))
+            log.warning(
+                "agent task was SIGKILLed (exit 137): its job was lost",
+                extra={"task_arn": signal.task_arn, "containers": killed},
+            )
+
+    @staticmethod
+    def _log(rec: DrainRecord) -> DrainLog:
+        return DrainLog(log, {"instance_id": rec.instance_id, "drain_id": rec.drain_id})
+
+
+class DrainLog(logging.LoggerAdapter[logging.Logger]):
+    """Puts the instance id and the drain id on every line (merged with a line's own extra)."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        kwargs["extra"] = {**(self.extra or {}), **(kwargs.get("extra") or {})}
+        return msg, kwargs
+
+
+class _Step:
+    """One step of one drain (a fresh object each time: no state survives between steps)."""
+
+    def __init__(
+        self,
+        ctl: DrainController,
+        rec: DrainRecord,
+        now: float,
+        lg: DrainLog,
+    ) -> None:
+        self.ctl = ctl
+        self.rec = rec
+        self.now = now
+        self.log = lg
+        self.linked = False
+        self.coordinator_down_since: float | None = None
+
+    def run(self) -> None:
+        rec, ctl = self.rec, self.ctl
+        if rec.container_instance_arn is None:
+            ci = ctl.fleet.find_container_instance(rec.instance_id)
+            if ci is None:
+                self.finish("not_in_cluster", f"not a container instance of {ctl.settings.cluster}")
+                return
+            rec.container_instance_arn = ci.arn
+        self.linked = rec.steps == 1
+        tasks = [t for t in ctl.fleet.tasks_on(rec.container_instance_arn) if not t.daemon]
+        if not tasks:
+            drained = rec.draining_at is not None or bool(rec.paused_agents)
+            self.finish("drained" if drained else "no_tasks", "no task left on the instance")
+            return
+        agents = self.agents(tasks)
+        if rec.force_at is not None and self.now >= rec.force_at and rec.forced_at is None:
+            self.force(tasks, agents)
+        if rec.phase == "soft" and agents is not None:
+            self.pause(agents)
+            if agents is not None and not self.busy(tasks, agents):
+                rec.phase = "hard"
+                self.log.info("agents idle: hard drain")
+        if rec.phase == "hard":
+            if agents is not None and rec.forced_at is None:
+                self.pause(agents)
+            self.hard(tasks)
+        self.heartbeat(tasks, agents)
+
+    # ------------------------------------------------------------------ pieces
+
+    def agents(self, tasks: list[TaskInfo]) -> list[AgentView] | None:
+        """Live agents of these tasks; None once the drain has fallen back to ECS."""
+        rec, ctl = self.rec, self.ctl
+        if rec.fallback:
+            return None
+        if ctl.coordinator is None:
+            self.fallback(tasks, "no coordinator configured")
+            return None
+        try:
+            agents = self.known_agents(tasks)
+            if agents is None:
+                agents = ctl.coordinator.agents_for(t.arn for t in tasks)
+                rec.agent_ids.update({a.task_arn: a.id for a in agents if a.live})
+                rec.listing_pages = ctl.coordinator.last_pages
+        except CoordinatorUnavailable as exc:
+            self.coordinator_down(tasks, str(exc))
+            return None
+        rec.coordinator_down_at = None
+        return [a for a in agents if a.live]
+
+    def known_agents(self, tasks: list[TaskInfo]) -> list[AgentView] | None:
+        """The tasks' agents asked one by one, when an earlier step found an agent for every
+        task still here and that takes fewer requests than the listing did (a request an
+        agent, instead of every page of the organization); None when the listing is cheaper or
+        what we know cannot be trusted: a task with no known agent (new, or a wrapped worker),
+        or a known agent that is gone while its task runs (it may have re-registered)."""
+        rec, coordinator = self.rec, self.ctl.coordinator
+        assert coordinator is not None
+        if not tasks or len(tasks) >= rec.listing_pages:
+            return None
+        if any(t.arn not in rec.agent_ids for t in tasks):
+            return None
+        found = []
+        for task in tasks:
+            view = coordinator.agent(rec.agent_ids[task.arn])
+            if view is None or not view.live or view.task_arn != task.arn:
+                return None
+            found.append(view)
+        return found
+
+    def coordinator_down(self, tasks: list[TaskInfo], why: str) -> None:
+        """The coordinator failed us. In the soft phase wait ``coordinator_grace`` first (a
+        blip is no reason to SIGTERM every agent); otherwise fall back to ECS at once."""
+        rec, grace = self.rec, self.ctl.coordinator_grace
+        if rec.phase == "soft" and grace > 0:
+            if rec.coordinator_down_at is None:
+                rec.coordinator_down_at = self.now
+            if self.now - rec.coordinator_down_at < grace:
+                self.coordinator_down_since = rec.coordinator_down_at
+                self.log.warning("coordinator unavailable, retrying shortly", extra={"error": why})
+                return
+        self.fallback(tasks, why)
+
+    def fallback(self, tasks: list[TaskInfo], why: str) -> None:
+        rec, ctl = self.rec, self.ctl
+        rec.fallback = True
+        rec.phase = "hard"
+        ctl.metrics.count(COORDINATOR_FALLBACKS)
+        self.log.warning(
+            "coordinator unavailable: falling back to ECS StopTask", extra={"error": why}
+        )
+        self.stop_tasks(tasks, "the coordinator is unavailable")
+
+    def pause(self, agents: list[AgentView]) -> None:
+        rec, ctl = self.rec, self.ctl
+        assert ctl.coordinator is not None
+        todo = [a for a in agents if a.id not in rec.paused_agents]
+        if not todo:
+            return
+        end = rec.force_at if rec.force_at is not None else None
+        minutes = (
+            math.ceil((end - self.now) / 60) + 10 if end is not None else ctl.settings.pause_minutes
+        )
+        note = f"fleetdrain: draining {rec.instance_id} (drain {rec.drain_id})"
+        for agent in todo:
+            try:
+                if not agent.paused:
+                    ctl.coordinator.pause(agent.id, note, max(1, minutes))
+            except CoordinatorUnavailable as exc:
+                self.fallback_now(str(exc))
+                return
+            rec.paused_agents.append(agent.id)
+        self.log.info("agents paused", extra={"agents": [a.id for a in todo]})
+
+    def fallback_now(self, why: str) -> None:
+        # Signalling failed half-way: re-read the tasks so nothing is missed.
+        assert self.rec.container_instance_arn is not None
+        tasks = [
+            t for t in self.ctl.fleet.tasks_on(self.rec.container_instance_arn) if not t.daemon
+        ]
+        self.fallback(tasks, why)
+
+    def busy(self, tasks: list[TaskInfo], agents: list[AgentView]) -> bool:
+        if any(a.busy for a in agents):
+            return True
+        with_agent = {a.task_arn for a in agents}
+        others = [t.arn for t in tasks if t.arn not in with_agent]
+        return bool(others) and bool(self.ctl.fleet.protected(others))
+
+    def hard(self, tasks: list[TaskInfo]) -> None:
+        rec, ctl = self.rec, self.ctl
+        assert rec.container_instance_arn is not None
+        if rec.draining_at is None:
+            ctl.fleet.set_draining(rec.container_instance_arn)
+            rec.draining_at = self.now
+            self.log.info("container instance DRAINING")
+        # DRAINING stops service tasks; a task no service owns needs its own SIGTERM.
+        loose = [t for t in tasks if t.service is None]
+        if loose:
+            self.stop_tasks(loose, "the instance is draining")
+
+    def stop_tasks(self, tasks: list[TaskInfo], why: str) -> None:
+        rec, ctl = self.rec, self.ctl
+        for task in tasks:
+            if task.arn in rec.stopped_tasks or task.desired_status == "STOPPED":
+                continue
+            ctl.fleet.stop_task(task.arn, f"fleetdrain: {why} ({rec.instance_id})")
+            rec.stopped_tasks.append(task.arn)
+        if rec.draining_at is None and rec.container_instance_arn is not None:
+            ctl.fleet.set_draining(rec.container_instance_arn)
+            rec.draining_at = self.now
+
+    def force(self, tasks: list[TaskInfo], agents: list[AgentView] | None) -> None:
+        rec, ctl = self.rec, self.ctl
+        rec.forced_at = self.now
+        rec.phase = "hard"
+        ctl.metrics.count(DRAINS_FORCED)
+        cancelled = 0
+        covered: set[str] = set()
+        if agents is not None and ctl.coordinator is not None:
+            try:
+                for agent in agents:
+                    if agent.id in rec.stopped_agents:
+                        covered.add(agent.task_arn)
+                        continue
+                    if ctl.coordinator.stop(agent.id, force=True) and agent.busy:
+                        cancelled += 1
+                    rec.stopped_agents.append(agent.id)
+                    covered.add(agent.task_arn)
+            except CoordinatorUnavailable as exc:
+                self.log.warning(
+                    "forced stop through the coordinator failed", extra={"error": str(exc)}
+                )
+                covered = set()
+                rec.fallback = True
+                ctl.metrics.count(COORDINATOR_FALLBACKS)
+        # Tasks with no agent we could stop (wrapped workers, or no coordinator): SIGTERM.
+        self.stop_tasks([t for t in tasks if t.arn not in covered], "forced drain")
+        rec.jobs_force_cancelled += cancelled
+        if cancelled:
+            ctl.metrics.count(JOBS_FORCE_CANCELLED, cancelled)
+        self.log.warning(
+            "drain forced",
+            extra={"jobs_force_cancelled": cancelled, "reasons": rec.reasons},
+        )
+
+    def heartbeat(self, tasks: list[TaskInfo], agents: list[AgentView] | None) -> None:
+        rec, ctl = self.rec, self.ctl
+        if rec.phase == "done" or rec.lifecycle_state != "pending":
+            return
+        last = rec.last_heartbeat_at
+        if last is not None and self.now - last < ctl.settings.heartbeat_interval:
+            return
+        assert rec.asg_name and rec.hook_name and rec.lifecycle_token
+        try:
+            ctl.lifecycle.heartbeat(
+                rec.asg_name, rec.hook_name, rec.lifecycle_token, rec.instance_id
+            )
+        except LifecycleGone as exc:
+            rec.lifecycle_state = "gone"
+            self.log.warning(
+                "lifecycle action gone: the instance is terminating now", extra={"error": str(exc)}
+            )
+            if rec.forced_at is None:
+                self.force(tasks, agents)
+            self.finish("lifecycle_gone", "the lifecycle action expired or was completed elsewhere")
+            return
+        rec.last_heartbeat_at = self.now
+
+    def finish(self, outcome: str, reason: str) -> None:
+        rec, ctl = self.rec, self.ctl
+        if rec.lifecycle_state == "pending":
+            assert rec.asg_name and rec.hook_name and rec.lifecycle_token
+            try:
+                ctl.lifecycle.complete(
+                    rec.asg_name, rec.hook_name, rec.lifecycle_token, rec.instance_id, "CONTINUE"
+                )
+                rec.lifecycle_state = "completed"
+                done = ctl.clock()
+                if rec.last_task_stopped_at is not None:
+                    ctl.metrics.seconds(
+                        HOOK_COMPLETION_LATENCY, max(0.0, done - rec.last_task_stopped_at)
+                    )
+            except LifecycleGone as exc:
+                rec.lifecycle_state = "gone"
+                outcome = "lifecycle_gone" if outcome != "not_in_cluster" else outcome
+                reason = f"{reason}; lifecycle action already gone ({exc})"
+        rec.phase = "done"
+        rec.outcome = outcome
+        rec.outcome_reason = reason
+        # The moment it ended, not when the step began: the step looked at the world (and
+        # maybe saw the last task stop) after its start.
+        rec.completed_at = ctl.clock()
+        rec.tick_id = rec.tick_due = None
+        if outcome in ("drained", "no_tasks"):
+            ctl.metrics.count(DRAINS_COMPLETED)
+        else:
+            ctl.metrics.count(DRAINS_ABANDONED)
+        ctl.metrics.seconds(DRAIN_SECONDS, max(0.0, rec.completed_at - rec.started_at))
+        self.log.info(
+            "drain done",
+            extra={
+                "outcome": outcome,
+                "reason": reason,
+                "lifecycle": rec.lifecycle_state,
+                "drain_seconds": round(rec.completed_at - rec.started_at, 3),
+            },
+        )

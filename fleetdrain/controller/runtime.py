@@ -1,0 +1,201 @@
+"""What the three handlers share: Powertools Logger and Metrics, the controller built once per
+execution environment from the environment, and the two ways events come in (a single
+EventBridge event, or an SQS batch with partial failures).
+
+Failure policy (the same in all three functions):
+
+- A malformed or unknown event, or one that is not for this function: logged at ERROR with the
+  reason, counted (``EventsRejected``) and dropped. Retrying cannot fix it, so it is never
+  retried: no retry storm from a poison message.
+- A :class:`~fleetdrain.controller.drain.errors.Retryable` failure (throttling after the adaptive
+  retries, 5xx, a write race that kept losing): the SQS record is reported as a batch item failure
+  (SQS redelivers it after the visibility timeout, and after ``maxReceiveCount`` moves it to
+  the DLQ, which has an alarm); a direct EventBridge invocation raises, so Lambda's async
+  retries run and then the function's dead-letter queue (the same DLQ) gets the event.
+- Anything else (a bug): the same as retryable, so it ends in the DLQ and is seen.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools.logging.utils import copy_config_to_registered_loggers
+from aws_lambda_powertools.metrics import MetricUnit
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
+    from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+
+from fleetdrain.controller.drain.config import Settings
+from fleetdrain.controller.drain.core import EVENTS_REJECTED, DrainController
+from fleetdrain.controller.drain.events import (
+    Ignored,
+    MalformedEvent,
+    Signal,
+    parse_event,
+    parse_message,
+)
+
+logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "fleetdrain"))
+metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "fleetdrain"))
+# The core logs through the stdlib logger "fleetdrain.drain": give it the same JSON output.
+copy_config_to_registered_loggers(source_logger=logger, include={"fleetdrain.drain"})
+
+
+class PowertoolsMetrics:
+    """The core's metrics sink as EMF metrics (flushed by ``@metrics.log_metrics``)."""
+
+    def count(self, name: str, value: float = 1.0) -> None:
+        metrics.add_metric(name=name, unit=MetricUnit.Count, value=value)
+
+    def seconds(self, name: str, value: float) -> None:
+        metrics.add_metric(name=name, unit=MetricUnit.Seconds, value=value)
+
+
+_controller: DrainController | None = None
+
+
+def set_controller(controller: DrainController | None) -> None:
+    """Use this controller (tests and the drill); None: build from the environment again."""
+    global _controller
+    _controller = controller
+
+
+def controller() -> DrainController:
+    """The controller of this execution environment, built on first use."""
+    global _controller
+    if _controller is None:
+        _controller = build_controller(Settings.from_env())
+    return _controller
+
+
+def build_controller(
+    settings: Settings, session: Any = None, *, clock: Callable[[], float] = time.time
+) -> DrainController:
+    """Real AWS clients (adaptive retries, short timeouts) behind the core's small objects.
+
+    ``clock`` (epoch seconds) is what every drain time is measured on: the wall clock in
+    Lambda; the drill passes its compressed clock, so the controller it runs is this one.
+    """
+    import boto3
+    from botocore.config import Config
+
+    from fleetdrain.controller.drain.coordinator import CoordinatorClient, SecretToken
+    from fleetdrain.controller.drain.ecs_fleet import EcsFleet
+    from fleetdrain.controller.drain.lifecycle import LifecycleActions
+    from fleetdrain.controller.drain.state import DynamoDrainStore
+    from fleetdrain.controller.drain.ticks import SqsTicks
+
+    config = Config(
+        retries={"mode": "adaptive", "max_attempts": 6},
+        connect_timeout=3,
+        read_timeout=10,
+    )
+    session = session or boto3.session.Session()
+    coordinator = None
+    if settings.coordinator_url and settings.coordinator_org:
+        token = SecretToken(
+            session.client("secretsmanager", config=config),
+            settings.coordinator_token_secret_arn,
+            clock=time.monotonic,
+        )
+        coordinator = CoordinatorClient(
+            settings.coordinator_url,
+            settings.coordinator_org,
+            token.get,
+            token.invalidate,
+        )
+    return DrainController(
+        settings,
+        DynamoDrainStore(
+            session.client("dynamodb", config=config),
+            settings.table_name,
+            clock,
+            settings.record_ttl,
+        ),
+        EcsFleet(session.client("ecs", config=config), settings.cluster, clock),
+        coordinator,
+        LifecycleActions(session.client("autoscaling", config=config)),
+        SqsTicks(session.client("sqs", config=config), settings.queue_url),
+        PowertoolsMetrics(),
+        clock,
+    )
+
+
+def _reject(reason: str, where: str) -> dict[str, Any]:
+    logger.error("event rejected and dropped", extra={"reason": reason, "where": where})
+    metrics.add_metric(name=EVENTS_REJECTED, unit=MetricUnit.Count, value=1)
+    return {"status": "rejected", "reason": reason}
+
+
+def _run(signal: Signal, accept: tuple[type, ...], where: str) -> dict[str, Any]:
+    if not isinstance(signal, (Ignored, *accept)):
+        return _reject(f"{type(signal).__name__} is not for the {where} function", where)
+    if isinstance(signal, Ignored):
+        logger.info("event ignored", extra={"reason": signal.reason})
+        return {"status": "ignored", "detail": signal.reason}
+    instance_id = getattr(signal, "instance_id", None)
+    if instance_id:
+        logger.append_keys(instance_id=instance_id)
+    try:
+        result = controller().handle(signal)
+    finally:
+        logger.remove_keys(["instance_id", "drain_id"])
+    if result.drain_id:
+        logger.append_keys(instance_id=result.instance_id, drain_id=result.drain_id)
+    logger.info(
+        "event handled",
+        extra={"action": result.action, "phase": result.phase, "detail": result.detail},
+    )
+    logger.remove_keys(["instance_id", "drain_id"])
+    return {
+        "status": result.action,
+        "instance_id": result.instance_id,
+        "drain_id": result.drain_id,
+        "phase": result.phase,
+        "detail": result.detail,
+    }
+
+
+def handle(event: Any, accept: tuple[type, ...], where: str) -> dict[str, Any]:
+    """One invocation: an SQS batch (partial failures) or a single EventBridge event."""
+    if isinstance(event, dict) and isinstance(event.get("Records"), list):
+        return dict(handle_sqs_batch(event, accept, where))
+    try:
+        signal = parse_event(event)
+    except MalformedEvent as exc:
+        return _reject(str(exc), where)
+    return _run(signal, accept, where)
+
+
+def handle_sqs_batch(
+    event: dict[str, Any], accept: tuple[type, ...], where: str
+) -> PartialItemFailureResponse:
+    # Imported on the first batch, not at cold start: the EventBridge-only functions never
+    # need it (about 0.1 s of import).
+    from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType
+
+    processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+
+    def record_handler(record: SQSRecord) -> dict[str, Any]:
+        try:
+            signal = parse_message(record.body)
+        except MalformedEvent as exc:
+            return _reject(str(exc), f"{where} (SQS message {record.message_id})")
+        return _run(signal, accept, where)
+
+    with processor(records=event["Records"], handler=record_handler):
+        processor.process()
+    for info in processor.exceptions:
+        logger.warning(
+            "record failed; SQS will redeliver it (then the DLQ)",
+            extra={"error": f"{info[0].__name__ if info[0] else ''}: {info[1]}"},
+        )
+    return processor.response()
+
+
+Handler = Callable[[dict[str, Any], Any], dict[str, Any]]

@@ -1,0 +1,132 @@
+"""What a scenario showed, measured from the fleet once it is over: builds passed, retried and
+lost (the coordinator's record), drain and hook latencies (AWS's and the controller's record,
+drill seconds), heartbeat gaps, and the coordinator's events merged into the timeline."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fleetdrain.drill.world.fleet import HEARTBEAT_INTERVAL
+
+if TYPE_CHECKING:
+    from fleetdrain.drill.scenarios import Run
+
+
+def fill_report(run: Run) -> None:
+    """Fill ``run.report``'s counts, figures, verdict and timeline."""
+    fleet, report = run.fleet, run.report
+    coord = fleet.coord
+    for key in run.keys:
+        step = coord.step(key)
+        report.jobs_run += len(step.attempts)
+        report.retried += step.retries
+        report.lost += step.lost_attempts
+        report.passed += 1 if step.outcome == "passed" else 0
+        if step.outcome != "passed" and report.kind == "after":
+            report.notes.append(f"build {key}: {step.outcome}")
+    units = run.work.units() if run.work is not None else []
+    for unit in units:
+        # A non-Buildkite worker's unit of work counts as a build: run once claimed, passed
+        # once its completion marker exists, lost when claimed and killed before that.
+        report.jobs_run += 1 if unit.claimed_by else 0
+        report.passed += 1 if unit.done_by else 0
+        report.lost += 1 if unit.lost else 0
+        if not unit.done_by and report.kind == "after":
+            report.notes.append(f"unit {unit.name}: {'lost' if unit.lost else 'never taken'}")
+    report.longest_drain_seconds = _longest_drain(run)
+    report.hook_completion_latency_seconds = _hook_latency(run)
+    gaps = [coord.heartbeat_gaps(a.id) for a in coord.agents() if a.connected_at is not None]
+    if gaps:
+        report.max_heartbeat_gap_intervals = round(max(gaps) / HEARTBEAT_INTERVAL, 2)
+    if report.kind == "after":
+        expected = len(run.keys) + len(units)
+        report.ok = (
+            expected > 0 and report.passed == expected and report.lost == 0
+        ) and not report.notes
+    else:
+        report.ok = report.lost > 0
+        if not report.ok:
+            report.notes.append("no build was lost: the drill could not see the failure")
+    _merge_coordinator_events(run)
+    report.timeline = fleet.timeline.sorted()
+
+
+def _longest_drain(run: Run) -> float | None:
+    """Drill seconds: each controller drain (start to done), and each task from SIGTERM to
+    its exit."""
+    fleet = run.fleet
+    spans: list[float] = []
+    for rec in fleet.drain_records():
+        if rec.completed_at is not None:
+            spans.append(rec.completed_at - rec.started_at)
+    for task in fleet.runtime.tasks.values():
+        if task.sigterm_at is not None and task.stopped_at is not None:
+            spans.append((task.stopped_at - task.sigterm_at) * fleet.clock.scale)
+    return round(max(spans), 2) if spans else None
+
+
+def _hook_latency(run: Run) -> float | None:
+    """Drill seconds from the instance's last task exit to the hook's completion."""
+    fleet = run.fleet
+    latencies: list[float] = []
+    for iid, action in fleet.gaps.actions.items():
+        if action.state != "completed" or action.completed_at is None:
+            continue
+        arns = {t.arn for t in fleet.runtime.tasks.values() if t.instance_id == iid}
+        exits = [e.stopped_at for arn, e in fleet.gaps.exits.items() if arn in arns]
+        if exits:
+            latencies.append(max(0.0, action.completed_at - max(exits)))
+    return round(max(latencies), 2) if latencies else None
+
+
+_AGENT_EVENTS = {
+    "register": "registered",
+    "connect": "connected",
+    "pause": "paused",
+    "resume": "resumed",
+    "disconnect": "disconnected",
+}
+
+
+def _merge_coordinator_events(run: Run) -> None:
+    fleet = run.fleet
+    coord = fleet.coord
+    names = {a.id: a.name for a in coord.agents()}
+    jobs = {j.id: j for j in coord.jobs()}
+
+    def job_label(job_id: str | None) -> str:
+        job = jobs.get(job_id or "")
+        return str(job_id) if job is None else f"{job.key} #{job.attempt}"
+
+    record = fleet.timeline.record
+    for e in coord.events:
+        agent = names.get(e.agent_id or "", e.agent_id or "coordinator")
+        d: dict[str, Any] = dict(e.detail)
+        if e.kind in _AGENT_EVENTS and e.job_id is None:
+            record("agent", agent, _AGENT_EVENTS[e.kind], {}, at=e.time)
+        elif e.kind == "stop":
+            record("agent", agent, "stop (force)" if d.get("force") else "stop", {}, at=e.time)
+        elif e.kind == "lost" and e.job_id is None:
+            record("agent", agent, "lost", {}, at=e.time)
+        elif e.kind == "lost":
+            record("job", job_label(e.job_id), "lost", {"agent": agent}, at=e.time)
+        elif e.kind == "schedule" and e.job_id:
+            record("job", job_label(e.job_id), "scheduled", {}, at=e.time)
+        elif e.kind == "start" and e.job_id:
+            record("job", job_label(e.job_id), f"running on {agent}", {}, at=e.time)
+        elif e.kind == "cancel" and e.job_id:
+            record("job", job_label(e.job_id), f"canceling ({d.get('reason')})", {}, at=e.time)
+        elif e.kind == "finish" and e.job_id:
+            what = f"finished exit {d.get('exit_status')}"
+            if d.get("signal_reason"):
+                what += f" ({d['signal_reason']})"
+            record("job", job_label(e.job_id), what, {"agent": agent}, at=e.time)
+        elif e.kind == "retry" and e.job_id:
+            record(
+                "job", job_label(e.job_id), f"retried (attempt {d.get('attempt')})", {}, at=e.time
+            )
+        elif e.kind == "fault":
+            what = f"{d.get('endpoint')} {d.get('fault_kind')}"
+            if d.get("status"):
+                what += f" {d['status']}"
+            record("fault", agent, what, {}, at=e.time)

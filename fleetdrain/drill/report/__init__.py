@@ -1,0 +1,1 @@
+"""The drill's report: the model, the terminal table, the HTML timeline."""

@@ -1,0 +1,1 @@
+"""What operators run against a real account: ``fleetdrain status``, ``fleetdrain drill --aws``."""

@@ -1,0 +1,461 @@
+"""The drain core's pieces one at a time: event models, handlers' rejection policy, settings,
+the coordinator client over loopback, Secrets Manager caching, and the AWS wrappers' error
+mapping (botocore Stubber for throttling and expired tokens)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+from moto import mock_aws
+
+from fleetdrain.agent.buildkite.models import RegisterRequest
+from fleetdrain.controller import drain_monitor, lifecycle_hook, runtime, spot_interruption
+from fleetdrain.controller.drain.config import Settings
+from fleetdrain.controller.drain.coordinator import CoordinatorClient, SecretToken
+from fleetdrain.controller.drain.ecs_fleet import EcsFleet
+from fleetdrain.controller.drain.errors import CoordinatorUnavailable, LifecycleGone, Retryable
+from fleetdrain.controller.drain.events import (
+    Ignored,
+    InstanceDrainingSignal,
+    LifecycleSignal,
+    MalformedEvent,
+    RebalanceSignal,
+    SpotSignal,
+    TaskStoppedSignal,
+    TickSignal,
+    parse_event,
+    parse_message,
+)
+from fleetdrain.controller.drain.lifecycle import LifecycleActions
+from fleetdrain.controller.drain.state import DynamoDrainStore
+from fleetdrain.controller.drain.ticks import SqsTicks, tick_body
+from fleetdrain.drill.coordinator import Coordinator, CoordinatorServer
+
+pytestmark = pytest.mark.timeout(30)
+
+TOKEN = "87654321-4321-4321-4321-210987654321"
+EVENTS = Path(__file__).resolve().parents[1] / "events"
+
+
+def sample(name: str) -> dict[str, Any]:
+    return dict(json.loads((EVENTS / name).read_text()))
+
+
+class Ctx:
+    function_name = "fn"
+    memory_limit_in_mb = 256
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:fn"
+    aws_request_id = "req-1"
+
+
+class ExplodingController:
+    """A controller that must not be reached (rejections happen before it)."""
+
+    def handle(self, signal: Any) -> Any:
+        raise AssertionError(f"controller reached with {signal!r}")
+
+
+@pytest.fixture
+def no_controller() -> Iterator[None]:
+    runtime.set_controller(ExplodingController())  # type: ignore[arg-type]
+    yield
+    runtime.set_controller(None)
+
+
+# ---------------------------------------------------------------------------- events
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("asg-terminate-lifecycle-action.eventbridge.json", LifecycleSignal),
+        ("ec2-spot-interruption-warning.json", SpotSignal),
+        ("ec2-rebalance-recommendation.json", RebalanceSignal),
+        ("ecs-task-state-change.stopped.json", TaskStoppedSignal),
+        ("ecs-container-instance-state-change.draining.json", InstanceDrainingSignal),
+    ],
+)
+def test_every_sample_event_parses(name: str, kind: type) -> None:
+    raw = sample(name)
+    signal = parse_event(raw)
+    assert isinstance(signal, kind)
+    # Extra fields anywhere are never fatal.
+    raw["brand-new-top-level"] = {"x": 1}
+    raw["detail"]["brandNewDetailField"] = [1, 2, 3]
+    assert parse_event(raw) == signal
+
+
+def test_sqs_bodies_parse_raw_and_in_an_sns_envelope() -> None:
+    body = (EVENTS / "asg-terminate-lifecycle-action.sqs-body.json").read_text()
+    signal = parse_message(body)
+    assert isinstance(signal, LifecycleSignal)
+    assert signal.instance_id == "i-0b1c2d3e4f5a6b7c8" and signal.asg_name == "ci-agents"
+    envelope = json.dumps({"Type": "Notification", "MessageId": "m", "Message": body})
+    assert parse_message(envelope) == signal
+    test = parse_message((EVENTS / "asg-test-notification.sqs-body.json").read_text())
+    assert isinstance(test, Ignored) and "test notification" in test.reason
+    tick = parse_message(tick_body("i-1", "d1", "t1"))
+    assert tick == TickSignal("i-1", "d1", "t1")
+
+
+def test_event_details_that_are_not_acted_on_are_ignored_cleanly() -> None:
+    launching = sample("asg-terminate-lifecycle-action.eventbridge.json")
+    launching["detail"]["LifecycleTransition"] = "autoscaling:EC2_INSTANCE_LAUNCHING"
+    assert isinstance(parse_event(launching), Ignored)
+    running = sample("ecs-task-state-change.stopped.json")
+    running["detail"]["lastStatus"] = "RUNNING"
+    assert isinstance(parse_event(running), Ignored)
+    active = sample("ecs-container-instance-state-change.draining.json")
+    active["detail"]["status"] = "ACTIVE"
+    assert isinstance(parse_event(active), Ignored)
+
+
+def _malformed_events() -> list[tuple[str, Any]]:
+    lifecycle = sample("asg-terminate-lifecycle-action.eventbridge.json")
+    no_token = copy.deepcopy(lifecycle)
+    del no_token["detail"]["LifecycleActionToken"]
+    spot = sample("ec2-spot-interruption-warning.json")
+    bad_time = copy.deepcopy(spot)
+    bad_time["time"] = "yesterday"
+    no_detail = copy.deepcopy(spot)
+    del no_detail["detail"]
+    task = sample("ecs-task-state-change.stopped.json")
+    bad_exit = copy.deepcopy(task)
+    bad_exit["detail"]["containers"][0]["exitCode"] = "zero"
+    wrong_source = copy.deepcopy(spot)
+    wrong_source["source"] = "aws.autoscaling"
+    return [
+        ("not an object", ["a", "list"]),
+        ("a string", "hello"),
+        ("empty object", {}),
+        ("unknown detail-type", {**spot, "detail-type": "EC2 Instance State-change Notification"}),
+        ("missing token", no_token),
+        ("bad time", bad_time),
+        ("no detail", no_detail),
+        ("exit code not a number", bad_exit),
+        ("source does not match", wrong_source),
+        ("detail is a string", {**spot, "detail": "instance-id"}),
+    ]
+
+
+@pytest.mark.parametrize(("what", "raw"), _malformed_events())
+def test_malformed_events_raise_a_one_line_reason(what: str, raw: Any) -> None:
+    with pytest.raises(MalformedEvent) as info:
+        parse_event(raw)
+    assert "\n" not in str(info.value) and str(info.value)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "not json",
+        "[1, 2]",
+        '"a string"',
+        '{"kind": "fleetdrain.tick", "instance_id": "i-1"}',
+        '{"LifecycleTransition": "autoscaling:EC2_INSTANCE_TERMINATING"}',
+        '{"Type": "Notification", "Message": {"not": "a string"}}',
+        '{"hello": "world"}',
+    ],
+)
+def test_malformed_messages_raise(body: str) -> None:
+    with pytest.raises(MalformedEvent):
+        parse_message(body)
+
+
+@pytest.mark.parametrize(("what", "raw"), _malformed_events())
+def test_handlers_drop_malformed_events_without_raising(
+    no_controller: None, what: str, raw: Any
+) -> None:
+    for handler in (lifecycle_hook.handler, spot_interruption.handler, drain_monitor.handler):
+        assert handler(raw, Ctx())["status"] == "rejected"
+
+
+def test_events_for_another_function_are_rejected(no_controller: None) -> None:
+    spot = sample("ec2-spot-interruption-warning.json")
+    assert lifecycle_hook.handler(spot, Ctx())["status"] == "rejected"
+    lifecycle = sample("asg-terminate-lifecycle-action.eventbridge.json")
+    assert drain_monitor.handler(lifecycle, Ctx())["status"] == "rejected"
+    assert spot_interruption.handler(lifecycle, Ctx())["status"] == "rejected"
+
+
+def test_sqs_batch_drops_poison_and_fails_only_retryable_records() -> None:
+    class Controller:
+        def __init__(self) -> None:
+            self.seen: list[Any] = []
+
+        def handle(self, signal: Any) -> Any:
+            self.seen.append(signal)
+            if signal.instance_id == "i-throttled":
+                raise Retryable("ECS ListTasks: throttled")
+            from fleetdrain.controller.drain.core import Result
+
+            return Result("stepped", signal.instance_id, "d", "soft")
+
+    ctl = Controller()
+    runtime.set_controller(ctl)  # type: ignore[arg-type]
+    try:
+        records = [
+            ("poison", "{not json"),
+            ("test", (EVENTS / "asg-test-notification.sqs-body.json").read_text()),
+            ("good", tick_body("i-good", "d", "t")),
+            ("throttled", tick_body("i-throttled", "d", "t")),
+            ("wrong", (EVENTS / "asg-terminate-lifecycle-action.sqs-body.json").read_text()),
+        ]
+        event = {
+            "Records": [
+                {
+                    "messageId": mid,
+                    "receiptHandle": "h",
+                    "body": body,
+                    "attributes": {
+                        "ApproximateReceiveCount": "1",
+                        "SentTimestamp": "1",
+                        "SenderId": "s",
+                        "ApproximateFirstReceiveTimestamp": "1",
+                    },
+                    "messageAttributes": {},
+                    "md5OfBody": "0",
+                    "eventSource": "aws:sqs",
+                    "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:q",
+                    "awsRegion": "us-east-1",
+                }
+                for mid, body in records
+            ]
+        }
+        response = drain_monitor.handler(event, Ctx())
+        assert response == {"batchItemFailures": [{"itemIdentifier": "throttled"}]}
+        assert [s.instance_id for s in ctl.seen] == ["i-good", "i-throttled"]
+    finally:
+        runtime.set_controller(None)
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def test_settings_from_env() -> None:
+    s = Settings.from_env(
+        {
+            "FLEETDRAIN_CLUSTER": "ci",
+            "FLEETDRAIN_DRAIN_BUDGET_SECONDS": "1800",
+            "FLEETDRAIN_REBALANCE_ACTION": "IGNORE",
+            "FLEETDRAIN_AGENT_CONTAINERS": "agent, sidecar",
+            "FLEETDRAIN_COORDINATOR_URL": "https://api.example.com/",
+            "FLEETDRAIN_AUTOSCALING_GROUP": "ci-agents",
+            "FLEETDRAIN_LIFECYCLE_HOOK": "fleetdrain-terminating",
+        }
+    )
+    assert s.asg_name == "ci-agents" and s.hook_name == "fleetdrain-terminating"
+    assert s.step_lease == 60.0
+    assert s.drain_budget == 1800 and s.rebalance_action == "ignore"
+    assert s.agent_containers == {"agent", "sidecar"}
+    assert s.coordinator_url == "https://api.example.com"
+    with pytest.raises(ValueError, match="FLEETDRAIN_CLUSTER"):
+        Settings.from_env({})
+    with pytest.raises(ValueError, match="number"):
+        Settings.from_env({"FLEETDRAIN_CLUSTER": "ci", "FLEETDRAIN_TICK_SECONDS": "soon"})
+
+
+# ---------------------------------------------------------------------------- coordinator
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[Coordinator, CoordinatorServer]]:
+    coord = Coordinator(org="acme", api_token="api-token")
+    with CoordinatorServer(coord) as server:
+        yield coord, server
+
+
+def _agent(coord: Coordinator, task_arn: str) -> str:
+    reg = coord.register(
+        coord.registration_token,
+        RegisterRequest(name=task_arn[-6:], meta_data=[f"ecs:task-arn={task_arn}"]),
+    )
+    coord.connect(reg.access_token, {})
+    return reg.id
+
+
+def test_coordinator_client_pages_pauses_and_stops(
+    served: tuple[Coordinator, CoordinatorServer],
+) -> None:
+    coord, server = served
+    ids = {f"arn:aws:ecs:us-east-1:1:task/ci/{n:06d}": "" for n in range(130)}
+    for arn in ids:
+        ids[arn] = _agent(coord, arn)
+    client = CoordinatorClient(server.url, "acme", lambda: "api-token")
+    wanted = [f"arn:aws:ecs:us-east-1:1:task/ci/{n:06d}" for n in (3, 129)]
+    found = client.agents_for(wanted)
+    assert sorted(a.task_arn for a in found) == sorted(wanted)
+    assert client.requests == 2, "two pages of 100"
+    agent = found[0]
+    assert client.pause(agent.id, "draining", 30)
+    assert coord.agent(agent.id).paused
+    assert client.stop(agent.id, force=True)
+    assert coord.agent(agent.id).stop_requested
+    # One agent by id: one request; an id the coordinator does not know is None.
+    before = client.requests
+    one = client.agent(agent.id)
+    assert one is not None and one.id == agent.id and one.task_arn == agent.task_arn
+    assert client.agent("no-such-agent") is None
+    assert client.requests == before + 2
+    assert not client.pause("no-such-agent", "x", 1), "404: nothing to signal"
+
+
+def test_coordinator_client_refreshes_a_rejected_token_once(
+    served: tuple[Coordinator, CoordinatorServer],
+) -> None:
+    _coord, server = served
+    tokens = iter(["stale", "api-token"])
+    current = {"token": next(tokens)}
+    invalidated = []
+
+    def invalidate() -> None:
+        invalidated.append(True)
+        current["token"] = next(tokens)
+
+    client = CoordinatorClient(server.url, "acme", lambda: current["token"], invalidate)
+    assert client.agents_for([]) == []
+    assert invalidated == [True]
+    bad = CoordinatorClient(server.url, "acme", lambda: "wrong")
+    with pytest.raises(CoordinatorUnavailable, match="401"):
+        bad.agents_for([])
+
+
+def test_coordinator_client_gives_up_on_5xx_and_on_no_server(
+    served: tuple[Coordinator, CoordinatorServer],
+) -> None:
+    from fleetdrain.drill.coordinator.faults import Fault
+
+    coord, server = served
+    coord.faults.add(Fault("rest_agents", "status", status=503, count=10))
+    client = CoordinatorClient(server.url, "acme", lambda: "api-token", attempts=3, backoff=0)
+    with pytest.raises(CoordinatorUnavailable, match="503"):
+        client.agents_for(["x"])
+    assert client.requests == 3
+    server.stop()
+    down = CoordinatorClient(server.url, "acme", lambda: "api-token", attempts=2, backoff=0)
+    with pytest.raises(CoordinatorUnavailable):
+        down.agents_for(["x"])
+
+
+# ---------------------------------------------------------------------------- AWS wrappers
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with mock_aws():
+        yield
+
+
+def test_secret_token_is_cached_and_accepts_json(aws: None) -> None:
+    sm = boto3.client("secretsmanager")
+    arn = sm.create_secret(Name="t", SecretString=json.dumps({"token": "s3cr3t"}))["ARN"]
+    now = [0.0]
+    token = SecretToken(sm, arn, clock=lambda: now[0], ttl=300)
+    assert [token.get() for _ in range(5)] == ["s3cr3t"] * 5
+    assert token.fetches == 1 and "s3cr3t" not in repr(token)
+    now[0] = 301
+    token.get()
+    assert token.fetches == 2
+    token.invalidate()
+    token.get()
+    assert token.fetches == 3
+    with pytest.raises(CoordinatorUnavailable):
+        SecretToken(sm, "arn:aws:secretsmanager:us-east-1:123456789012:secret:nope").get()
+
+
+def test_lifecycle_errors_map_to_gone_and_retryable() -> None:
+    asg = boto3.client("autoscaling", region_name="us-east-1")
+    actions = LifecycleActions(asg)
+    with Stubber(asg) as stub:
+        stub.add_client_error(
+            "complete_lifecycle_action",
+            service_error_code="ValidationError",
+            service_message=f"No active Lifecycle Action found with token {TOKEN}",
+        )
+        with pytest.raises(LifecycleGone):
+            actions.complete("g", "h", TOKEN, "i-1")
+        stub.add_client_error("record_lifecycle_action_heartbeat", service_error_code="Throttling")
+        with pytest.raises(Retryable):
+            actions.heartbeat("g", "h", TOKEN, "i-1")
+        stub.add_client_error(
+            "complete_lifecycle_action",
+            service_error_code="ValidationError",
+            service_message="1 validation error detected",
+        )
+        with pytest.raises(Exception) as info:
+            actions.complete("g", "h", TOKEN, "i-1")
+        assert not isinstance(info.value, (LifecycleGone, Retryable))
+
+
+def test_dynamodb_and_sqs_throttling_is_retryable() -> None:
+    ddb = boto3.client("dynamodb", region_name="us-east-1")
+    store = DynamoDrainStore(ddb, "drains", lambda: 0.0, 60)
+    with Stubber(ddb) as stub:
+        stub.add_client_error(
+            "get_item", service_error_code="ProvisionedThroughputExceededException"
+        )
+        with pytest.raises(Retryable):
+            store.get("i-1")
+        stub.add_client_error(
+            "get_item", service_error_code="InternalServerError", http_status_code=500
+        )
+        with pytest.raises(Retryable):
+            store.get("i-1")
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    with Stubber(sqs) as stub:
+        stub.add_client_error("send_message", service_error_code="RequestThrottled")
+        with pytest.raises(Retryable):
+            SqsTicks(sqs, "https://q").schedule("i-1", "d", "t", 5)
+
+
+def test_find_container_instance_does_not_trust_the_filter() -> None:
+    ecs = boto3.client("ecs", region_name="us-east-1")
+    fleet = EcsFleet(ecs, "ci", lambda: 0.0)
+    arn = "arn:aws:ecs:us-east-1:1:container-instance/ci/"
+    with Stubber(ecs) as stub:
+        # The filtered list answers with another instance (a filter not honoured) ...
+        stub.add_response("list_container_instances", {"containerInstanceArns": [arn + "a"]})
+        stub.add_response(
+            "describe_container_instances",
+            {"containerInstances": [{"containerInstanceArn": arn + "a", "ec2InstanceId": "i-a"}]},
+        )
+        # ... so every container instance is looked at, two pages of them.
+        stub.add_response(
+            "list_container_instances",
+            {"containerInstanceArns": [arn + "a", arn + "b"], "nextToken": "n"},
+        )
+        stub.add_response("list_container_instances", {"containerInstanceArns": [arn + "c"]})
+        stub.add_response(
+            "describe_container_instances",
+            {
+                "containerInstances": [
+                    {"containerInstanceArn": arn + "b", "ec2InstanceId": "i-b"},
+                    {
+                        "containerInstanceArn": arn + "c",
+                        "ec2InstanceId": "i-c",
+                        "status": "ACTIVE",
+                    },
+                ]
+            },
+        )
+        found = fleet.find_container_instance("i-c")
+        stub.assert_no_pending_responses()
+    assert found is not None and found.arn == arn + "c" and found.status == "ACTIVE"
+
+
+def test_sqs_ticks_send_a_delayed_tick(aws: None) -> None:
+    sqs = boto3.client("sqs")
+    url = sqs.create_queue(QueueName="drain-queue")["QueueUrl"]
+    SqsTicks(sqs, url).schedule("i-1", "d1", "t1", 0)
+    message = sqs.receive_message(QueueUrl=url, WaitTimeSeconds=0)["Messages"][0]
+    assert parse_message(message["Body"]) == TickSignal("i-1", "d1", "t1")
