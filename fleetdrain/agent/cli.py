@@ -1,11 +1,15 @@
 """``fleetdrain-agent``: ``start`` (the built-in agent), ``wrap`` (the PID-1 layer in front of
-another agent) and ``health`` (container healthCheck)."""
+another agent) and ``health`` (container healthCheck).
+
+Only parsing and dispatch: each command validates, sets up logging (:mod:`fleetdrain.agent.logs`)
+and runs in its own module, imported once it is chosen. Imports go one way, from here to the
+commands: ``wrap`` and ``health`` must not load ``start``'s settings (pydantic) or its HTTP
+client (httpx).
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -27,7 +31,10 @@ def _parser() -> argparse.ArgumentParser:
         help="run the built-in Buildkite agent (as PID 1 in an ECS task)",
         description="Register, run jobs, and drain on SIGTERM without losing a job: heartbeats "
         "continue while draining, and a job that cannot finish before --stop-timeout is "
-        "cancelled and reported (signal_reason agent_stop) before SIGKILL.",
+        "cancelled and reported (signal_reason agent_stop) before SIGKILL. With --watch-imds, "
+        "a spot interruption notice (deadline: its time) or Auto Scaling lifecycle Terminated "
+        "drains the same way, softly: afterwards the agent stays up, idle and healthy, until "
+        "ECS stops the task.",
     )
     add_start_arguments(start)
     from fleetdrain.agent.wrap import DESCRIPTION as WRAP_DESCRIPTION
@@ -79,17 +86,6 @@ def add_health_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
 
 
-def configure_logging(level: str) -> None:
-    """One line per record on stderr (awslogs keeps it as it is)."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fleetdrain-agent``."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -115,19 +111,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return main_from_namespace(ns)
     if ns.command == "start":
-        from pydantic import ValidationError
+        from fleetdrain.agent.start import main_from_namespace as start_main
 
-        from fleetdrain.agent.settings import settings_from_args
-
-        try:
-            settings = settings_from_args(ns)
-        except (ValueError, ValidationError) as exc:
-            print(f"fleetdrain-agent start: {_one_line(exc)}", file=sys.stderr)
-            return 2
-        configure_logging(settings.log_level)
-        from fleetdrain.agent.start import run_start
-
-        return asyncio.run(run_start(settings))
+        return start_main(ns)
     parser.print_help(sys.stderr)
     return 2
 
@@ -136,16 +122,6 @@ def _health(ns: argparse.Namespace) -> int:
     from fleetdrain.agent.health import check
 
     return check(ns.addr, timeout=ns.timeout)
-
-
-def _one_line(exc: Exception) -> str:
-    from pydantic import ValidationError
-
-    if isinstance(exc, ValidationError):
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        return f"{where}: {err['msg']}" if where else str(err["msg"])
-    return str(exc)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The PID-1 layer: signal policy, deadline clock and reaping. It knows nothing of Buildkite.
 
-Signals (DESIGN, "Signals"):
+Signals (docs/design.md, "Signals"):
 
 =====================================  ==================================================
 1st SIGTERM / SIGINT                    graceful stop; the ``stop-timeout`` clock starts

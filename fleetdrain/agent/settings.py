@@ -37,6 +37,8 @@ class StartSettings(BaseModel):
     tags_from_ecs_meta_data: bool = False
     tags_from_ec2_meta_data: bool = False
     task_protection: bool = False
+    watch_imds: bool = False
+    imds_poll_interval: float = Field(default=5.0, gt=0)
     log_level: str = "info"
 
     @field_validator("cancel_signal")
@@ -191,6 +193,22 @@ def add_start_arguments(parser: argparse.ArgumentParser) -> None:
         help="ECS task scale-in protection while a job runs [$FLEETDRAIN_TASK_PROTECTION] "
         "(default: on when $ECS_AGENT_URI is set)",
     )
+    # The names and variables of wrap's options: the same PID-1 host reads them.
+    a(
+        "--watch-imds",
+        action=argparse.BooleanOptionalAction,
+        default=_env_bool("FLEETDRAIN_WATCH_IMDS"),
+        help="drain softly on a spot interruption notice (deadline: its time) or on Auto "
+        "Scaling target-lifecycle-state Terminated (no deadline): no new jobs, the running one "
+        "finishes (or is cancelled, agent_stop, at the deadline), then stay up, idle, until "
+        "the task is stopped [$FLEETDRAIN_WATCH_IMDS]",
+    )
+    a(
+        "--imds-poll-interval",
+        type=float,
+        default=_env("FLEETDRAIN_IMDS_POLL_INTERVAL", "5"),
+        help="seconds between IMDS polls [$FLEETDRAIN_IMDS_POLL_INTERVAL] (default %(default)s)",
+    )
     a(
         "--log-level",
         default=_env("BUILDKITE_AGENT_LOG_LEVEL", "info"),
@@ -233,5 +251,7 @@ def settings_from_args(ns: argparse.Namespace) -> StartSettings:
         tags_from_ecs_meta_data=ns.tags_from_ecs_meta_data,
         tags_from_ec2_meta_data=ns.tags_from_ec2_meta_data,
         task_protection=ns.task_protection,
+        watch_imds=ns.watch_imds,
+        imds_poll_interval=ns.imds_poll_interval,
         log_level=ns.log_level,
     )

@@ -1,25 +1,38 @@
-"""``fleetdrain-agent start``: the PID-1 layer around the built-in Buildkite worker."""
+"""``fleetdrain-agent start``: the built-in Buildkite worker in the PID-1 host.
+
+The :class:`fleetdrain.agent.host.Host` that ``wrap`` uses too (supervisor, task protection,
+health server, IMDS watch with ``--watch-imds``, teardown), around
+:class:`fleetdrain.agent.buildkite.worker.BuildkiteWorker`. What is ``start``'s own:
+
+- start-up: tags from ECS task metadata and EC2 metadata, with SIGTERM heard while they are
+  looked up (as PID 1 a signal without a handler is dropped);
+- health is the heartbeat's (:class:`fleetdrain.agent.health.HeartbeatHealth`), or the host's
+  hold after a soft drain, when no heartbeats are sent any more;
+- the agent API goes through httpx (pooling, TLS to the internet, proxies); the local ECS and
+  IMDS endpoints through the small client ``wrap`` uses.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
 import os
 import signal
-import time
-from collections.abc import Callable, Coroutine
+import sys
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from fleetdrain.agent.buildkite.api import AgentApi, new_http_client
 from fleetdrain.agent.buildkite.job_runner import JobSettings
 from fleetdrain.agent.buildkite.worker import BuildkiteConfig, BuildkiteWorker
-from fleetdrain.agent.ecs import ProtectionKeeper, TaskProtection
-from fleetdrain.agent.health import HealthServer, HeartbeatHealth
+from fleetdrain.agent.health import HeartbeatHealth
+from fleetdrain.agent.host import Host, HostError, HostSettings
+from fleetdrain.agent.logs import configure_logging
 from fleetdrain.agent.minihttp import HttpClient
-from fleetdrain.agent.pid1 import Supervisor, freeze_startup_objects
 from fleetdrain.agent.reaper import Reaper, parse_signal
-from fleetdrain.agent.settings import StartSettings
+from fleetdrain.agent.settings import StartSettings, settings_from_args
 
 log = logging.getLogger("fleetdrain.agent")
 
@@ -55,8 +68,22 @@ async def gather_tags(settings: StartSettings, http: HttpClient) -> list[str]:
     return tags
 
 
+def host_settings(settings: StartSettings) -> HostSettings:
+    """The host's part of start's settings."""
+    return HostSettings(
+        stop_timeout=settings.stop_timeout,
+        cancel_grace_period=settings.cancel_grace_period,
+        drain_margin=settings.drain_margin,
+        health_check_addr=settings.health_check_addr,
+        task_protection=settings.task_protection,
+        watch_imds=settings.watch_imds,
+        imds_poll_interval=settings.imds_poll_interval,
+    )
+
+
 async def run_start(settings: StartSettings) -> int:
-    """Run the agent until it has drained; the process exit status."""
+    """Run the agent until it has drained (and, after a soft drain, been stopped); the exit
+    status. Raises :class:`fleetdrain.agent.host.HostError` if the health address is taken."""
     reaper = Reaper()
     health = HeartbeatHealth()
     # ECS and IMDS are local endpoints: the small client that wrap uses too. httpx is for the
@@ -68,22 +95,12 @@ async def run_start(settings: StartSettings) -> int:
             log.info("stopped while starting up: exiting")
             return 0
         api = AgentApi(settings.endpoint, http)
-        worker: BuildkiteWorker
-        keeper = (
-            _protection_keeper(local, busy=lambda: worker.busy())
-            if settings.task_protection
-            else None
-        )
+        host: Host
 
         def heartbeat_ok(at: float) -> None:
             if worker.registration is not None:
                 health.heartbeat_interval = worker.registration.heartbeat_interval
             health.record_success(at)
-
-        def busy_changed(_busy: bool) -> None:
-            # Protection follows the job within milliseconds, not at the next periodic check.
-            if keeper is not None:
-                keeper.notify()
 
         worker = BuildkiteWorker(
             BuildkiteConfig(
@@ -103,49 +120,10 @@ async def run_start(settings: StartSettings) -> int:
             api,
             reaper,
             on_heartbeat=heartbeat_ok,
-            on_busy_change=busy_changed,
+            on_busy_change=lambda busy: host.busy_changed(busy),
         )
-        supervisor = Supervisor(
-            worker,
-            reaper,
-            stop_timeout=settings.stop_timeout,
-            cancel_grace_period=settings.cancel_grace_period,
-            margin=settings.drain_margin,
-        )
-
-        def status() -> dict[str, Any]:
-            out: dict[str, Any] = {**worker.status(), **supervisor.status()}
-            out["healthy"] = health()
-            if keeper is not None:
-                out["task_protection"] = {
-                    "enabled": keeper.enabled,
-                    "expires_at": keeper.expires_at,
-                    "error": keeper.last_error,
-                }
-            return out
-
-        server = None
-        if settings.health_check_addr:
-            server = HealthServer(settings.health_check_addr, health=health, status=status)
-            await server.start()
-            log.info("health and status on http://%s", settings.health_check_addr)
-        keeping = None
-        if keeper is not None:
-            keeping = asyncio.get_running_loop().create_task(keeper.run(), name="task-protection")
-        started = time.monotonic()
-        freeze_startup_objects()
-        try:
-            code = await supervisor.run()
-        finally:
-            if keeping is not None and keeper is not None:
-                keeping.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await keeping
-                await keeper.release()
-            if server is not None:
-                await server.close()
-        log.info("exiting with status %d after %.1fs", code, time.monotonic() - started)
-        return code
+        host = Host(worker, reaper, host_settings(settings), health=health)
+        return await host.run()
 
 
 async def _unless_stopped_early(setup: Coroutine[Any, Any, T]) -> T | None:
@@ -175,9 +153,28 @@ async def _unless_stopped_early(setup: Coroutine[Any, Any, T]) -> T | None:
     return None
 
 
-def _protection_keeper(http: HttpClient, busy: Callable[[], bool]) -> ProtectionKeeper | None:
-    agent_uri = os.environ.get("ECS_AGENT_URI")
-    if not agent_uri:
-        log.warning("--task-protection: $ECS_AGENT_URI is not set; protection disabled")
-        return None
-    return ProtectionKeeper(TaskProtection(http, agent_uri), busy=busy, check_interval=30.0)
+def main_from_namespace(ns: argparse.Namespace) -> int:
+    """Validate, configure logging and run; bad input is one line on stderr and exit 2."""
+    from pydantic import ValidationError
+
+    try:
+        settings = settings_from_args(ns)
+    except (ValueError, ValidationError) as exc:
+        print(f"fleetdrain-agent start: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        return asyncio.run(run_start(settings))
+    except HostError as exc:
+        print(f"fleetdrain-agent start: {exc}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: Exception) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"{where}: {err['msg']}" if where else str(err["msg"])
+    return str(exc)

@@ -142,9 +142,9 @@ def add_wrap_arguments(parser: argparse.ArgumentParser) -> None:
         "--watch-imds",
         action=argparse.BooleanOptionalAction,
         default=bool(_env_bool("FLEETDRAIN_WATCH_IMDS")),
-        help="drain on a spot interruption notice (deadline: its time) or on Auto Scaling "
-        "target-lifecycle-state Terminated (soft: no deadline, stay up after) "
-        "[$FLEETDRAIN_WATCH_IMDS]",
+        help="drain softly on a spot interruption notice (deadline: its time) or on Auto "
+        "Scaling target-lifecycle-state Terminated (no deadline), then stay up, idle, after "
+        "the worker exits until the task is stopped [$FLEETDRAIN_WATCH_IMDS]",
     )
     a(
         "--imds-poll-interval",

@@ -21,7 +21,7 @@ import pytest
 from fleetdrain.drill.aws.endpoints import EcsAgentStandIn, ImdsStandIn
 from fleetdrain.drill.coordinator import Fault
 
-pytestmark = pytest.mark.pid1
+pytestmark = [pytest.mark.slow, pytest.mark.pid1]
 
 
 def _health_exit(addr: str) -> int:

@@ -16,7 +16,7 @@ import pytest
 
 from fleetdrain.drill.coordinator import Fault, RetryRule
 
-pytestmark = pytest.mark.pid1
+pytestmark = [pytest.mark.slow, pytest.mark.pid1]
 
 LINES = 15
 # A job that prints a numbered line every 0.1 s: about 1.5 s in all.

@@ -1,4 +1,4 @@
-"""The real agent process speaks agent API v3 exactly (shared/protocol/agent-api-v3.md).
+"""The real agent process speaks agent API v3 exactly (docs/protocol.md).
 
 Each test starts ``fleetdrain-agent start`` as a real process (not PID 1: nothing here depends
 on it) against the embedded coordinator on loopback and asserts on what the *server* saw: the
@@ -36,7 +36,7 @@ from fleetdrain import __version__
 from fleetdrain.drill.coordinator import Coordinator, CoordinatorServer, Fault, build_app
 from fleetdrain.drill.world.processes import AgentProcess, agent_command
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 REPO = Path(__file__).resolve().parents[2]
 #: Routes called with the job's own token (from accept) rather than the agent's access token.

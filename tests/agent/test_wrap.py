@@ -31,7 +31,7 @@ from tests.agent.wrap_support import (
     zombies_under,
 )
 
-pytestmark = pytest.mark.pid1
+pytestmark = [pytest.mark.slow, pytest.mark.pid1]
 
 
 @pytest.fixture

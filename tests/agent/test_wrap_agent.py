@@ -17,7 +17,7 @@ from fleetdrain.drill.coordinator import RetryRule
 from fleetdrain.drill.world.processes import agent_command, spawn_agent
 from tests.agent.wrap_support import Wrapped, free_addr, require_pid1, wait_until, wrap_command
 
-pytestmark = pytest.mark.pid1
+pytestmark = [pytest.mark.slow, pytest.mark.pid1]
 
 RETRY = [RetryRule(exit_status="-1", limit=2), RetryRule(signal_reason="agent_stop", limit=2)]
 COUNTING_JOB = 'for i in $(seq 1 10); do echo "line $i"; sleep 0.1; done; echo all-done'

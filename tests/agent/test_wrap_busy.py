@@ -16,6 +16,8 @@ import pytest
 
 from fleetdrain.agent.busy import ChildrenBusy, ProbeBusy, check_probe_url, descendants, http_get
 
+pytestmark = pytest.mark.slow
+
 
 @contextlib.asynccontextmanager
 async def raw_server(response: bytes, *, delay: float = 0.0) -> AsyncIterator[str]:

@@ -1,4 +1,4 @@
-"""Wire payloads of the Buildkite agent API v3 (the subset in shared/protocol/agent-api-v3.md).
+"""Wire payloads of the Buildkite agent API v3 (the subset in docs/protocol.md).
 
 Shared by the agent (client side) and the embedded coordinator (server side). Every model keeps
 unknown fields (``extra="allow"``): servers add fields over time and an extra one is never fatal.
@@ -92,52 +92,6 @@ class JobFinishRequest(_Wire):
 
 class StopRequest(_Wire):
     force: bool = False
-
-
-class AgentStopRequest(_Wire):
-    """REST ``PUT /v2/organizations/{org}/agents/{id}/stop`` body."""
-
-    force: bool = False
-
-
-class AgentPauseRequest(_Wire):
-    """REST ``PUT /v2/organizations/{org}/agents/{id}/pause`` body."""
-
-    note: str | None = None
-    timeout_in_minutes: int = Field(default=5, ge=1, le=10080)
-
-
-class RestJob(_Wire):
-    id: str
-    state: str = ""
-
-
-class RestAgent(_Wire):
-    """An agent as the REST API lists it."""
-
-    id: str
-    name: str
-    connection_state: str
-    hostname: str = ""
-    meta_data: list[str] = Field(default_factory=list)
-    job: RestJob | None = None
-    last_job_finished_at: str | None = None
-    priority: int | None = None
-    version: str = ""
-    paused: bool = False
-
-    def tags(self) -> dict[str, str]:
-        """``meta_data`` as a dict (``key=value`` entries; later keys win)."""
-        return parse_tags(self.meta_data)
-
-
-def parse_tags(items: list[str]) -> dict[str, str]:
-    """Parse ``key=value`` tag strings; an entry without ``=`` maps to ``""``."""
-    out: dict[str, str] = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def dump(model: BaseModel) -> dict[str, Any]:
