@@ -68,7 +68,8 @@ from moto import mock_aws  # noqa: E402
 
 from fleetdrain.controller import runtime  # noqa: E402
 from fleetdrain.controller.drain import core  # noqa: E402
-from fleetdrain.controller.drain.state import DrainRecord, DynamoDrainStore  # noqa: E402
+from fleetdrain.controller.drain.ports import DrainRecord  # noqa: E402
+from fleetdrain.controller.drain.state import DynamoDrainStore  # noqa: E402
 from fleetdrain.drill.aws.gaps import AwsGaps  # noqa: E402
 from fleetdrain.drill.coordinator import Coordinator, CoordinatorServer  # noqa: E402
 from tests.controller.test_drains import (  # noqa: E402

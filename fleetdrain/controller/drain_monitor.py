@@ -6,7 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fleetdrain.controller.drain.events import InstanceDrainingSignal, TaskStoppedSignal, TickSignal
+from fleetdrain.controller.drain.signals import (
+    InstanceDrainingSignal,
+    TaskStoppedSignal,
+    TickSignal,
+)
 from fleetdrain.controller.runtime import handle, logger, metrics
 
 

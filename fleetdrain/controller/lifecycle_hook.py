@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fleetdrain.controller.drain.events import LifecycleSignal
+from fleetdrain.controller.drain.signals import LifecycleSignal
 from fleetdrain.controller.runtime import handle, logger, metrics
 
 

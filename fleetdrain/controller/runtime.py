@@ -32,13 +32,8 @@ if TYPE_CHECKING:
 
 from fleetdrain.controller.drain.config import Settings
 from fleetdrain.controller.drain.core import EVENTS_REJECTED, DrainController
-from fleetdrain.controller.drain.events import (
-    Ignored,
-    MalformedEvent,
-    Signal,
-    parse_event,
-    parse_message,
-)
+from fleetdrain.controller.drain.events import MalformedEvent, parse_event, parse_message
+from fleetdrain.controller.drain.signals import Ignored, Signal
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "fleetdrain"))
 metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "fleetdrain"))
@@ -47,7 +42,8 @@ copy_config_to_registered_loggers(source_logger=logger, include={"fleetdrain.dra
 
 
 class PowertoolsMetrics:
-    """The core's metrics sink as EMF metrics (flushed by ``@metrics.log_metrics``)."""
+    """The core's :class:`~fleetdrain.controller.drain.ports.MetricsPort` as EMF metrics (flushed
+    by ``@metrics.log_metrics``)."""
 
     def count(self, name: str, value: float = 1.0) -> None:
         metrics.add_metric(name=name, unit=MetricUnit.Count, value=value)
@@ -76,7 +72,8 @@ def controller() -> DrainController:
 def build_controller(
     settings: Settings, session: Any = None, *, clock: Callable[[], float] = time.time
 ) -> DrainController:
-    """Real AWS clients (adaptive retries, short timeouts) behind the core's small objects.
+    """Real AWS clients (adaptive retries, short timeouts) behind the core's ports: the one place
+    the adapters are wired into :class:`~fleetdrain.controller.drain.core.DrainController`.
 
     ``clock`` (epoch seconds) is what every drain time is measured on: the wall clock in
     Lambda; the drill passes its compressed clock, so the controller it runs is this one.

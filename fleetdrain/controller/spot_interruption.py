@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fleetdrain.controller.drain.events import RebalanceSignal, SpotSignal
+from fleetdrain.controller.drain.signals import RebalanceSignal, SpotSignal
 from fleetdrain.controller.runtime import handle, logger, metrics
 
 

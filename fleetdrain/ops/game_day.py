@@ -31,7 +31,7 @@ from fleetdrain.drill.report.model import DrillReport, EventKind, ScenarioReport
 from fleetdrain.ops.buildkite_rest import ApiError, ApiToken, BuildkiteRest, token_from_secret
 
 if TYPE_CHECKING:
-    from fleetdrain.controller.drain.state import DrainRecord
+    from fleetdrain.controller.drain.ports import DrainRecord
 
 #: Builds in these states are over.
 TERMINAL_BUILD_STATES = frozenset({"passed", "failed", "canceled", "skipped", "not_run"})

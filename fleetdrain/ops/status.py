@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ValidationError
 
-from fleetdrain.controller.drain.state import DrainRecord
+from fleetdrain.controller.drain.ports import DrainRecord
 
 
 class StatusError(Exception):
@@ -125,7 +125,7 @@ def read_drains(client: Any, table: str, *, include_done: bool = False) -> list[
     """Drain records from ``table``: those in flight (or every one with ``include_done``)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from fleetdrain.controller.drain.state import DynamoDrainStore
+    from fleetdrain.controller.drain.state import DynamoDrainStore, record_from_item
 
     store = DynamoDrainStore(client, table, clock=time.time, ttl_seconds=0)
     try:
@@ -140,9 +140,7 @@ def read_drains(client: Any, table: str, *, include_done: bool = False) -> list[
         while True:
             out = client.scan(**kwargs)
             for item in out.get("Items", []):
-                record = DrainRecord.model_validate_json(item["doc"]["S"])
-                record.version = int(item["version"]["N"])
-                records.append(record)
+                records.append(record_from_item(item))
             if "LastEvaluatedKey" not in out:
                 return sorted(records, key=lambda r: r.started_at)
             kwargs["ExclusiveStartKey"] = out["LastEvaluatedKey"]

@@ -21,19 +21,17 @@ from fleetdrain.controller.drain.config import Settings
 from fleetdrain.controller.drain.coordinator import CoordinatorClient, SecretToken
 from fleetdrain.controller.drain.ecs_fleet import EcsFleet
 from fleetdrain.controller.drain.errors import CoordinatorUnavailable, LifecycleGone, Retryable
-from fleetdrain.controller.drain.events import (
+from fleetdrain.controller.drain.events import MalformedEvent, parse_event, parse_message
+from fleetdrain.controller.drain.lifecycle import LifecycleActions
+from fleetdrain.controller.drain.signals import (
     Ignored,
     InstanceDrainingSignal,
     LifecycleSignal,
-    MalformedEvent,
     RebalanceSignal,
     SpotSignal,
     TaskStoppedSignal,
     TickSignal,
-    parse_event,
-    parse_message,
 )
-from fleetdrain.controller.drain.lifecycle import LifecycleActions
 from fleetdrain.controller.drain.state import DynamoDrainStore
 from fleetdrain.controller.drain.ticks import SqsTicks, tick_body
 from fleetdrain.drill.coordinator import Coordinator, CoordinatorServer

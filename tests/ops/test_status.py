@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -17,7 +18,8 @@ from moto import mock_aws
 from moto.server import ThreadedMotoServer
 
 from fleetdrain.cli import main
-from fleetdrain.controller.drain.state import DrainRecord, DynamoDrainStore
+from fleetdrain.controller.drain.ports import DrainRecord
+from fleetdrain.controller.drain.state import DynamoDrainStore
 from fleetdrain.ops.status import run_status
 
 pytestmark = pytest.mark.timeout(60)
@@ -80,7 +82,7 @@ def seed(client) -> DynamoDrainStore:
             lifecycle_state="completed",
         )
     )
-    store.save(done.model_copy(update={"phase": "done", "completed_at": NOW - 400}))
+    store.save(dataclasses.replace(done, phase="done", completed_at=NOW - 400))
     assert scale_in.version == 1
     return store
 

@@ -14,38 +14,16 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from botocore.exceptions import BotoCoreError, ClientError
 
-from fleetdrain.controller.drain.errors import CoordinatorUnavailable, reraise_retryable
+from fleetdrain.controller.drain.aws_errors import reraise_retryable
+from fleetdrain.controller.drain.errors import CoordinatorUnavailable
+from fleetdrain.controller.drain.ports import AgentView
 
-#: Job states in which an agent is working (it has accepted the job and not finished it).
-BUSY_JOB_STATES = frozenset({"accepted", "running", "canceling"})
-#: Connection states in which an agent can still be signalled.
-LIVE_STATES = frozenset({"connected", "stopping"})
 MAX_PAGES = 100
-
-
-@dataclass(frozen=True)
-class AgentView:
-    id: str
-    name: str
-    task_arn: str
-    connection_state: str
-    job_id: str | None
-    job_state: str | None
-    paused: bool
-
-    @property
-    def live(self) -> bool:
-        return self.connection_state in LIVE_STATES
-
-    @property
-    def busy(self) -> bool:
-        return self.job_id is not None and (self.job_state or "running") in BUSY_JOB_STATES
 
 
 class SecretToken:
@@ -99,7 +77,8 @@ class SecretToken:
 
 
 class CoordinatorClient:
-    """REST client for one organization. ``token`` is called for the token before each call."""
+    """:class:`~fleetdrain.controller.drain.ports.CoordinatorPort`: REST client for one
+    organization. ``token`` is called for the token before each call."""
 
     def __init__(
         self,

@@ -20,10 +20,11 @@ phase, at once otherwise) the drain falls back to ``StopTask`` for every task: t
 deadline-aware drain does the rest.
 
 Events merge into the record (:meth:`DrainController.handle`) and then a step runs. Merging is
-pure and conditional on the record's version: a duplicate event (same event id, same lifecycle
-token, a spot notice already known) changes nothing, a late one can only add (a token, an
-earlier deadline), never move a drain backwards, and a spot warning during a scale-in drain
-moves ``force_at`` earlier and the phase to ``hard``. A step re-reads the world (tasks, agents)
+pure (:mod:`~fleetdrain.controller.drain.merge` has the rules) and the write that follows is
+conditional on the record's version: a duplicate event (same event id, same lifecycle token, a
+spot notice already known) changes nothing, a late one can only add (a token, an earlier
+deadline), never move a drain backwards, and a spot warning during a scale-in drain moves
+``force_at`` earlier and the phase to ``hard``. A step re-reads the world (tasks, agents)
 and acts only on what is not done yet, so running it twice, or after a crash half-way, is safe;
 each drain keeps one delayed tick pending as the safety net. Two steps never run at once on
 one drain: a step claims the record (a lease, in the conditional write that merges its event)
@@ -32,34 +33,46 @@ and releases it with its own save; an event that finds the record held waits for
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import math
 import uuid
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from fleetdrain.controller.drain.config import Settings
-from fleetdrain.controller.drain.coordinator import AgentView
-from fleetdrain.controller.drain.ecs_fleet import ContainerInstance, TaskInfo
-from fleetdrain.controller.drain.errors import CoordinatorUnavailable, LifecycleGone, Retryable
-from fleetdrain.controller.drain.events import (
+from fleetdrain.controller.drain.errors import (
+    Conflict,
+    CoordinatorUnavailable,
+    LifecycleGone,
+    Retryable,
+)
+from fleetdrain.controller.drain.merge import LOST_TICK_SLACK, Merge, merge
+from fleetdrain.controller.drain.ports import (
+    AgentView,
+    Clock,
+    CoordinatorPort,
+    DrainRecord,
+    DrainStorePort,
+    EcsPort,
+    LifecyclePort,
+    MetricsPort,
+    Sleep,
+    TaskInfo,
+    TicksPort,
+)
+from fleetdrain.controller.drain.signals import (
     Ignored,
     InstanceDrainingSignal,
     LifecycleSignal,
-    RebalanceSignal,
     Signal,
-    SpotSignal,
     TaskStoppedSignal,
-    TickSignal,
 )
-from fleetdrain.controller.drain.state import Conflict, DrainRecord, DrainStore
 
 log = logging.getLogger("fleetdrain.drain")
 
-SPOT_NOTICE_SECONDS = 120.0
-#: A pending tick older than this is taken as lost and replaced.
-LOST_TICK_SLACK = 120.0
 MAX_RACES = 5
 #: A step that finds the record held by another step looks again after this, doubling up
 #: to LEASE_POLL_MAX (a step takes well under a second; a long wait need not read 200 times).
@@ -79,55 +92,14 @@ COORDINATOR_FALLBACKS = "CoordinatorFallbacks"
 EVENTS_REJECTED = "EventsRejected"
 
 
-class Metrics(Protocol):
-    def count(self, name: str, value: float = 1.0) -> None: ...
-
-    def seconds(self, name: str, value: float) -> None: ...
-
-
 class NullMetrics:
+    """A :class:`MetricsPort` that drops everything (the default)."""
+
     def count(self, name: str, value: float = 1.0) -> None:
         pass
 
     def seconds(self, name: str, value: float) -> None:
         pass
-
-
-class Fleet(Protocol):
-    def find_container_instance(self, instance_id: str) -> ContainerInstance | None: ...
-
-    def tasks_on(self, container_instance_arn: str) -> list[TaskInfo]: ...
-
-    def set_draining(self, arn: str) -> None: ...
-
-    def stop_task(self, task_arn: str, reason: str) -> None: ...
-
-    def protected(self, task_arns: list[str]) -> set[str]: ...
-
-
-class Coordinator(Protocol):
-    #: Pages the last ``agents_for`` read.
-    last_pages: int
-
-    def agents_for(self, task_arns: Any) -> list[AgentView]: ...
-
-    def agent(self, agent_id: str) -> AgentView | None: ...
-
-    def pause(self, agent_id: str, note: str, timeout_minutes: int) -> bool: ...
-
-    def stop(self, agent_id: str, force: bool) -> bool: ...
-
-
-class Lifecycle(Protocol):
-    def heartbeat(self, asg_name: str, hook_name: str, token: str, instance_id: str) -> None: ...
-
-    def complete(
-        self, asg_name: str, hook_name: str, token: str, instance_id: str, result: str = ...
-    ) -> None: ...
-
-
-class Ticks(Protocol):
-    def schedule(self, instance_id: str, drain_id: str, tick_id: str, delay: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -149,30 +121,22 @@ class _Leased(Exception):
         self.until = until
 
 
-@dataclass
-class _Merge:
-    record: DrainRecord | None
-    action: str
-    changed: bool = True
-    step: bool = True
-    detail: str = ""
-
-
 class DrainController:
-    """Applies signals to drain records and advances drains. Knows nothing of Lambda."""
+    """Applies signals to drain records and advances drains. Knows nothing of Lambda: every
+    side effect goes through a port of :mod:`~fleetdrain.controller.drain.ports`."""
 
     def __init__(
         self,
         settings: Settings,
-        store: DrainStore,
-        fleet: Fleet,
-        coordinator: Coordinator | None,
-        lifecycle: Lifecycle,
-        ticks: Ticks,
-        metrics: Metrics | None = None,
-        clock: Callable[[], float] | None = None,
+        store: DrainStorePort,
+        fleet: EcsPort,
+        coordinator: CoordinatorPort | None,
+        lifecycle: LifecyclePort,
+        ticks: TicksPort,
+        metrics: MetricsPort | None = None,
+        clock: Clock | None = None,
         coordinator_grace: float = 30.0,
-        sleep: Callable[[float], None] | None = None,
+        sleep: Sleep | None = None,
         lease_wait: float = 20.0,
     ) -> None:
         import time
@@ -186,7 +150,7 @@ class DrainController:
         self.coordinator = coordinator
         self.lifecycle = lifecycle
         self.ticks = ticks
-        self.metrics: Metrics = metrics or NullMetrics()
+        self.metrics: MetricsPort = metrics or NullMetrics()
         self.clock = clock or time.time
         self.coordinator_grace = coordinator_grace
 
@@ -254,18 +218,18 @@ class DrainController:
     def _handle_once(self, instance_id: str, signal: Signal) -> Result:
         now = self.clock()
         current = self.store.get(instance_id)
-        merge = self._merge(current, signal, now)
-        record = merge.record
+        merged = self._merge(current, signal, now)
+        record = merged.record
         if record is None:
-            return Result(merge.action, instance_id, detail=merge.detail)
-        step = merge.step and record.phase != "done"
-        if current is not None and current.leased(now) and (merge.changed or step):
+            return Result(merged.action, instance_id, detail=merged.detail)
+        step = merged.step and record.phase != "done"
+        if current is not None and current.leased(now) and (merged.changed or step):
             # Only the lease holder writes while it steps; we merge again once it is done.
             raise _Leased(current.lease_until or now)
         if step:
             # Claim the record in the same conditional write that merges the event: of two
             # steps that race, one claims and acts, the other waits and then sees its work.
-            record = record.model_copy(deep=True)
+            record = copy.deepcopy(record)
             record.lease_id = uuid.uuid4().hex[:12]
             record.lease_until = now + self.settings.step_lease
         if current is None:
@@ -275,150 +239,32 @@ class DrainController:
                 "drain started",
                 extra={"reasons": record.reasons, "phase": record.phase},
             )
-        elif merge.changed or step:
+        elif merged.changed or step:
             record = self.store.save(record)
         if step:
             record = self._step(record)
-        return Result(merge.action, instance_id, record.drain_id, record.phase, merge.detail)
+        return Result(merged.action, instance_id, record.drain_id, record.phase, merged.detail)
 
-    # ------------------------------------------------------------------ merging (pure)
+    # ------------------------------------------------------------------ merging
 
-    def _new(self, instance_id: str, now: float, **fields: Any) -> DrainRecord:
-        return DrainRecord(
-            instance_id=instance_id,
-            drain_id=uuid.uuid4().hex[:16],
-            cluster=self.settings.cluster,
-            started_at=now,
-            **fields,
-        )
-
-    def _merge(self, rec: DrainRecord | None, signal: Signal, now: float) -> _Merge:
-        if isinstance(signal, LifecycleSignal):
-            return self._merge_lifecycle(rec, signal, now)
-        if isinstance(signal, SpotSignal):
-            return self._merge_spot(rec, signal, now)
-        if isinstance(signal, RebalanceSignal):
-            return self._merge_rebalance(rec, signal, now)
-        if rec is None or rec.phase == "done":
-            return _Merge(None, "ignored", detail="no drain in flight")
-        if isinstance(signal, TickSignal):
-            if signal.drain_id != rec.drain_id:
-                return _Merge(None, "ignored", detail="tick of another drain")
-            rec = rec.model_copy(deep=True)
-            if rec.tick_id == signal.tick_id:
-                rec.tick_id = rec.tick_due = None
-            return _Merge(rec, "stepped")
-        if isinstance(signal, TaskStoppedSignal):
-            if rec.saw(signal.event_id):
-                return self._duplicate(rec, now)
-            rec = rec.model_copy(deep=True)
-            rec.remember(signal.event_id)
-            stopped = signal.stopped_at.timestamp()
-            rec.last_task_stopped_at = max(rec.last_task_stopped_at or 0.0, stopped)
-            return _Merge(rec, "stepped")
-        assert isinstance(signal, InstanceDrainingSignal)
-        if rec.draining_at is not None:
-            # Our own DRAINING (ECS repeats the event at every task that stops): no news.
-            return self._duplicate(rec, now)
-        return _Merge(rec, "stepped", changed=False)
-
-    def _duplicate(self, rec: DrainRecord, now: float) -> _Merge:
-        # Nothing changes; step only if no tick is pending (a crash may have lost it).
-        pending = rec.tick_due is not None and rec.tick_due > now - LOST_TICK_SLACK
-        return _Merge(rec, "duplicate", changed=False, step=rec.phase != "done" and not pending)
-
-    def _merge_lifecycle(self, rec: DrainRecord | None, s: LifecycleSignal, now: float) -> _Merge:
-        started = min(now, s.time.timestamp())
-        budget_end = started + self.settings.drain_budget
-        if rec is None:
-            return _Merge(
-                self._new(
-                    s.instance_id,
-                    now,
-                    reasons=["scale_in"],
-                    phase="soft",
-                    force_at=budget_end,
-                    asg_name=s.asg_name,
-                    hook_name=s.hook_name,
-                    lifecycle_token=s.token,
-                    lifecycle_state="pending",
-                    last_heartbeat_at=started,
-                    seen_events=[s.event_id],
-                ),
-                "started",
-            )
-        if rec.lifecycle_token == s.token or rec.saw(s.event_id):
-            return self._duplicate(rec, now)
-        rec = rec.model_copy(deep=True)
-        rec.remember(s.event_id)
-        rec.asg_name, rec.hook_name, rec.lifecycle_token = s.asg_name, s.hook_name, s.token
-        rec.lifecycle_state = "pending"
-        rec.last_heartbeat_at = started
-        if "scale_in" not in rec.reasons:
-            rec.reasons.append("scale_in")
-        rec.force_at = budget_end if rec.force_at is None else min(rec.force_at, budget_end)
-        if rec.phase == "done":
-            # Drained already (a rebalance, a spot notice): only the action is left to complete.
-            rec.phase, rec.outcome, rec.outcome_reason = "hard", None, None
-            rec.completed_at = None
-            return _Merge(rec, "joined", detail="reopened to complete the lifecycle action")
-        return _Merge(rec, "joined")
-
-    def _start_in_cluster(self, instance_id: str, now: float, **fields: Any) -> _Merge:
-        """A new drain for an instance of the cluster; an EC2 notice for any other is ignored
-        (unlike a lifecycle action, it has no hook that waits for an answer)."""
-        ci = self.fleet.find_container_instance(instance_id)
+    def _merge(self, rec: DrainRecord | None, signal: Signal, now: float) -> Merge:
+        """:func:`~fleetdrain.controller.drain.merge.merge`, plus the one lookup it leaves to us:
+        a spot notice or rebalance starts a drain only for a container instance of the cluster."""
+        result = merge(rec, signal, now, self.settings)
+        if not result.in_cluster_only or result.record is None:
+            return result
+        ci = self.fleet.find_container_instance(result.record.instance_id)
         if ci is None:
-            return _Merge(None, "ignored", detail="instance is not in the cluster")
-        return _Merge(
-            self._new(instance_id, now, container_instance_arn=ci.arn, **fields), "started"
-        )
-
-    def _merge_spot(self, rec: DrainRecord | None, s: SpotSignal, now: float) -> _Merge:
-        deadline = s.time.timestamp() + SPOT_NOTICE_SECONDS - self.settings.spot_margin
-        if rec is None:
-            return self._start_in_cluster(
-                s.instance_id,
-                now,
-                reasons=["spot"],
-                phase="hard",
-                force_at=deadline,
-                spot_deadline=deadline,
-                seen_events=[s.event_id],
-            )
-        if rec.phase == "done":
-            return _Merge(None, "ignored", detail="drain already done")
-        if rec.saw(s.event_id) or (rec.spot_deadline is not None and rec.spot_deadline <= deadline):
-            return self._duplicate(rec, now)
-        rec = rec.model_copy(deep=True)
-        rec.remember(s.event_id)
-        if "spot" not in rec.reasons:
-            rec.reasons.append("spot")
-        rec.spot_deadline = deadline
-        rec.force_at = deadline if rec.force_at is None else min(rec.force_at, deadline)
-        rec.phase = "hard"  # no time for the soft phase
-        return _Merge(rec, "joined", detail="spot notice: deadline moved earlier")
-
-    def _merge_rebalance(self, rec: DrainRecord | None, s: RebalanceSignal, now: float) -> _Merge:
-        if self.settings.rebalance_action == "ignore":
-            return _Merge(None, "ignored", detail="rebalance recommendations are ignored")
-        if rec is None:
-            return self._start_in_cluster(
-                s.instance_id, now, reasons=["rebalance"], phase="soft", seen_events=[s.event_id]
-            )
-        if rec.phase == "done" or "rebalance" in rec.reasons or rec.saw(s.event_id):
-            return self._duplicate(rec, now)
-        rec = rec.model_copy(deep=True)
-        rec.remember(s.event_id)
-        rec.reasons.append("rebalance")
-        return _Merge(rec, "joined", step=False)
+            return Merge(None, "ignored", detail="instance is not in the cluster")
+        placed = dataclasses.replace(result.record, container_instance_arn=ci.arn)
+        return dataclasses.replace(result, record=placed, in_cluster_only=False)
 
     # ------------------------------------------------------------------ the step
 
     def _step(self, claimed: DrainRecord) -> DrainRecord:
         """Advance the drain as far as the world allows now; save (releasing the lease the
         caller claimed); return the saved record."""
-        rec = claimed.model_copy(deep=True)
+        rec = copy.deepcopy(claimed)
         rec.steps += 1
         now = self.clock()
         lg = self._log(rec)
@@ -440,7 +286,7 @@ class DrainController:
         """A step failed: give the record back as it was claimed, so the retry need not wait
         for the lease to expire (if this write fails too, the lease expires on its own)."""
         try:
-            self.store.save(claimed.model_copy(update={"lease_id": None, "lease_until": None}))
+            self.store.save(dataclasses.replace(claimed, lease_id=None, lease_until=None))
         except Exception as exc:
             lg.warning("could not release the drain record", extra={"error": str(exc)})
 

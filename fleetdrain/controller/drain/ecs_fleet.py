@@ -8,35 +8,15 @@ what the retries gave up on and is worth another try comes out as :class:`Retrya
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from fleetdrain.controller.drain.errors import reraise_retryable
+from fleetdrain.controller.drain.aws_errors import reraise_retryable
+from fleetdrain.controller.drain.ports import ContainerInstance, TaskInfo
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ContainerInstance:
-    arn: str
-    ec2_instance_id: str
-    status: str
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    arn: str
-    group: str
-    last_status: str
-    desired_status: str
-    daemon: bool
-
-    @property
-    def service(self) -> str | None:
-        return self.group.split(":", 1)[1] if self.group.startswith("service:") else None
 
 
 def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
@@ -45,7 +25,7 @@ def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
 
 
 class EcsFleet:
-    """ECS calls for one cluster."""
+    """:class:`~fleetdrain.controller.drain.ports.EcsPort`: ECS calls for one cluster."""
 
     def __init__(self, client: Any, cluster: str, clock: Callable[[], float]) -> None:
         self._ecs = client

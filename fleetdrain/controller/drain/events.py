@@ -1,4 +1,5 @@
-"""Every event the controller consumes, as pydantic models, and their normal form (signals).
+"""Every event the controller consumes, as pydantic models, parsed into their normal form (the
+signals of :mod:`~fleetdrain.controller.drain.signals`).
 
 EventBridge events share one envelope with the fields of Powertools' ``EventBridgeModel``
 (declared here: importing that model imports every Powertools parser model, about 0.35 s of a
@@ -13,11 +14,21 @@ events (logged, counted) instead of failing, so a poison event never turns into 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fleetdrain.controller.drain.signals import (
+    Ignored,
+    InstanceDrainingSignal,
+    LifecycleSignal,
+    RebalanceSignal,
+    Signal,
+    SpotSignal,
+    TaskStoppedSignal,
+    TickSignal,
+)
 
 TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
 TEST_NOTIFICATION = "autoscaling:TEST_NOTIFICATION"
@@ -170,77 +181,6 @@ class TickMessage(_Open):
     instance_id: str
     drain_id: str
     tick_id: str
-
-
-# ------------------------------------------------------------------ the normal form
-
-
-@dataclass(frozen=True)
-class LifecycleSignal:
-    instance_id: str
-    asg_name: str
-    hook_name: str
-    token: str
-    time: datetime
-    event_id: str
-
-
-@dataclass(frozen=True)
-class SpotSignal:
-    instance_id: str
-    time: datetime
-    action: str
-    event_id: str
-
-
-@dataclass(frozen=True)
-class RebalanceSignal:
-    instance_id: str
-    time: datetime
-    event_id: str
-
-
-@dataclass(frozen=True)
-class TaskStoppedSignal:
-    cluster_arn: str
-    container_instance_arn: str | None
-    task_arn: str
-    stopped_at: datetime
-    exit_codes: dict[str, int | None] = field(default_factory=dict)
-    event_id: str = ""
-
-
-@dataclass(frozen=True)
-class InstanceDrainingSignal:
-    cluster_arn: str
-    container_instance_arn: str
-    instance_id: str | None
-    event_id: str
-
-
-@dataclass(frozen=True)
-class TickSignal:
-    instance_id: str
-    drain_id: str
-    tick_id: str
-
-
-@dataclass(frozen=True)
-class Ignored:
-    """An event that is well-formed and deliberately not acted on (with the reason)."""
-
-    reason: str
-
-
-Signal = (
-    LifecycleSignal
-    | SpotSignal
-    | RebalanceSignal
-    | TaskStoppedSignal
-    | InstanceDrainingSignal
-    | TickSignal
-    | Ignored
-)
 
 
 def _problems(exc: ValidationError) -> str:

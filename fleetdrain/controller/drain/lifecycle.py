@@ -12,7 +12,8 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from fleetdrain.controller.drain.errors import LifecycleGone, error_code, reraise_retryable
+from fleetdrain.controller.drain.aws_errors import error_code, reraise_retryable
+from fleetdrain.controller.drain.errors import LifecycleGone
 
 
 def _gone(exc: ClientError) -> bool:
@@ -21,7 +22,8 @@ def _gone(exc: ClientError) -> bool:
 
 
 class LifecycleActions:
-    """RecordLifecycleActionHeartbeat / CompleteLifecycleAction on one boto3 client."""
+    """:class:`~fleetdrain.controller.drain.ports.LifecyclePort`: RecordLifecycleActionHeartbeat /
+    CompleteLifecycleAction on one boto3 client."""
 
     def __init__(self, client: Any) -> None:
         self._asg = client

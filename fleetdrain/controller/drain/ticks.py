@@ -3,28 +3,25 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from fleetdrain.controller.drain.errors import reraise_retryable
+from fleetdrain.controller.drain.aws_errors import reraise_retryable
 from fleetdrain.controller.drain.events import TICK_KIND
 
 MAX_DELAY = 900  # SQS DelaySeconds ceiling
 
 
-class TickScheduler(Protocol):
-    def schedule(self, instance_id: str, drain_id: str, tick_id: str, delay: int) -> None: ...
-
-
 def tick_body(instance_id: str, drain_id: str, tick_id: str) -> str:
+    """The message body of a tick (what ``events.parse_message`` reads back)."""
     return json.dumps(
         {"kind": TICK_KIND, "instance_id": instance_id, "drain_id": drain_id, "tick_id": tick_id}
     )
 
 
 class SqsTicks:
-    """:class:`TickScheduler` on the drain queue."""
+    """:class:`~fleetdrain.controller.drain.ports.TicksPort` on the drain queue."""
 
     def __init__(self, client: Any, queue_url: str) -> None:
         self._sqs = client

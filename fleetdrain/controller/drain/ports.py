@@ -1,0 +1,268 @@
+"""The drain core's ports: every Protocol the core calls through, and the plain values that cross
+them. Standard library only: the core, its tests and ``fleetdrain status`` import this without
+botocore, boto3, httpx or pydantic.
+
+Every Protocol's name ends in ``Port`` (so none clashes with the drill's
+:class:`fleetdrain.drill.coordinator.Coordinator` or :class:`fleetdrain.drill.world.fleet.Fleet`,
+nor with Powertools' ``Metrics``); its adapter is named for what it talks to:
+
+- ``DrainStorePort``: the drain records, written with conditions (``state.DynamoDrainStore``).
+- ``EcsPort``: container instance, tasks, DRAINING, StopTask, task protection
+  (``ecs_fleet.EcsFleet``).
+- ``CoordinatorPort``: the instance's agents: list, look up, pause, stop
+  (``coordinator.CoordinatorClient``).
+- ``LifecyclePort``: heartbeat / complete the lifecycle action (``lifecycle.LifecycleActions``).
+- ``TicksPort``: a delayed tick that wakes a drain up (``ticks.SqsTicks``).
+- ``MetricsPort``: counts and durations (``runtime.PowertoolsMetrics``; ``core.NullMetrics``).
+- ``Clock`` and ``Sleep`` (plain callables): epoch seconds now, and a wait (``time.time``,
+  ``time.sleep``; a test's or the drill's own clock).
+
+Values: :class:`DrainRecord` (through the store), :class:`ContainerInstance` and
+:class:`TaskInfo` (from ECS), :class:`AgentView` (from the coordinator). What a port raises is in
+:mod:`~fleetdrain.controller.drain.errors` (``Conflict`` from the store, ``Retryable`` from any,
+``LifecycleGone``, ``CoordinatorUnavailable``); the events that come in, in normal form, are in
+:mod:`~fleetdrain.controller.drain.signals`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+#: Epoch seconds now (every drain time is measured on it; the drill passes a compressed one).
+Clock = Callable[[], float]
+#: Block for this many seconds.
+Sleep = Callable[[float], None]
+
+# ------------------------------------------------------------------ the drain record
+
+Phase = Literal["soft", "hard", "done"]
+LifecycleState = Literal["none", "pending", "completed", "gone"]
+
+#: Event ids a record remembers (for duplicates); older ones are forgotten.
+MAX_SEEN_EVENTS = 32
+
+
+@dataclass(kw_only=True)
+class DrainRecord:
+    """Everything a drain knows; see ``core`` for what each phase does with it.
+
+    Mutable on purpose: a merge or a step works on its own deep copy and hands it to the store.
+    """
+
+    instance_id: str
+    drain_id: str
+    cluster: str
+    #: The optimistic lock: the store writes only if the record is still at this version.
+    version: int = 0
+    phase: Phase = "soft"
+    reasons: list[str] = field(default_factory=list)
+    started_at: float
+    #: When the drain stops waiting and forces (budget, or the spot notice minus the margin).
+    force_at: float | None = None
+    spot_deadline: float | None = None
+    asg_name: str | None = None
+    hook_name: str | None = None
+    lifecycle_token: str | None = None
+    lifecycle_state: LifecycleState = "none"
+    last_heartbeat_at: float | None = None
+    container_instance_arn: str | None = None
+    #: Task ARN -> the coordinator agent found for it (later steps ask for these one by one).
+    agent_ids: dict[str, str] = field(default_factory=dict)
+    #: Pages the last listing of the organization's agents took (its cost in requests).
+    listing_pages: int = 0
+    paused_agents: list[str] = field(default_factory=list)
+    stopped_agents: list[str] = field(default_factory=list)
+    stopped_tasks: list[str] = field(default_factory=list)
+    draining_at: float | None = None
+    forced_at: float | None = None
+    fallback: bool = False
+    coordinator_down_at: float | None = None
+    jobs_force_cancelled: int = 0
+    last_task_stopped_at: float | None = None
+    completed_at: float | None = None
+    outcome: str | None = None
+    outcome_reason: str | None = None
+    seen_events: list[str] = field(default_factory=list)
+    tick_id: str | None = None
+    tick_due: float | None = None
+    steps: int = 0
+    #: The step that holds the record now (claimed with a conditional write; released by the
+    #: step's own save). Only the holder writes until ``lease_until``.
+    lease_id: str | None = None
+    lease_until: float | None = None
+
+    def leased(self, now: float) -> bool:
+        """Whether a step holds the record at ``now``."""
+        return self.lease_id is not None and (self.lease_until or 0.0) > now
+
+    def saw(self, event_id: str) -> bool:
+        """Whether the event ``event_id`` was merged already (an empty id never was)."""
+        return bool(event_id) and event_id in self.seen_events
+
+    def remember(self, event_id: str) -> None:
+        """Note ``event_id`` as merged, keeping the last :data:`MAX_SEEN_EVENTS`."""
+        if event_id and event_id not in self.seen_events:
+            self.seen_events = [*self.seen_events, event_id][-MAX_SEEN_EVENTS:]
+
+
+class DrainStorePort(Protocol):
+    """Where drain records live. Writes are conditional: a lost race raises ``Conflict``."""
+
+    def get(self, instance_id: str) -> DrainRecord | None:
+        """The record of ``instance_id`` (strongly consistent), or None."""
+        ...
+
+    def create(self, record: DrainRecord) -> DrainRecord:
+        """Write a new record (Conflict if one exists); returns it at version 1."""
+        ...
+
+    def save(self, record: DrainRecord) -> DrainRecord:
+        """Write if still at ``record.version`` (Conflict otherwise); returns it one higher."""
+        ...
+
+    def link(self, container_instance_arn: str, instance_id: str) -> None:
+        """Remember which instance a container instance is (task events name only the latter)."""
+        ...
+
+    def instance_for(self, container_instance_arn: str) -> str | None:
+        """The instance :meth:`link` put down for ``container_instance_arn``, or None."""
+        ...
+
+    def in_flight(self) -> list[DrainRecord]:
+        """Drains not done yet."""
+        ...
+
+
+# ------------------------------------------------------------------ ECS
+
+
+@dataclass(frozen=True)
+class ContainerInstance:
+    arn: str
+    ec2_instance_id: str
+    status: str
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task on a container instance that has not stopped yet."""
+
+    arn: str
+    #: ``service:<name>`` for a service's task, else whatever the task was started with.
+    group: str
+    last_status: str
+    desired_status: str
+    #: A task of a DAEMON service: it stays until the instance goes, so nothing waits for it.
+    daemon: bool
+
+    @property
+    def service(self) -> str | None:
+        """The service that owns the task (DRAINING stops it), or None (StopTask does)."""
+        return self.group.split(":", 1)[1] if self.group.startswith("service:") else None
+
+
+class EcsPort(Protocol):
+    """What a drain asks of ECS, for one cluster."""
+
+    def find_container_instance(self, instance_id: str) -> ContainerInstance | None:
+        """The container instance on EC2 instance ``instance_id``, or None if not in the cluster."""
+        ...
+
+    def tasks_on(self, container_instance_arn: str) -> list[TaskInfo]:
+        """Tasks on the container instance that have not stopped yet (stopping ones too)."""
+        ...
+
+    def set_draining(self, arn: str) -> None: ...
+
+    def stop_task(self, task_arn: str, reason: str) -> None: ...
+
+    def protected(self, task_arns: list[str]) -> set[str]:
+        """Those of ``task_arns`` whose scale-in protection is on now (the coordinator-free busy
+        flag)."""
+        ...
+
+
+# ------------------------------------------------------------------ the coordinator
+
+#: Job states in which an agent is working (it has accepted the job and not finished it).
+BUSY_JOB_STATES = frozenset({"accepted", "running", "canceling"})
+#: Connection states in which an agent can still be signalled.
+LIVE_STATES = frozenset({"connected", "stopping"})
+
+
+@dataclass(frozen=True)
+class AgentView:
+    """An agent as the coordinator shows it, with the task it runs in."""
+
+    id: str
+    name: str
+    task_arn: str
+    connection_state: str
+    job_id: str | None
+    job_state: str | None
+    paused: bool
+
+    @property
+    def live(self) -> bool:
+        return self.connection_state in LIVE_STATES
+
+    @property
+    def busy(self) -> bool:
+        # A job without a state is taken as running: better wait than cut a job short.
+        return self.job_id is not None and (self.job_state or "running") in BUSY_JOB_STATES
+
+
+class CoordinatorPort(Protocol):
+    """The coordinator, as a drain uses it. Raises ``CoordinatorUnavailable`` when it cannot be
+    reached or refuses us (after its own retries)."""
+
+    #: Pages the last ``agents_for`` read.
+    last_pages: int
+
+    def agents_for(self, task_arns: Iterable[str]) -> list[AgentView]:
+        """The agents running in these tasks."""
+        ...
+
+    def agent(self, agent_id: str) -> AgentView | None:
+        """One agent by id; None if the coordinator no longer knows it."""
+        ...
+
+    def pause(self, agent_id: str, note: str, timeout_minutes: int) -> bool:
+        """Pause an agent; False when the coordinator says it cannot."""
+        ...
+
+    def stop(self, agent_id: str, force: bool) -> bool:
+        """Stop an agent (``force``: cancel its job); False when it cannot."""
+        ...
+
+
+# ------------------------------------------------------------------ Auto Scaling, ticks, metrics
+
+
+class LifecyclePort(Protocol):
+    """The lifecycle action of a terminating instance. Raises ``LifecycleGone`` when the action
+    no longer exists."""
+
+    def heartbeat(self, asg_name: str, hook_name: str, token: str, instance_id: str) -> None: ...
+
+    def complete(
+        self, asg_name: str, hook_name: str, token: str, instance_id: str, result: str = ...
+    ) -> None: ...
+
+
+class TicksPort(Protocol):
+    """Delayed messages that wake a drain up (the safety net under events)."""
+
+    def schedule(self, instance_id: str, drain_id: str, tick_id: str, delay: int) -> None:
+        """Deliver a tick for the drain in ``delay`` seconds (at most the queue's ceiling)."""
+        ...
+
+
+class MetricsPort(Protocol):
+    """Where the core's metrics go (names in ``core``)."""
+
+    def count(self, name: str, value: float = 1.0) -> None: ...
+
+    def seconds(self, name: str, value: float) -> None: ...
