@@ -13,6 +13,7 @@ Real agent processes are the drill's job.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -38,14 +39,17 @@ from fleetdrain.controller.drain.ecs_fleet import EcsFleet
 from fleetdrain.controller.drain.errors import Retryable
 from fleetdrain.controller.drain.events import parse_message
 from fleetdrain.controller.drain.lifecycle import LifecycleActions
-from fleetdrain.controller.drain.state import DrainRecord, DynamoDrainStore
+from fleetdrain.controller.drain.ports import DrainRecord
+from fleetdrain.controller.drain.state import DynamoDrainStore
 from fleetdrain.controller.drain.ticks import tick_body
-from fleetdrain.drill.aws.gaps import AwsGaps, event_rules, load_template
+from fleetdrain.drill.aws.gaps import AwsGaps
+from fleetdrain.drill.aws.rules import event_rules
+from fleetdrain.drill.aws.template import load_template
 from fleetdrain.drill.aws.world import sqs_lambda_event
 from fleetdrain.drill.coordinator import Coordinator, CoordinatorServer, RetryRule
 from fleetdrain.drill.coordinator.faults import Fault
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
@@ -690,7 +694,7 @@ def test_throttling_is_retried_not_lost(world: World) -> None:
     assert world.gaps.actions[a].result == "CONTINUE"
 
     # Straight from EventBridge, a throttled step raises (Lambda's async retries, then the DLQ).
-    reopened = world.record(a).model_copy(update={"phase": "hard"})
+    reopened = dataclasses.replace(world.record(a), phase="hard")
     world.ctl.store.save(reopened)
     draining = {
         "version": "0",
@@ -1130,7 +1134,7 @@ def test_a_crashed_steps_lease_expires(world: World) -> None:
     world.emit(world.gaps.begin_termination(a))
     # A step that died without a word (the function timed out): its claim stays.
     rec = world.record(a)
-    world.ctl.store.save(rec.model_copy(update={"lease_id": "dead", "lease_until": T0 + 60}))
+    world.ctl.store.save(dataclasses.replace(rec, lease_id="dead", lease_until=T0 + 60))
     tick = tick_body(a, rec.drain_id, "t-1")
     with pytest.raises(Retryable, match="held by another step"):
         world.ctl.handle(parse_message(tick))

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from fleetdrain.drill.aws.gaps import EventRule, event_rules, load_template
+from fleetdrain.drill.aws.rules import EventRule, event_rules
+from fleetdrain.drill.aws.template import load_template
 
 pytestmark = pytest.mark.timeout(60)
 

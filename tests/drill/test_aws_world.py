@@ -12,7 +12,8 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from fleetdrain.drill.aws.gaps import event_rules, load_template
+from fleetdrain.drill.aws.rules import event_rules
+from fleetdrain.drill.aws.template import load_template
 from fleetdrain.drill.aws.world import Deployment, EventRouter, deploy_stack, stack_params
 from tests.conftest import FAKE_AWS_ENV
 

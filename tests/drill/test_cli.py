@@ -13,6 +13,8 @@ from fleetdrain.cli import main
 from fleetdrain.drill.report.model import DrillReport, ScenarioReport
 from fleetdrain.drill.world.processes import pid_namespaces_available
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -13,7 +13,7 @@ from fleetdrain.drill.report.model import DrillReport, ScenarioReport
 from fleetdrain.drill.runner import SCENARIOS, run_local_drill
 from fleetdrain.drill.world.processes import pid_namespaces_available
 
-pytestmark = [pytest.mark.pid1, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.slow, pytest.mark.pid1, pytest.mark.timeout(120)]
 
 NAMES = ["stop-task", "deploy", "scale-in", "rebalance", "shell-pid1", "heartbeat-stops"]
 

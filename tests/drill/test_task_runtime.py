@@ -13,7 +13,7 @@ from fleetdrain.drill.world.fleet import CLUSTER, Fleet, local_fleet
 from fleetdrain.drill.world.processes import pid_namespaces_available
 from fleetdrain.drill.world.task_runtime import TaskDefinition
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 SCALE = 10.0  # drill seconds per wall second
 WORKER = (

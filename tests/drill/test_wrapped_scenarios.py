@@ -17,7 +17,7 @@ from fleetdrain.drill.runner import run_local_drill
 from fleetdrain.drill.world.processes import agent_command, pid_namespaces_available, spawn_agent
 from fleetdrain.drill.world.queue_worker import WorkQueue
 
-pytestmark = [pytest.mark.pid1, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.slow, pytest.mark.pid1, pytest.mark.timeout(120)]
 
 NAMES = ["wrapped-stop-task", "wrapped-scale-in", "wrapped-spot", "wrapped-worker-scale-in"]
 

@@ -28,7 +28,7 @@ from fleetdrain.drill.world.processes import AgentProcess, pid_namespaces_availa
 from fleetdrain.ops.buildkite_rest import ApiToken, BuildkiteRest
 from fleetdrain.ops.game_day import GameDayConfig, GameDayError, run_game_day
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 REGION = "us-east-1"
 CLUSTER = "ci"
@@ -399,7 +399,8 @@ class LambdaPump:
         from fleetdrain.controller.drain.ecs_fleet import EcsFleet
         from fleetdrain.controller.drain.lifecycle import LifecycleActions
         from fleetdrain.controller.drain.state import DynamoDrainStore
-        from fleetdrain.drill.aws.gaps import event_rules, load_template
+        from fleetdrain.drill.aws.rules import event_rules
+        from fleetdrain.drill.aws.template import load_template
 
         self.fleet = fleet
         self.runtime = runtime

@@ -33,19 +33,15 @@ active at a time.
 
 from __future__ import annotations
 
-import json
-import re
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import yaml
 from moto.autoscaling.exceptions import ValidationError
 from moto.autoscaling.models import (
     AutoScalingBackend,
@@ -59,7 +55,8 @@ from moto.ecs.models import EC2ContainerServiceBackend, ecs_backends
 from moto.ecs.responses import EC2ContainerServiceResponse
 from moto.moto_api import state_manager
 
-ACCOUNT = "123456789012"
+from fleetdrain.drill.aws.template import ACCOUNT, REGION
+
 TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
 
 Event = dict[str, Any]
@@ -123,7 +120,7 @@ class AwsGaps:
     """The gap fillers' state; ``clock`` is epoch seconds (inject a fake one to move time)."""
 
     clock: Callable[[], float] = time.time
-    region: str = "us-east-1"
+    region: str = REGION
     account: str = ACCOUNT
     on_event: Callable[[Event], None] | None = None
     #: Called with (task_arn, reason) when ECS would SIGTERM a task; None: exit 0 at once.
@@ -627,103 +624,3 @@ _PATCHES: tuple[tuple[type, str, Callable[..., Any]], ...] = (
     (EC2ContainerServiceBackend, "update_container_instances_state", _update_state),
     (EC2ContainerServiceBackend, "stop_task", _stop_task),
 )
-
-
-# ---------------------------------------------------------------------- template.yaml
-
-
-class _CfnLoader(yaml.SafeLoader):
-    """YAML with CloudFormation's short-form tags (``!Ref X`` -> ``{"Ref": "X"}``)."""
-
-
-def _cfn_tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
-    name = "Ref" if suffix == "Ref" else f"Fn::{suffix}"
-    value: Any
-    if isinstance(node, yaml.ScalarNode):
-        value = loader.construct_scalar(node)
-        if suffix == "GetAtt" and isinstance(value, str):
-            value = value.split(".", 1)
-    elif isinstance(node, yaml.SequenceNode):
-        value = loader.construct_sequence(node, deep=True)
-    else:
-        value = loader.construct_mapping(node, deep=True)
-    return {name: value}
-
-
-_CfnLoader.add_multi_constructor("!", _cfn_tag)
-
-
-def load_template(path: str | Path) -> dict[str, Any]:
-    """A CloudFormation/SAM template as plain data (short-form tags expanded)."""
-    with open(path, encoding="utf-8") as f:
-        data = yaml.load(f, Loader=_CfnLoader)  # a SafeLoader subclass
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a template")
-    return data
-
-
-@dataclass(frozen=True)
-class EventRule:
-    """An EventBridge rule of template.yaml, parameters resolved."""
-
-    function: str  # the logical id of the target function
-    name: str  # the event's name under the function's Events
-    pattern: dict[str, Any]
-
-    def matches(self, event: Event) -> bool:
-        """EventBridge matching, by moto's own pattern matcher."""
-        from moto.events.models import EventPattern
-
-        matcher = EventPattern.load(json.dumps(self.pattern))
-        return bool(matcher.matches_event(event))  # type: ignore[arg-type]
-
-
-def resolve(value: Any, params: dict[str, str]) -> Any:
-    """Resolve ``Ref`` and ``Fn::Sub`` against ``params`` (pseudo parameters included)."""
-    if isinstance(value, dict) and len(value) == 1:
-        ((key, arg),) = value.items()
-        if key == "Ref":
-            if arg not in params:
-                raise KeyError(f"no value for parameter {arg}")
-            return params[arg]
-        if key == "Fn::Sub":
-            if not isinstance(arg, str):
-                raise ValueError("only the string form of Fn::Sub is supported")
-
-            def sub(match: re.Match[str]) -> str:
-                name = match.group(1)
-                if name not in params:
-                    raise KeyError(f"no value for {name} in Fn::Sub")
-                return params[name]
-
-            return re.sub(r"\$\{([^}!]+)\}", sub, arg)
-    if isinstance(value, dict):
-        return {k: resolve(v, params) for k, v in value.items()}
-    if isinstance(value, list):
-        return [resolve(v, params) for v in value]
-    return value
-
-
-def event_rules(
-    template: dict[str, Any],
-    params: dict[str, str],
-    region: str = "us-east-1",
-    account: str = ACCOUNT,
-) -> list[EventRule]:
-    """Every ``EventBridgeRule`` event of every function, with its pattern resolved."""
-    values = {
-        "AWS::Region": region,
-        "AWS::AccountId": account,
-        "AWS::Partition": "aws",
-        **{k: str(v.get("Default", "")) for k, v in template.get("Parameters", {}).items()},
-        **params,
-    }
-    rules = []
-    for logical_id, resource in template.get("Resources", {}).items():
-        if resource.get("Type") != "AWS::Serverless::Function":
-            continue
-        for name, spec in (resource.get("Properties", {}).get("Events") or {}).items():
-            if spec.get("Type") == "EventBridgeRule":
-                pattern = resolve(spec["Properties"]["Pattern"], values)
-                rules.append(EventRule(logical_id, name, pattern))
-    return rules

@@ -12,14 +12,17 @@ What ``sam deploy`` would do, done in-process:
    it): :func:`drop_no_values` resolves such ``Fn::If`` items first, a gap filler and nothing
    more. What was created is read back from moto (:class:`Deployment`), not from the template.
 3. :class:`EventRouter`: each event is matched against the deployed rules' ``EventPattern``
-   with moto's own EventBridge matcher and the target function is invoked in-process, the way
-   Lambda would: its ``Handler`` string resolved by import, a Lambda context, asynchronous
-   retries (``MaximumRetryAttempts``) then the function's dead-letter queue; the SQS-fed
-   function gets SQS batches from its queue (``BatchSize``), and with
-   ``ReportBatchItemFailures`` only the failed records stay on the queue.
+   (:func:`~fleetdrain.drill.aws.rules.matches`, moto's own EventBridge matcher) and the
+   target function is invoked in-process, the way Lambda would: its ``Handler`` string
+   resolved by import, a Lambda context, asynchronous retries (``MaximumRetryAttempts``) then
+   the function's dead-letter queue; the SQS-fed function gets SQS batches from its queue
+   (``BatchSize``), and with ``ReportBatchItemFailures`` only the failed records stay on the
+   queue.
 
 moto does not run Lambda code without Docker, and it does not deliver to Lambda targets; that
 is why the router exists. One thread (:meth:`EventRouter.run`) plays the Lambda service.
+The template is read through :mod:`fleetdrain.drill.aws.template`, its rules through
+:mod:`fleetdrain.drill.aws.rules`.
 """
 
 from __future__ import annotations
@@ -41,13 +44,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetdrain.drill.aws.gaps import ACCOUNT, load_template
+from fleetdrain.drill.aws.rules import EventRule, event_rules, matches
+from fleetdrain.drill.aws.template import (
+    ACCOUNT,
+    REGION,
+    ROOT,
+    TEMPLATE,
+    conditions,
+    load_template,
+)
 
 log = logging.getLogger("fleetdrain.drill.world")
 
-ROOT = Path(__file__).resolve().parents[3]
-TEMPLATE = ROOT / "template.yaml"
-REGION = "us-east-1"
 ARTIFACT_BUCKET = "fleetdrain-artifacts"
 ARTIFACT_KEY = "controller.zip"
 
@@ -81,30 +89,6 @@ def expand_template(
     return dict(transform(packaged, dict(params), _NoManagedPolicies()))
 
 
-def _conditions(template: dict[str, Any], params: Mapping[str, str]) -> dict[str, bool]:
-    values = {k: str(v.get("Default", "")) for k, v in template.get("Parameters", {}).items()}
-    values.update(params)
-
-    def ev(node: Any) -> Any:
-        if isinstance(node, dict) and len(node) == 1:
-            ((key, arg),) = node.items()
-            if key == "Ref":
-                return values[arg]
-            if key == "Fn::Equals":
-                return ev(arg[0]) == ev(arg[1])
-            if key == "Fn::Not":
-                return not ev(arg[0])
-            if key == "Fn::And":
-                return all(ev(a) for a in arg)
-            if key == "Fn::Or":
-                return any(ev(a) for a in arg)
-            if key == "Condition":
-                return ev(template["Conditions"][arg])
-        return node
-
-    return {name: bool(ev(expr)) for name, expr in template.get("Conditions", {}).items()}
-
-
 _NO_VALUE = {"Ref": "AWS::NoValue"}
 
 
@@ -114,7 +98,7 @@ def drop_no_values(template: dict[str, Any], params: Mapping[str, str]) -> dict[
     moto's CloudFormation turns them into a ``None`` list item (and then fails on it);
     CloudFormation removes the item. Everything else is left for moto to resolve.
     """
-    conditions = _conditions(template, params)
+    active = conditions(template, params)
 
     def walk(node: Any) -> Any:
         if isinstance(node, list):
@@ -122,7 +106,7 @@ def drop_no_values(template: dict[str, Any], params: Mapping[str, str]) -> dict[
             for item in node:
                 if isinstance(item, dict) and set(item) == {"Fn::If"}:
                     name, yes, no = item["Fn::If"]
-                    item = yes if conditions[name] else no
+                    item = yes if active[name] else no
                     if item == _NO_VALUE:
                         continue
                 out.append(walk(item))
@@ -173,11 +157,8 @@ class DeployedRule:
     target_arns: tuple[str, ...]
 
     def matches(self, event: Event) -> bool:
-        """EventBridge pattern matching, by moto's own matcher."""
-        from moto.events.models import EventPattern
-
-        matcher = EventPattern.load(json.dumps(self.pattern))
-        return bool(matcher.matches_event(event))  # type: ignore[arg-type]
+        """Whether EventBridge would deliver ``event`` by this rule."""
+        return matches(self.pattern, event)
 
 
 @dataclass(frozen=True)
@@ -294,39 +275,36 @@ def _ensure_rules(
     moto 5.2 now and then skips one of two rules that target the same function (the stack
     still reports CREATE_COMPLETE); CloudFormation would have created it.
     """
-    from fleetdrain.drill.aws.gaps import resolve
-
     cfn = session.client("cloudformation")
     events = session.client("events")
     summaries = cfn.list_stack_resources(StackName=stack_name)["StackResourceSummaries"]
     physical = {r["LogicalResourceId"]: r.get("PhysicalResourceId", "") for r in summaries}
     existing = events.get_paginator("list_rules").paginate().build_full_result()["Rules"]
     patterns = [json.loads(r["EventPattern"]) for r in existing if r.get("EventPattern")]
-    values = {
-        "AWS::Region": region,
-        "AWS::AccountId": ACCOUNT,
-        "AWS::Partition": "aws",
-        **{k: str(v.get("Default", "")) for k, v in template.get("Parameters", {}).items()},
-        **params,
-    }
+    # The expanded template's AWS::Events::Rule resources: one EventRule per target.
+    wanted: dict[str, list[EventRule]] = {}
+    for rule in event_rules(template, params, region=region):
+        wanted.setdefault(rule.name, []).append(rule)
     lam = session.client("lambda")
-    for logical_id, res in template["Resources"].items():
-        if res["Type"] != "AWS::Events::Rule":
-            continue
-        pattern = resolve(res["Properties"]["EventPattern"], values)
+    for logical_id, targets in wanted.items():
+        pattern = targets[0].pattern
         if pattern in patterns:
             continue
         name = f"{stack_name}-{logical_id}"[:64]
         log.info("moto left out rule %s: creating it as the template says", logical_id)
         events.put_rule(Name=name, EventPattern=json.dumps(pattern), State="ENABLED")
-        targets = []
-        for target in res["Properties"]["Targets"]:
-            fn_logical = target["Arn"]["Fn::GetAtt"][0]
-            arn = lam.get_function(FunctionName=physical[fn_logical])["Configuration"][
-                "FunctionArn"
-            ]
-            targets.append({"Id": target["Id"], "Arn": arn})
-        events.put_targets(Rule=name, Targets=targets)
+        events.put_targets(
+            Rule=name,
+            Targets=[
+                {
+                    "Id": t.target_id,
+                    "Arn": lam.get_function(FunctionName=physical[t.function])["Configuration"][
+                        "FunctionArn"
+                    ],
+                }
+                for t in targets
+            ],
+        )
 
 
 def read_deployment(session: Any, stack_name: str, template: dict[str, Any]) -> Deployment:
@@ -753,7 +731,6 @@ def stack_params(
 
 
 __all__ = [
-    "ACCOUNT",
     "DeployedFunction",
     "DeployedRule",
     "Deployment",

@@ -9,8 +9,9 @@ import sys
 import threading
 from types import FrameType
 
+from fleetdrain.drill.coordinator.records import RetryRule
 from fleetdrain.drill.coordinator.server import CoordinatorServer
-from fleetdrain.drill.coordinator.state import Coordinator, RetryRule
+from fleetdrain.drill.coordinator.state import Coordinator
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

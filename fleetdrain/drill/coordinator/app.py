@@ -30,8 +30,6 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from fleetdrain.agent.buildkite.models import (
-    AgentPauseRequest,
-    AgentStopRequest,
     HeartbeatRequest,
     HeartbeatResponse,
     JobFinishRequest,
@@ -42,16 +40,19 @@ from fleetdrain.agent.buildkite.models import (
     StopRequest,
     dump,
 )
-from fleetdrain.drill.coordinator.builds import CreateBuildRequest
-from fleetdrain.drill.coordinator.faults import Fault
-from fleetdrain.drill.coordinator.state import (
+from fleetdrain.drill.coordinator.errors import (
     BadRequest,
-    Coordinator,
     CoordinatorError,
     Unprocessable,
     UnsupportedMediaType,
-    rfc3339_nano,
 )
+from fleetdrain.drill.coordinator.faults import Fault
+from fleetdrain.drill.coordinator.rest_models import (
+    AgentPauseRequest,
+    AgentStopRequest,
+    CreateBuildRequest,
+)
+from fleetdrain.drill.coordinator.state import Coordinator, rfc3339_nano
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,9 @@ Buildkite's Builds API does (field names and states as documented there; only a 
 
 Kept beside the coordinator, not inside it: the agent API never needs builds, and the
 coordinator's model stays the one thing agents talk to. ``coord.pipelines`` is the registry.
+The pipelines reach the coordinator only through :class:`CoordinatorJobs` (the few operations
+they use), so this module imports its records (:mod:`~fleetdrain.drill.coordinator.records`),
+never the coordinator itself; the REST shapes are :mod:`~fleetdrain.drill.coordinator.rest_models`.
 """
 
 from __future__ import annotations
@@ -15,17 +18,41 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from fleetdrain.drill.coordinator.errors import NotFound
+from fleetdrain.drill.coordinator.records import AgentRecord, JobRecord, RetryRule, StepRecord
+from fleetdrain.drill.coordinator.rest_models import (
+    CreateBuildRequest,
+    RestBuild,
+    RestBuildAgent,
+    RestBuildJob,
+)
 
-from fleetdrain.drill.coordinator.state import JobRecord, NotFound, RetryRule, StepRecord
 
-if TYPE_CHECKING:
-    from fleetdrain.drill.coordinator.state import Coordinator
+class CoordinatorJobs(Protocol):
+    """What the pipelines need of the coordinator they build on (a
+    :class:`~fleetdrain.drill.coordinator.state.Coordinator`): its organization and clock,
+    scheduling a job, and reading steps and agents back."""
+
+    org: str
+    clock: Callable[[], float]
+
+    def add_job(
+        self,
+        command: str,
+        env: Mapping[str, str] | None = None,
+        retry: list[RetryRule] | None = None,
+        agent_query_rules: list[str] | None = None,
+        key: str | None = None,
+    ) -> JobRecord: ...
+
+    def step(self, key: str) -> StepRecord: ...
+
+    def agent(self, agent_id: str) -> AgentRecord: ...
 
 
 @dataclass(frozen=True)
@@ -56,70 +83,6 @@ class BuildRecord:
     step_labels: dict[str, str]
 
 
-class CreateBuildRequest(BaseModel):
-    """The create-build body: ``commit`` and ``branch`` are required, as on Buildkite."""
-
-    model_config = ConfigDict(extra="allow")
-
-    commit: str = Field(min_length=1)
-    branch: str = Field(min_length=1)
-    message: str = ""
-    env: dict[str, str] = Field(default_factory=dict)
-
-
-class RestBuildAgent(BaseModel):
-    id: str
-    name: str
-    connection_state: str
-    meta_data: list[str] = Field(default_factory=list)
-
-
-class RestBuildJob(BaseModel):
-    """A job as the Builds API lists it (every attempt, retried ones included)."""
-
-    id: str
-    type: str = "script"
-    name: str
-    step_key: str
-    state: str
-    command: str
-    agent_query_rules: list[str]
-    agent: RestBuildAgent | None
-    exit_status: int | None
-    signal: str | None
-    signal_reason: str | None
-    created_at: str | None
-    scheduled_at: str | None
-    started_at: str | None
-    finished_at: str | None
-    retried: bool
-    retried_in_job_id: str | None
-    retries_count: int
-    retry_type: str | None
-
-
-class RestBuild(BaseModel):
-    """A build as the Builds API shows it."""
-
-    id: str
-    url: str
-    web_url: str
-    number: int
-    state: str
-    blocked: bool = False
-    message: str
-    commit: str
-    branch: str
-    env: dict[str, str]
-    source: str = "api"
-    created_at: str
-    scheduled_at: str
-    started_at: str | None
-    finished_at: str | None
-    pipeline: dict[str, str]
-    jobs: list[RestBuildJob]
-
-
 def _rest_job_state(job: JobRecord) -> str:
     if job.state == "finished":
         return "passed" if job.exit_status == "0" else "failed"
@@ -142,7 +105,7 @@ def build_state(steps: list[StepRecord]) -> str:
 class Pipelines:
     """The pipelines of ``coord``'s organization and their builds."""
 
-    def __init__(self, coord: Coordinator, wall: Any = time.time) -> None:
+    def __init__(self, coord: CoordinatorJobs, wall: Any = time.time) -> None:
         self._coord = coord
         self._wall = wall
         self._lock = threading.Lock()
