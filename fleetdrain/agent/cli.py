@@ -57,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-HEALTH_DESCRIPTION = "GET http://ADDR/health; exit 0 on 200, 1 otherwise."
+HEALTH_DESCRIPTION = (
+    "Exit 0 if the agent at ADDR is healthy, 1 otherwise. Ours (start, wrap): GET /health, 200 "
+    "or 503. The Go agent's --health-check-addr (it has no /health): GET /, then /status.json, "
+    "200 while it runs."
+)
 #: Where ``health`` looks when no --addr is given, first match wins. wrap's own variable comes
 #: first: in a wrapped container BUILDKITE_AGENT_HEALTH_CHECK_ADDR is the wrapped Go agent's
 #: server, which knows nothing of the drain (a holding wrapper, the deadline).
@@ -80,10 +84,13 @@ def add_health_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--addr",
         default=health_addr_default(),
-        help="the agent's --health-check-addr [$FLEETDRAIN_HEALTH_CHECK_ADDR, then "
-        "$BUILDKITE_AGENT_HEALTH_CHECK_ADDR] (default %(default)s)",
+        help="the agent's --health-check-addr, ours or the Go agent's "
+        "[$FLEETDRAIN_HEALTH_CHECK_ADDR, then $BUILDKITE_AGENT_HEALTH_CHECK_ADDR] "
+        "(default %(default)s)",
     )
-    parser.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+    parser.add_argument(
+        "--timeout", type=float, default=2.0, help="seconds for the whole check (default 2)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

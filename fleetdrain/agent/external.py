@@ -12,8 +12,10 @@ it cannot look inside, they become signals and observation:
   that task protection follows within a poll interval.
 
 The command's stdin, stdout and stderr are this process's own, untouched: its logs reach
-``awslogs`` exactly as it writes them. It runs in a process group of its own so that the group
-can be killed without killing us; on a terminal it is made the foreground group, as tini does.
+``awslogs`` exactly as it writes them. Ours show its command line without secrets
+(:func:`fleetdrain.agent.logs.redact_argv`), and so does /status. It runs in a process group of
+its own so that the group can be killed without killing us; on a terminal it is made the
+foreground group, as tini does.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fleetdrain.agent.busy import BusySource, ChildrenBusy, descendants
+from fleetdrain.agent.logs import redact_argv
 from fleetdrain.agent.reaper import ExitStatus, Reaper
 
 log = logging.getLogger("fleetdrain.wrap")
@@ -56,6 +59,8 @@ class ExternalWorker:
         if not argv:
             raise ValueError("no command to run")
         self.argv = list(argv)
+        #: The command line as logs and /status show it: no --token value, no *_TOKEN value.
+        self.shown_argv = redact_argv(self.argv)
         self.reaper = reaper
         self.graceful_signal = signal.Signals(graceful_signal)
         self.force_signal = signal.Signals(force_signal)
@@ -140,11 +145,12 @@ class ExternalWorker:
     def status(self) -> dict[str, Any]:
         """The worker's part of /status."""
         exit_status = self.exit_status
+        busy = self.busy()  # first: it may move the state (idle <-> busy)
         return {
             "state": self.state,
-            "busy": self.busy(),
+            "busy": busy,
             "worker_pid": self.pid,
-            "command": self.argv,
+            "command": self.shown_argv,
             "busy_from": self.busy_source.status(),
             "worker_exit": None
             if exit_status is None
@@ -162,17 +168,17 @@ class ExternalWorker:
         try:
             proc, exited = self.reaper.spawn(self.argv, **_spawn_options())
         except FileNotFoundError as exc:
-            log.error("cannot run %s: %s", self.argv[0], exc.strerror or exc)
+            log.error("cannot run %s: %s", self.shown_argv[0], exc.strerror or exc)
             self._set_state("stopped")
             return EXIT_NOT_FOUND
         except OSError as exc:
-            log.error("cannot run %s: %s", self.argv[0], exc.strerror or exc)
+            log.error("cannot run %s: %s", self.shown_argv[0], exc.strerror or exc)
             self._set_state("stopped")
             return EXIT_CANNOT_RUN
         self.pid = proc.pid
         self.started_at = self.clock()
         self._set_state("idle")
-        log.info("started the worker (pid %d): %s", proc.pid, " ".join(self.argv))
+        log.info("started the worker (pid %d): %s", proc.pid, " ".join(self.shown_argv))
         watching = asyncio.get_running_loop().create_task(self._watch_busy(), name="busy")
         try:
             status = await exited

@@ -251,11 +251,28 @@ class HeartbeatHealth:
         return now - self._last < 2 * self.heartbeat_interval
 
 
+#: The Go agent's health check server (``buildkite-agent start --health-check-addr``,
+#: agent/agent_pool.go): ``/`` answers 200 "OK: Buildkite agent is running", ``/status.json``
+#: 200 with ``{"health": "ok", "aggregate_status": ...}`` (v3.72+); every other path, ``/health``
+#: among them, 404. Asked in this order when ``/health`` is not found.
+GO_AGENT_HEALTH_PATHS = ("/", "/status.json")
+
+
 def check(addr: str, timeout: float = 2.0) -> int:
-    """GET http://addr/health; 0 on 200, else 1 with one line on stderr.
+    """Whether the agent at ``addr`` is healthy: 0, else 1 with one line on stderr.
 
     For the container ``healthCheck`` (no curl in the image). ``addr`` is the server's own
-    listen address: an empty or wildcard host is checked on loopback.
+    listen address: an empty or wildcard host is checked on loopback. What answers decides
+    whose server it is:
+
+    - ours (``start``, ``wrap``): ``GET /health`` answers 200 or 503, and that is the verdict;
+    - the Go agent's (its ``--health-check-addr``, e.g. ``$BUILDKITE_AGENT_HEALTH_CHECK_ADDR``
+      with no wrap in front): ``/health`` is 404 there, so ``GET /`` is asked (200 while the
+      agent runs), then ``/status.json`` if ``/`` is not found either.
+
+    ``timeout`` bounds the whole check, however many requests it takes. A server that is not
+    listening is unhealthy (the Go agent opens its port only once it has registered: give the
+    health check a ``startPeriod``).
     """
     # Imported here: only the short-lived health subcommand needs it, the agent does not.
     import http.client
@@ -266,23 +283,44 @@ def check(addr: str, timeout: float = 2.0) -> int:
         print(f"health: {exc}", file=sys.stderr)
         return 1
     host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    deadline = time.monotonic() + timeout
+
+    def get(path: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection(
+            host, port, timeout=max(0.05, deadline - time.monotonic())
+        )
+        try:
+            conn.request("GET", path, headers={"Connection": "close"})
+            response = conn.getresponse()
+            return response.status, response.read(4096)
+        finally:
+            conn.close()
+
+    path = "/health"
     try:
-        conn.request("GET", "/health", headers={"Connection": "close"})
-        response = conn.getresponse()
-        body = response.read(512)
+        status, body = get(path)
+        if status == 404:
+            for path in GO_AGENT_HEALTH_PATHS:
+                status, body = get(path)
+                if status != 404:
+                    break
     except (OSError, http.client.HTTPException) as exc:
-        print(f"health: {addr}: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        print(f"health: {addr}{path}: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 1
-    finally:
-        conn.close()
-    if response.status == 200:
+    if status == 200 and (path != "/status.json" or _go_health_ok(body)):
         return 0
-    print(
-        f"health: {addr}: HTTP {response.status} {_one_line(body.decode('utf-8', 'replace'))}",
-        file=sys.stderr,
-    )
+    text = _one_line(body[:512].decode("utf-8", "replace"))
+    print(f"health: {addr}{path}: HTTP {status} {text}", file=sys.stderr)
     return 1
+
+
+def _go_health_ok(body: bytes) -> bool:
+    """The Go agent's ``/status.json`` says ``"health": "ok"`` (a body without it is fine)."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return True
+    return not isinstance(parsed, dict) or parsed.get("health", "ok") == "ok"
 
 
 def _one_line(text: object) -> str:

@@ -28,8 +28,14 @@ class HttpError(Exception):
     """No usable HTTP answer: unreachable, timed out, cut off, or not HTTP at all.
 
     The message is one line and starts with the kind of failure (``ConnectionRefusedError``,
-    ``TimeoutError``...), as log lines and /status show it.
+    ``TimeoutError``...), as log lines and /status show it. :attr:`connected` tells a server
+    that is not there (nothing accepted the connection: refused, unreachable, a connect that
+    timed out) from one that accepted it and then gave no usable answer.
     """
+
+    def __init__(self, message: str, *, connected: bool = True) -> None:
+        super().__init__(message)
+        self.connected = connected
 
 
 @dataclass(frozen=True)
@@ -77,14 +83,19 @@ class HttpClient:
             body = jsonlib.dumps(json).encode()
             extra.setdefault("Content-Type", "application/json")
         limit = self.timeout if timeout is None else timeout
+        progress = _Progress()
         try:
             async with asyncio.timeout(limit):
-                return await self._exchange(method, url, extra, body)
+                return await self._exchange(method, url, extra, body, progress)
         except TimeoutError:
-            raise HttpError(f"TimeoutError: no answer within {limit:g}s") from None
+            raise HttpError(
+                f"TimeoutError: no answer within {limit:g}s", connected=progress.connected
+            ) from None
         except (OSError, asyncio.IncompleteReadError, ValueError, UnicodeError) as exc:
             detail = _one_line(exc) or "connection closed"
-            raise HttpError(f"{type(exc).__name__}: {detail}") from exc
+            raise HttpError(
+                f"{type(exc).__name__}: {detail}", connected=progress.connected
+            ) from exc
 
     async def get(self, url: str, **kwargs: Any) -> Response:
         """``request("GET", url, ...)``."""
@@ -95,7 +106,12 @@ class HttpClient:
         return await self.request("PUT", url, **kwargs)
 
     async def _exchange(
-        self, method: str, url: str, headers: dict[str, str], body: bytes | None
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        progress: _Progress,
     ) -> Response:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -117,6 +133,7 @@ class HttpClient:
         reader, writer = await asyncio.open_connection(
             parts.hostname, port, ssl=self._tls_context() if secure else None
         )
+        progress.connected = True
         try:
             writer.write(head + (body or b""))
             await writer.drain()
@@ -142,6 +159,13 @@ class HttpClient:
         if self._tls is None:
             self._tls = ssl.create_default_context()
         return self._tls
+
+
+@dataclass
+class _Progress:
+    """How far one request got (for :attr:`HttpError.connected`)."""
+
+    connected: bool = False
 
 
 def _status_code(line: bytes) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from fleetdrain.agent.logs import DEFAULT_LOG_LEVEL
 from fleetdrain.agent.reaper import parse_signal
 
 DEFAULT_ENDPOINT = "https://agent.buildkite.com/v3"
@@ -39,7 +40,8 @@ class StartSettings(BaseModel):
     task_protection: bool = False
     watch_imds: bool = False
     imds_poll_interval: float = Field(default=5.0, gt=0)
-    log_level: str = "info"
+    #: The Go agent's level names (:mod:`fleetdrain.agent.logs`); unknown ones warn, not fail.
+    log_level: str = DEFAULT_LOG_LEVEL
 
     @field_validator("cancel_signal")
     @classmethod
@@ -211,9 +213,17 @@ def add_start_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a(
         "--log-level",
-        default=_env("BUILDKITE_AGENT_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
-        help="log level [$BUILDKITE_AGENT_LOG_LEVEL] (default %(default)s)",
+        default=_env("BUILDKITE_AGENT_LOG_LEVEL", DEFAULT_LOG_LEVEL),
+        help="log level, as the Go agent's: debug, info, notice, warn, error, fatal; an unknown "
+        "one is logged as a warning and notice is used [$BUILDKITE_AGENT_LOG_LEVEL] "
+        "(default %(default)s)",
+    )
+    a(
+        "--debug",
+        action="store_true",
+        default=_env_bool("BUILDKITE_AGENT_DEBUG"),
+        help="synonym for --log-level debug, and takes precedence over it, as the Go agent's "
+        "[$BUILDKITE_AGENT_DEBUG]",
     )
 
 
@@ -253,5 +263,5 @@ def settings_from_args(ns: argparse.Namespace) -> StartSettings:
         task_protection=ns.task_protection,
         watch_imds=ns.watch_imds,
         imds_poll_interval=ns.imds_poll_interval,
-        log_level=ns.log_level,
+        log_level="debug" if getattr(ns, "debug", False) else ns.log_level,
     )

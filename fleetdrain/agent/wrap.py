@@ -25,7 +25,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING, NoReturn
 
-from fleetdrain.agent.busy import ProbeBusy
+from fleetdrain.agent.busy import ChildrenBusy, ProbeBusy
 from fleetdrain.agent.external import ExternalWorker
 from fleetdrain.agent.host import Host, HostError, HostSettings
 from fleetdrain.agent.logs import configure_logging
@@ -78,15 +78,21 @@ async def run_wrap(settings: WrapSettings) -> int:
     """Run the worker under the PID-1 layer; the exit status for this process."""
     reaper = Reaper()
     host: Host
+    probe = ProbeBusy(settings.busy_probe) if settings.busy_probe else None
     worker = ExternalWorker(
         settings.command,
         reaper,
         graceful_signal=settings.graceful_signal,
         force_signal=settings.force_signal,
-        busy_source=ProbeBusy(settings.busy_probe) if settings.busy_probe else None,
+        busy_source=probe,
         busy_interval=settings.busy_interval,
         on_busy_change=lambda busy: host.busy_changed(busy),
     )
+    if probe is not None:
+        # Until the probe first answers (the Go agent serves it only once registered), busy
+        # is the worker's child processes: a probe that never comes up must not hold task
+        # protection on forever, and a job that runs meanwhile still counts.
+        probe.before_serving = ChildrenBusy(lambda: worker.pid)
     host = Host(
         worker,
         reaper,

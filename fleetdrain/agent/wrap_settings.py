@@ -1,7 +1,9 @@
 """Settings of ``fleetdrain-agent wrap``: flags, each also from a ``FLEETDRAIN_*`` variable.
 
 Options that mean the same thing to the wrapped Go agent read its ``BUILDKITE_*`` variable too
-(the cancel grace period, the log level), so one task definition setting serves both. The
+(the cancel grace period, the log level and ``$BUILDKITE_AGENT_DEBUG``), with the Go agent's
+meaning (every one of its log levels; an unknown one warns, it never stops wrap), so one task
+definition setting serves both. The
 health address does not: ``BUILDKITE_AGENT_HEALTH_CHECK_ADDR`` is the wrapped agent's own
 server, which ours must not collide with.
 
@@ -20,6 +22,7 @@ from typing import NoReturn
 from fleetdrain.agent.busy import check_probe_url
 from fleetdrain.agent.external import EXIT_CANNOT_RUN, EXIT_NOT_FOUND
 from fleetdrain.agent.health import split_addr
+from fleetdrain.agent.logs import DEFAULT_LOG_LEVEL
 from fleetdrain.agent.reaper import parse_signal
 
 #: The exit status for bad input (as argparse uses it).
@@ -50,7 +53,8 @@ class WrapSettings:
     health_check_addr: str | None = None
     watch_imds: bool = False
     imds_poll_interval: float = 5.0
-    log_level: str = "info"
+    #: A Go agent level name (:mod:`fleetdrain.agent.logs`).
+    log_level: str = DEFAULT_LOG_LEVEL
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -116,8 +120,9 @@ def add_wrap_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         default=_env("FLEETDRAIN_BUSY_PROBE"),
         help="busy from this URL: JSON aggregate_status busy/idle (the Go agent's "
-        "/status.json), else 200 = busy; down counts as busy. Without it: busy while the "
-        "worker has child processes [$FLEETDRAIN_BUSY_PROBE]",
+        "/status.json), else 200 = busy; down counts as busy once it has answered. Until it "
+        "first answers (not serving yet: the Go agent serves it only once registered), and "
+        "without it: busy while the worker has child processes [$FLEETDRAIN_BUSY_PROBE]",
     )
     a(
         "--busy-interval",
@@ -153,9 +158,10 @@ def add_wrap_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a(
         "--log-level",
-        default=_env("FLEETDRAIN_LOG_LEVEL", "BUILDKITE_AGENT_LOG_LEVEL", default="info"),
-        help="log level: debug, info, warning, error "
-        "[$FLEETDRAIN_LOG_LEVEL, $BUILDKITE_AGENT_LOG_LEVEL] (default %(default)s)",
+        default=_env("FLEETDRAIN_LOG_LEVEL"),
+        help="log level, as the Go agent's: debug, info, notice, warn, error, fatal; an unknown "
+        "one is logged as a warning and notice is used [$FLEETDRAIN_LOG_LEVEL, then debug if "
+        "$BUILDKITE_AGENT_DEBUG is true, then $BUILDKITE_AGENT_LOG_LEVEL] (default notice)",
     )
     a(
         "command",
@@ -202,6 +208,18 @@ def check_command(command: list[str]) -> None:
         raise WrapUsageError(f"{program}: Permission denied")
 
 
+def log_level(given: str | None) -> str:
+    """The level wrap logs at: ``--log-level`` / ``$FLEETDRAIN_LOG_LEVEL`` if given, else the
+    Go agent's own setting (``$BUILDKITE_AGENT_DEBUG`` takes precedence over
+    ``$BUILDKITE_AGENT_LOG_LEVEL`` there, as ``--debug`` does over ``--log-level``), else
+    ``notice``. Never an error: an unknown level is warned about once logging is set up."""
+    if given is not None and given.strip():
+        return given.strip().lower()
+    if _env_bool("BUILDKITE_AGENT_DEBUG"):
+        return "debug"
+    return (_env("BUILDKITE_AGENT_LOG_LEVEL") or DEFAULT_LOG_LEVEL).strip().lower()
+
+
 def settings_from_args(ns: argparse.Namespace) -> WrapSettings:
     """Validate parsed flags; :class:`WrapUsageError` with one line for anything wrong."""
     command = list(ns.command or [])
@@ -209,10 +227,6 @@ def settings_from_args(ns: argparse.Namespace) -> WrapSettings:
         command = command[1:]
     if not command:
         raise WrapUsageError("no command to run: wrap [options] -- CMD [ARGS...]")
-    if ns.log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise WrapUsageError(
-            f"--log-level: expected debug, info, warning or error: {ns.log_level!r}"
-        )
     probe = ns.busy_probe or None
     if probe is not None:
         try:
@@ -238,7 +252,7 @@ def settings_from_args(ns: argparse.Namespace) -> WrapSettings:
         health_check_addr=addr,
         watch_imds=bool(ns.watch_imds),
         imds_poll_interval=_seconds("--imds-poll-interval", ns.imds_poll_interval),
-        log_level=ns.log_level.lower(),
+        log_level=log_level(ns.log_level),
     )
     check_command(command)
     return settings

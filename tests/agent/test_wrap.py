@@ -288,11 +288,16 @@ def test_busy_probe_json_status_code_and_down(wrap):
         assert w.wait(5) == 0
 
 
-def test_a_busy_probe_that_is_down_counts_as_busy_and_never_crashes_wrap(wrap):
+def test_a_busy_probe_that_never_answers_leaves_busy_to_the_children_and_never_crashes_wrap(wrap):
+    """Not serving yet (nothing listens): busy is the worker's children until it answers."""
     w = wrap("--busy-probe", "http://127.0.0.1:9/status.json", "--busy-interval", "0.1")
+    wait_until(lambda: w.status()["busy_from"]["last"] == "not serving", 3, w.output)
+    assert w.status()["busy"] is False
+    assert "is not serving yet" in w.output() and "counted as busy" not in w.output()
+    w.tell("job 1")
     wait_until(lambda: w.status()["busy"] is True, 3, w.output)
-    assert "is down" in w.output()
-    time.sleep(0.3)
+    assert w.status()["busy_from"]["before_serving"]["processes"] >= 1
+    wait_until(lambda: w.status()["busy"] is False, 4, w.output)
     assert w.proc.alive()
     w.send(signal.SIGTERM)
     assert w.wait(5) == 0

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -97,12 +98,105 @@ async def test_probe_that_does_not_answer_in_time_is_down():
         assert "no answer within" in (probe.error or "")
 
 
-async def test_refused_probe_is_down_and_logged(caplog):
+class Fixed:
+    """A busy source that says what it is told."""
+
+    description = "the stand-in source"
+
+    def __init__(self, busy: bool) -> None:
+        self.busy = busy
+        self.polls = 0
+
+    async def poll(self) -> bool:
+        self.polls += 1
+        return self.busy
+
+    def status(self) -> dict[str, object]:
+        return {"source": "fixed", "busy": self.busy}
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_probe_not_serving_yet_is_not_busy_and_leaves_busy_to_its_fallback(caplog):
+    """Refused before its first answer (the Go agent is still registering): the probe says
+    nothing, so busy is the fallback's (wrap: the worker's children), or idle without one."""
     caplog.set_level(logging.INFO, logger="fleetdrain.busy")
-    probe = ProbeBusy("http://127.0.0.1:9/status.json")
+    url = f"http://127.0.0.1:{closed_port()}/status.json"
+    alone = ProbeBusy(url)
+    assert await alone.poll() is False
+    assert alone.status() == {
+        "source": "probe",
+        "url": url,
+        "last": "not serving",
+        "error": alone.error,
+        "serving": False,
+    }
+    assert "ConnectionRefusedError" in (alone.error or "")
+    assert "not serving yet" in caplog.text and "counted as busy" not in caplog.text
+    fallback = Fixed(True)
+    probe = ProbeBusy(url, before_serving=fallback)
     assert await probe.poll() is True
-    assert probe.status()["last"] == "down" and probe.error
+    fallback.busy = False
+    assert await probe.poll() is False
+    assert fallback.polls == 2
+    assert probe.status()["before_serving"] == {"source": "fixed", "busy": False}
+    assert probe.description.endswith("not serving yet: the stand-in source")
+
+
+async def test_a_probe_not_serving_for_long_is_warned_about_once(caplog):
+    caplog.set_level(logging.INFO, logger="fleetdrain.busy")
+    ticks = [100.0]
+    probe = ProbeBusy(
+        f"http://127.0.0.1:{closed_port()}/", not_serving_warning_after=30, clock=lambda: ticks[0]
+    )
+    for step in (0, 29, 2, 100):
+        ticks[0] += step
+        assert await probe.poll() is False
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, caplog.text
+    assert "has not answered for 31s" in warnings[0].getMessage()
+    assert "BUILDKITE_AGENT_HEALTH_CHECK_ADDR" in warnings[0].getMessage()
+
+
+async def test_a_probe_that_has_answered_and_then_refuses_is_down_and_busy(caplog):
+    """Once it has served, a probe that stops answering may hide a running job: busy."""
+    caplog.set_level(logging.INFO, logger="fleetdrain.busy")
+    idle = b'HTTP/1.1 200 OK\r\nContent-Length: 28\r\n\r\n{"aggregate_status": "idle"}'
+    fallback = Fixed(False)
+    async with raw_server(idle) as url:
+        probe = ProbeBusy(f"{url}/status.json", before_serving=fallback)
+        assert await probe.poll() is False
+        assert probe.status()["serving"] is True and "before_serving" not in probe.status()
+    assert await probe.poll() is True  # the server is gone: refused
+    assert probe.status()["last"] == "down" and "ConnectionRefusedError" in (probe.error or "")
     assert "counted as busy" in caplog.text
+    assert fallback.polls == 0, "the fallback is for before the first answer only"
+
+
+async def test_a_probe_that_accepts_but_never_answers_is_down_even_before_serving():
+    """Something accepted the connection: a server is there and failing, not starting up."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        probe = ProbeBusy(
+            f"http://127.0.0.1:{listener.getsockname()[1]}/",
+            timeout=0.2,
+            before_serving=Fixed(False),
+        )
+        assert await probe.poll() is True
+        assert probe.status()["last"] == "down"
+
+
+def test_probe_urls_are_shown_without_passwords_or_secret_query_values(caplog):
+    probe = ProbeBusy("http://agent:hunter22@127.0.0.1:3901/status.json?token=abcdef&x=1")
+    shown = probe.status()["url"]
+    assert "hunter22" not in shown and "abcdef" not in shown
+    assert shown == "http://agent:[REDACTED]@127.0.0.1:3901/status.json?token=[REDACTED]&x=1"
+    assert probe.description == shown
 
 
 @pytest.mark.parametrize(

@@ -227,8 +227,10 @@ class WrapFactory:
         pid1: bool = True,
         health: bool = True,
         name: str | None = None,
+        worker_args: tuple[str, ...] = (),
     ) -> Wrapped:
-        """Start ``wrap OPTIONS -- COMMAND`` (default: the bash worker)."""
+        """Start ``wrap OPTIONS -- COMMAND`` (default: the bash worker, given ``worker_args``,
+        which it ignores: a command line as the Go agent's would be)."""
         if pid1:
             require_pid1()
         name = name or f"wrap-{len(self.started) + 1}"
@@ -238,7 +240,7 @@ class WrapFactory:
             control = self.tmp / f"{name}.ctl"
             os.mkfifo(control)
             full_env["CONTROL"] = str(control)
-            command = ["/bin/bash", str(self.worker_script)]
+            command = ["/bin/bash", str(self.worker_script), *worker_args]
         addr = free_addr() if health else None
         args = [*options, *(["--health-check-addr", addr] if addr else []), "--", *command]
         proc = spawn_agent(
