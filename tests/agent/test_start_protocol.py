@@ -12,6 +12,7 @@ say things the coordinator has no knob for: a ping that names a new ``endpoint``
 from __future__ import annotations
 
 import gzip
+import hashlib
 import itertools
 import json
 import os
@@ -19,6 +20,7 @@ import platform
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -35,6 +37,7 @@ import fleetdrain.drill.coordinator.server as server_module
 from fleetdrain import __version__
 from fleetdrain.drill.coordinator import Coordinator, CoordinatorServer, Fault, build_app
 from fleetdrain.drill.world.processes import AgentProcess, agent_command
+from tests.drill import go_agent_types as go
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -984,3 +987,86 @@ def test_a_job_the_server_reports_canceled_is_cancelled(harness: Harness) -> Non
     assert (done.exit_status, done.signal_reason) == ("143", "cancel")
     assert b"got TERM" in done.log
     assert stop_and_wait(proc) == 0
+
+
+# ------------------------------------------------------------------------------ 16. Go's types
+
+
+#: Routes the agent calls without a body, as the Go agent does (no body, no content type).
+NO_BODY = frozenset({"connect", "ping", "accept", "job_state", "disconnect"})
+#: Each JSON body the agent sends, and the Go agent's struct for it (api/agents.go, jobs.go,
+#: heartbeats.go).
+GO_REQUEST_TYPES = {
+    "register": go.AgentRegisterRequest,
+    "heartbeat": go.Heartbeat,
+    "start": go.JobStartRequest,
+    "finish": go.JobFinishRequest,
+}
+#: What a job runs to use the API credentials its agent gave it: one meta-data set, as
+#: ``buildkite-agent meta-data set from-job hello`` would.
+META_DATA_SET = """\
+import json, os, urllib.request
+env = os.environ
+request = urllib.request.Request(
+    f"{env['BUILDKITE_AGENT_ENDPOINT']}/jobs/{env['BUILDKITE_JOB_ID']}/data/set",
+    data=json.dumps({"key": "from-job", "value": "hello"}).encode(),
+    method="POST",
+    headers={
+        "Authorization": f"Token {env['BUILDKITE_AGENT_ACCESS_TOKEN']}",
+        "Content-Type": "application/json",
+    },
+)
+print("meta-data set:", urllib.request.urlopen(request, timeout=5).status)
+"""
+
+
+def test_every_request_is_what_the_go_agent_sends_and_the_job_gets_its_credentials(
+    harness: Harness, tmp_path: Path
+) -> None:
+    fleet, rec = harness.make()
+    proc, _name, agent_id = start_agent(fleet, "--priority", "5")
+    script = tmp_path / "meta_data_set.py"
+    script.write_text(META_DATA_SET)
+    job = fleet.coord.add_job(
+        'printf %s "$BUILDKITE_AGENT_ACCESS_TOKEN" | sha256sum; '
+        'echo "endpoint=$BUILDKITE_AGENT_ENDPOINT"; '
+        f"{sys.executable} {script}; "
+        "sleep 0.7"  # long enough for a job state poll (0.2 s + jitter)
+    )
+    fleet.wait_job_state(job.id, ("finished",))
+    wait_until(fleet, lambda: len(rec.seen("heartbeat")) >= 2, 5, "too few heartbeats")
+    assert stop_and_wait(proc) == 0, proc.output()
+    done = fleet.coord.job(job.id)
+    log = done.log.decode()
+    assert done.exit_status == "0", log
+
+    # The job's API credentials come from the agent (not the server's env): its own token
+    # (redacted from the log: here only its hash), the endpoint, and they work.
+    assert hashlib.sha256(done.token.encode()).hexdigest() in log, log
+    assert f"endpoint={fleet.server.agent_endpoint}" in log
+    assert "meta-data set: 200" in log
+    assert fleet.coord.meta_data(job.id) == {"from-job": "hello"}
+
+    agent_calls = [s for s in rec.seen() if s.route != "data"]  # the job's own call aside
+    assert {s.route for s in agent_calls} >= {*NO_BODY, *GO_REQUEST_TYPES, "chunks"}
+    for s in agent_calls:
+        if s.route in NO_BODY:
+            assert s.body == b"" and "content-type" not in s.headers, (s.method, s.path)
+        elif s.route == "chunks":
+            assert s.headers["content-type"] == "text/plain"
+            assert s.headers["content-encoding"] == "gzip"
+            assert set(s.query) == {"sequence", "offset", "size"}
+            assert all(v.isdigit() for v in s.query.values()), s.query  # uint64 %d
+            assert len(gzip.decompress(s.body)) == int(s.query["size"])
+        else:
+            model = GO_REQUEST_TYPES[s.route]
+            assert s.headers["content-type"] == "application/json", s.path
+            assert go.go_problems(model, s.json(), sent_by_go=True) == [], (s.route, s.body)
+    register = rec.seen("register")[0].json()
+    assert register["priority"] == "5"  # a string, as Go's AgentRegisterRequest has it
+    assert register["script_eval_enabled"] is True
+    assert register["ignore_in_dispatches"] is False
+    assert fleet.coord.agent(agent_id).priority == 5
+    finish = rec.seen("finish")[0].json()
+    assert finish["exit_status"] == "0" and finish["chunks_failed_count"] == 0
+    assert "signal" not in finish and "signal_reason" not in finish  # omitempty

@@ -265,8 +265,10 @@ def test_full_job_lifecycle_assembles_the_gzip_log(
     assert env["BUILDKITE_JOB_ID"] == job.id
     assert env["BUILDKITE_AGENT_ID"] == agent.id
     assert env["FOO"] == "bar"
+    assert "BUILDKITE_AGENT_ACCESS_TOKEN" not in env  # the agent sets it for the job
     assert accepted["chunks_max_size_bytes"] == 100 * 1024
-    assert accepted["chunks_interval_seconds"] == 1.0
+    assert accepted["chunks_interval_seconds"] == 1
+    assert type(accepted["chunks_interval_seconds"]) is int  # whole seconds: an int
 
     tok = accepted["token"]
     assert agent.start(job.id, tok).status_code == 200

@@ -415,17 +415,21 @@ def machine_id() -> str:
 
 
 def register_request(name: str, tags: list[str], priority: int | None) -> RegisterRequest:
-    """The register body for this process."""
+    """The register body for this process, as the Go agent's ``AgentRegisterRequest`` is sent:
+    ``priority`` a string (left out when unset, as is an empty ``machine_id``), the two
+    bools and both lists always there."""
     return RegisterRequest(
         name=name,
         hostname=platform.node(),
         os=platform.system().lower(),
         arch=platform.machine(),
-        priority=priority,
+        script_eval_enabled=True,
+        ignore_in_dispatches=False,
+        priority=None if priority is None else str(priority),
         version=__version__,
         build="fleetdrain",
-        meta_data=tags,
+        meta_data=list(tags),
         pid=os.getpid(),
-        machine_id=machine_id(),
+        machine_id=machine_id() or None,
         features=[],
     )

@@ -33,6 +33,9 @@ log = logging.getLogger("fleetdrain.job")
 
 #: Variables of the agent's own environment that a job must never see.
 PRIVATE_ENV = ("BUILDKITE_AGENT_TOKEN",)
+#: Variables the agent sets for a job whatever the job's env says (the Go agent's
+#: ``protectedEnv`` has them too): values a server sends for them are ignored, with a warning.
+AGENT_SET_ENV = ("BUILDKITE_AGENT_ACCESS_TOKEN", "BUILDKITE_AGENT_ENDPOINT")
 #: Seconds to wait for the output pipe to drain after the job's process group is gone.
 PIPE_DRAIN_SECONDS = 1.0
 #: The job's output pipe, widened from Linux's 64 KiB: a job that writes fast wakes the agent
@@ -366,17 +369,26 @@ class JobRunner:
         return path
 
     def _environment(self, cwd: Path) -> dict[str, str]:
+        ignored = sorted(k for k in AGENT_SET_ENV if k in self.job.env)
+        if ignored:
+            # As the Go agent does (its protectedEnv): only the agent sets these.
+            log.warning("job %s: ignoring %s from the job's env", self.job.id, ", ".join(ignored))
         env = self._job_environment()
         env["BUILDKITE_BUILD_CHECKOUT_PATH"] = str(cwd)
         return env
 
     def _job_environment(self) -> dict[str, str]:
         """The job's environment but its checkout path: the agent's own without its private
-        variables, the job's on top."""
+        variables, the job's on top, and over both what only the agent sets (its name, and the
+        API endpoint and token the job's ``buildkite-agent`` calls use)."""
         env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
         env.update(self.job.env)
         env.setdefault("BUILDKITE_JOB_ID", self.job.id)
         env["BUILDKITE_AGENT_NAME"] = self.settings.agent_name
+        # The job's own API credentials (for `buildkite-agent meta-data ...` and the like) come
+        # from the agent, not from the server: the job's token, else the agent's access token.
+        env["BUILDKITE_AGENT_ENDPOINT"] = self.api.endpoint
+        env["BUILDKITE_AGENT_ACCESS_TOKEN"] = self.job.token or self.api.token
         env["BUILDKITE"] = "true"
         env["CI"] = "true"
         return env

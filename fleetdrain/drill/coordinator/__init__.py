@@ -10,7 +10,8 @@ It is the agent's test peer and the drill's server::
 
 Its parts: ``records`` (agents, jobs, steps, retry rules), ``errors`` (refusals by HTTP status),
 ``state`` (the :class:`Coordinator`: every operation, behind one lock), ``builds`` (pipelines
-and builds on top of its jobs), ``faults`` (injected failures), ``rest_models`` (the REST wire
+and builds on top of its jobs), ``repository`` (the git repository the jobs name, for a Buildkite
+bootstrap to check out), ``faults`` (injected failures), ``rest_models`` (the REST wire
 shapes; the agent API's are :mod:`fleetdrain.agent.buildkite.models`), ``app`` (the HTTP
 routes) and ``server`` (uvicorn in a thread).
 """
@@ -33,6 +34,7 @@ from fleetdrain.drill.coordinator.records import (
     RetryRule,
     StepRecord,
 )
+from fleetdrain.drill.coordinator.repository import Repository
 from fleetdrain.drill.coordinator.server import CoordinatorServer
 from fleetdrain.drill.coordinator.state import Coordinator
 
@@ -50,6 +52,7 @@ __all__ = [
     "Forbidden",
     "JobRecord",
     "NotFound",
+    "Repository",
     "RetryRule",
     "StepRecord",
     "Unauthorized",

@@ -30,6 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--job-status-interval", type=float, default=1.0)
     p.add_argument("--lost-agent-timeout", type=float, default=180.0)
     p.add_argument(
+        "--integer-intervals",
+        action="store_true",
+        help="send every interval as whole seconds, rounded up (the Go agent takes no fractions)",
+    )
+    p.add_argument(
         "--job",
         action="append",
         default=[],
@@ -59,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat_interval=args.heartbeat_interval,
         job_status_interval=args.job_status_interval,
         lost_agent_timeout=args.lost_agent_timeout,
+        integer_intervals=args.integer_intervals,
     )
     rules = [f"queue={args.queue}"] if args.queue else None
     for n, command in enumerate(args.job, start=1):

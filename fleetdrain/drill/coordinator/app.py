@@ -35,6 +35,9 @@ from fleetdrain.agent.buildkite.models import (
     JobFinishRequest,
     JobStartRequest,
     JobStateResponse,
+    MetaData,
+    MetaDataBatch,
+    MetaDataExists,
     PingResponse,
     RegisterRequest,
     StopRequest,
@@ -335,6 +338,66 @@ async def _finish(call: _Call) -> Response:
     return _ok()
 
 
+def _meta_data_item(item: MetaData) -> tuple[str, str]:
+    if item.value is None:
+        # The Go agent leaves an empty value out (omitempty): there is nothing to set.
+        raise Unprocessable(f"meta-data value of {item.key!r} is required")
+    return item.key, item.value
+
+
+async def _meta_data_set(call: _Call) -> Response:
+    job_id = call.path("job_id")
+    call.coord.check_token(call.token)
+    body = await _json_body(call.request, MetaData)
+    items = [_meta_data_item(body)]
+    if call.ignore:
+        call.coord.authorize_job(call.token, job_id, call.headers)
+    else:
+        call.coord.meta_data_set(call.token, job_id, call.headers, items)
+    return _ok()
+
+
+async def _meta_data_set_batch(call: _Call) -> Response:
+    job_id = call.path("job_id")
+    call.coord.check_token(call.token)
+    body = await _json_body(call.request, MetaDataBatch)
+    items = [_meta_data_item(item) for item in body.items]
+    if call.ignore:
+        call.coord.authorize_job(call.token, job_id, call.headers)
+    else:
+        call.coord.meta_data_set(call.token, job_id, call.headers, items)
+    return _ok()
+
+
+def _meta_data_scope(call: _Call) -> tuple[str, str]:
+    if "job_id" in call.request.path_params:
+        return "job", call.path("job_id")
+    return "build", call.path("build_id")
+
+
+async def _meta_data_get(call: _Call) -> Response:
+    scope, ident = _meta_data_scope(call)
+    call.coord.check_token(call.token)
+    body = await _json_body(call.request, MetaData)
+    value = call.coord.meta_data_get(call.token, scope, ident, call.headers, body.key)
+    return _ok(MetaData(key=body.key, value=value))
+
+
+async def _meta_data_exists(call: _Call) -> Response:
+    scope, ident = _meta_data_scope(call)
+    call.coord.check_token(call.token)
+    body = await _json_body(call.request, MetaData)
+    exists = call.coord.meta_data_exists(call.token, scope, ident, call.headers, body.key)
+    return _ok(MetaDataExists(exists=exists))
+
+
+async def _meta_data_keys(call: _Call) -> Response:
+    scope, ident = _meta_data_scope(call)
+    call.coord.check_token(call.token)
+    # The Go agent sends no body; the answer is a bare JSON array of the keys.
+    return JSONResponse(call.coord.meta_data_keys(call.token, scope, ident, call.headers))
+
+
 async def _agent_pause(call: _Call) -> Response:
     call.coord.check_token(call.token)
     body = await _json_body(call.request, AgentPauseRequest, optional=True)
@@ -474,7 +537,10 @@ def _route(
         try:
             response = await handler(call)
         except CoordinatorError as exc:
-            if not (name == "accept" and exc.status == 422):
+            # A refused accept has its own event; a meta-data key that is not set is an
+            # answer (the Go agent's `meta-data get --default` relies on the 404), not a refusal.
+            answer = (name, exc.status) in (("accept", 422), ("meta_data_get", 404))
+            if not answer:
                 coord.record_rejection(name, agent_id, exc)
             response = _message(exc.status, exc.message)
         if fault is not None and fault.kind == "drop":
@@ -513,8 +579,11 @@ def build_app(coord: Coordinator) -> Starlette:
     """
     logging.getLogger("uvicorn.error").addFilter(_QUIET_DROPS)
 
-    def agent(path: str, name: str, handler: _Handler, method: str) -> Route:
-        return Route(path, _route(coord, name, handler, "Token"), methods=[method], name=name)
+    def agent(
+        path: str, name: str, handler: _Handler, method: str, route: str | None = None
+    ) -> Route:
+        endpoint = _route(coord, name, handler, "Token")
+        return Route(path, endpoint, methods=[method], name=route or name)
 
     def rest(path: str, name: str, handler: _Handler, method: str) -> Route:
         full = "/v2/organizations/{org}/agents" + path
@@ -538,6 +607,35 @@ def build_app(coord: Coordinator) -> Starlette:
         agent("/v3/jobs/{job_id}/chunks", "chunks", _chunks, "POST"),
         agent("/v3/jobs/{job_id}/finish", "finish", _finish, "PUT"),
         agent("/v3/jobs/{job_id}", "job_state", _job_state, "GET"),
+        agent("/v3/jobs/{job_id}/data/set", "meta_data_set", _meta_data_set, "POST"),
+        agent(
+            "/v3/jobs/{job_id}/data/set-batch", "meta_data_set_batch", _meta_data_set_batch, "POST"
+        ),
+        agent("/v3/jobs/{job_id}/data/get", "meta_data_get", _meta_data_get, "POST"),
+        agent("/v3/jobs/{job_id}/data/exists", "meta_data_exists", _meta_data_exists, "POST"),
+        agent("/v3/jobs/{job_id}/data/keys", "meta_data_keys", _meta_data_keys, "POST"),
+        # `buildkite-agent meta-data get/exists/keys --build ID`: the same, by build.
+        agent(
+            "/v3/builds/{build_id}/data/get",
+            "meta_data_get",
+            _meta_data_get,
+            "POST",
+            route="meta_data_get_build",
+        ),
+        agent(
+            "/v3/builds/{build_id}/data/exists",
+            "meta_data_exists",
+            _meta_data_exists,
+            "POST",
+            route="meta_data_exists_build",
+        ),
+        agent(
+            "/v3/builds/{build_id}/data/keys",
+            "meta_data_keys",
+            _meta_data_keys,
+            "POST",
+            route="meta_data_keys_build",
+        ),
         rest("", "rest_agents", _rest_agents, "GET"),
         rest("/{agent_id}", "rest_agent", _rest_agent, "GET"),
         rest("/{agent_id}/stop", "rest_stop", _rest_stop, "PUT"),

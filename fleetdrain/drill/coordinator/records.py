@@ -70,7 +70,12 @@ class Event:
 
 @dataclass
 class JobRecord:
-    """One attempt of a step. ``chunks`` maps sequence to ``(offset, size, bytes)``."""
+    """One attempt of a step. ``chunks`` maps sequence to ``(offset, size, bytes)``.
+
+    ``build_id`` / ``build_number`` / ``pipeline`` name the build the job belongs to (a
+    pipeline's build, or for a job added on its own, a build of its step): every attempt of a
+    step is in the same build, and the build's meta-data is shared by its jobs.
+    """
 
     id: str
     key: str
@@ -81,6 +86,9 @@ class JobRecord:
     agent_query_rules: list[str]
     retry_rules: list[RetryRule]
     token: str
+    build_id: str = ""
+    build_number: int = 0
+    pipeline: str = ""
     state: str = "scheduled"
     agent_id: str | None = None
     exit_status: str | None = None

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
+import math
+import re
 import secrets
 import threading
 import time
@@ -46,7 +49,10 @@ from fleetdrain.drill.coordinator.records import (
     RetryRule,
     StepRecord,
 )
+from fleetdrain.drill.coordinator.repository import Repository, drill_repository
 from fleetdrain.drill.coordinator.rest_models import RestAgent, RestJob
+
+log = logging.getLogger(__name__)
 
 #: Job states in which the job holds its agent (the agent accepted it and has not finished it).
 ACTIVE_JOB_STATES: frozenset[str] = frozenset({"accepted", "running", "canceling"})
@@ -54,6 +60,9 @@ ACTIVE_JOB_STATES: frozenset[str] = frozenset({"accepted", "running", "canceling
 TERMINAL_JOB_STATES: frozenset[str] = frozenset({"finished", "canceled"})
 #: Agent connection states in which the agent is expected to heartbeat.
 LIVE_AGENT_STATES: frozenset[str] = frozenset({"connected", "stopping"})
+#: The pipeline of a job added on its own (``add_job``), in its env and its REST views.
+DEFAULT_PIPELINE = "drill"
+_INTEGER = re.compile(r"^[+-]?\d+$")
 
 
 def rfc3339_nano(ns: int | None = None) -> str:
@@ -69,6 +78,15 @@ def _same_secret(given: str | None, expected: str) -> bool:
     return given is not None and secrets.compare_digest(
         given.encode("utf-8", "surrogatepass"), expected.encode("utf-8")
     )
+
+
+def _priority(value: str | None) -> int | None:
+    """A register request's priority (a string on the wire, as the Go agent sends it)."""
+    if value is None:
+        return None
+    if not _INTEGER.match(value.strip()):
+        raise Unprocessable(f"priority must be an integer, got {value!r}")
+    return int(value)
 
 
 def _step_outcome(attempts: list[JobRecord]) -> str:
@@ -89,8 +107,20 @@ def _step_outcome(attempts: list[JobRecord]) -> str:
 class Coordinator:
     """The coordinator's state and every operation on it (agent API, REST, Python API).
 
-    Intervals are in seconds and are handed to agents at register; ``clock`` stamps events and
-    drives the lost-agent rule and pause timeouts (inject a fake one to control time).
+    Intervals are in seconds and are handed to agents at register (and the chunk interval with
+    each job); ``clock`` stamps events and drives the lost-agent rule and pause timeouts (inject
+    a fake one to control time).
+
+    On the wire an interval is what Buildkite sends, an integer, whenever it is a whole number
+    of seconds. A drill on a compressed clock wants less than a second: such an interval goes
+    out as it is (``0.3``), which fleetdrain's agent takes and the Go agent refuses (its fields
+    are ``int``: it exits). ``integer_intervals=True`` sends every interval as whole seconds,
+    rounded up and at least 1, for a Go agent whatever the settings say.
+
+    ``repository`` is what the jobs' ``BUILDKITE_REPO`` / ``_COMMIT`` / ``_BRANCH`` name (for a
+    Buildkite bootstrap to check out); by default a local bare repository with one commit, made
+    once and shared (:func:`~fleetdrain.drill.coordinator.repository.drill_repository`).
+    ``pipeline`` is the pipeline slug of jobs added with :meth:`add_job`.
     """
 
     def __init__(
@@ -106,6 +136,9 @@ class Coordinator:
         chunks_max_size_bytes: int = 100 * 1024,
         request_headers: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        integer_intervals: bool = False,
+        repository: Repository | None = None,
+        pipeline: str = DEFAULT_PIPELINE,
     ) -> None:
         if chunks_max_size_bytes < 1:
             raise ValueError("chunks_max_size_bytes must be >= 1")
@@ -120,6 +153,25 @@ class Coordinator:
         self.chunks_max_size_bytes = chunks_max_size_bytes
         self.request_headers: dict[str, str] = dict(request_headers or {})
         self.clock = clock
+        self.integer_intervals = integer_intervals
+        self.pipeline = pipeline
+        self._repository = repository
+        fractional = [
+            f"{name}={value:g}"
+            for name, value in (
+                ("ping_interval", ping_interval),
+                ("heartbeat_interval", heartbeat_interval),
+                ("job_status_interval", job_status_interval),
+                ("chunks_interval_seconds", chunks_interval_seconds),
+            )
+            if not float(value).is_integer()
+        ]
+        if fractional and not integer_intervals:
+            log.info(
+                "%s go on the wire as fractions of a second: fleetdrain's agent takes them, "
+                "the Go agent does not (integer_intervals=True rounds them up)",
+                ", ".join(fractional),
+            )
         self.faults = FaultSet(clock)
         # Re-entrant so that internal helpers can be called with the lock held or not.
         self._lock = threading.RLock()
@@ -130,6 +182,11 @@ class Coordinator:
         self._events: list[Event] = []
         # (key, rule index) -> retries that rule has caused for that step.
         self._retry_counts: dict[tuple[str, int], int] = {}
+        # build id -> its meta-data (key -> value, in the order first set).
+        self._meta_data: dict[str, dict[str, str]] = {}
+        # step key -> (build id, build number) of a job added without a build of its own.
+        self._step_builds: dict[str, tuple[str, int]] = {}
+        self._build_numbers = itertools.count(1)
         # Pipelines and builds (the REST Builds subset) sit on top of the jobs above.
         self.pipelines = Pipelines(self)
 
@@ -146,20 +203,28 @@ class Coordinator:
         """Schedule a new step (attempt 1) and return a snapshot of its job.
 
         Without ``agent_query_rules`` the job targets ``queue=default``, as on Buildkite.
-        ``key`` names the logical step; it defaults to the job id.
+        ``key`` names the logical step; it defaults to the job id. The job's build is the one
+        its env names (``BUILDKITE_BUILD_ID``, ``_NUMBER``, ``BUILDKITE_PIPELINE_SLUG``: a
+        pipeline's build), else one build per step key in :attr:`pipeline`.
         """
         with self._lock:
             job_id = str(uuid.uuid4())
+            step_key = key if key is not None else job_id
+            env = dict(env or {})
+            build_id, build_number = self._build_of(step_key, env)
             job = JobRecord(
                 id=job_id,
-                key=key if key is not None else job_id,
+                key=step_key,
                 attempt=1,
                 retry_of=None,
                 command=command,
-                env=dict(env or {}),
+                env=env,
                 agent_query_rules=list(agent_query_rules or []),
                 retry_rules=list(retry or []),
                 token=secrets.token_urlsafe(24),
+                build_id=build_id,
+                build_number=build_number,
+                pipeline=env.get("BUILDKITE_PIPELINE_SLUG", self.pipeline),
                 created_at=self.clock(),
             )
             self._jobs[job_id] = job
@@ -206,6 +271,25 @@ class Coordinator:
             job = self._job(job_id)
             self._cancel(job, reason="user")
             return job.state
+
+    def meta_data(self, job_id: str) -> dict[str, str]:
+        """A copy of the meta-data of the job's build (NotFound if the job is unknown)."""
+        with self._lock:
+            return dict(self._meta_data.get(self._job(job_id).build_id, {}))
+
+    @property
+    def repository(self) -> Repository | None:
+        """What the jobs' env names as their source (made on first use; None without git)."""
+        if self._repository is None:
+            self._repository = drill_repository()
+        return self._repository
+
+    def wire_seconds(self, seconds: float) -> int | float:
+        """An interval as it goes on the wire: an int when whole (or always, rounded up and at
+        least 1, with ``integer_intervals``), else the fraction as it is."""
+        if self.integer_intervals:
+            return max(1, math.ceil(seconds))
+        return int(seconds) if float(seconds).is_integer() else seconds
 
     # ------------------------------------------------------------------ Python API: agents
 
@@ -302,8 +386,10 @@ class Coordinator:
 
         Kinds: ``register connect ping heartbeat accept accept_rejected start chunk state_poll
         finish retry retry_exhausted schedule unassign disconnect lost stop pause resume cancel
-        fault rejected``. ``lost`` is recorded for the agent (no job_id) and for the job it held;
-        ``rejected`` is any refused request (detail: endpoint, status, message).
+        meta_data fault rejected``. ``lost`` is recorded for the agent (no job_id) and for the
+        job it held; ``rejected`` is any refused request (detail: endpoint, status, message);
+        ``meta_data`` any meta-data call (detail: ``op``, one of ``set get exists keys``, and
+        the ``keys`` it names).
         """
         with self._lock:
             return list(self._events)
@@ -412,6 +498,7 @@ class Coordinator:
     def register(self, token: str | None, request: RegisterRequest) -> RegisterResponse:
         """``POST /v3/register``: create an agent in state ``registered``."""
         self.check_registration_token(token)
+        priority = _priority(request.priority)
         with self._lock:
             agent = AgentRecord(
                 id=str(uuid.uuid4()),
@@ -419,7 +506,7 @@ class Coordinator:
                 access_token=secrets.token_urlsafe(24),
                 hostname=request.hostname,
                 version=request.version,
-                priority=request.priority,
+                priority=priority,
                 meta_data=list(request.meta_data),
                 registered_at=self.clock(),
             )
@@ -438,9 +525,9 @@ class Coordinator:
             access_token=access_token,
             endpoint=None,
             request_headers=dict(self.request_headers),
-            ping_interval=self.ping_interval,
-            job_status_interval=self.job_status_interval,
-            heartbeat_interval=self.heartbeat_interval,
+            ping_interval=self.wire_seconds(self.ping_interval),
+            job_status_interval=self.wire_seconds(self.job_status_interval),
+            heartbeat_interval=self.wire_seconds(self.heartbeat_interval),
             meta_data=list(meta_data),
         )
 
@@ -657,6 +744,65 @@ class Coordinator:
                 finished_at=finished_at,
             )
 
+    def meta_data_set(
+        self,
+        token: str | None,
+        job_id: str,
+        headers: Mapping[str, str],
+        items: list[tuple[str, str]],
+    ) -> None:
+        """``POST jobs/:id/data/set`` (one item) and ``data/set-batch``: set keys in the job's
+        build, all of them or none. Keys and values must not be blank; the job must be active
+        (accepted, running or canceling)."""
+        if not items:
+            raise Unprocessable("no meta-data items to set")
+        for key, value in items:
+            if not key.strip():
+                raise Unprocessable("meta-data key cannot be blank")
+            if not value.strip():
+                raise Unprocessable(f"meta-data value of {key!r} cannot be blank")
+        with self._lock:
+            agent, job = self._auth_job(token, job_id, headers)
+            if job.state not in ACTIVE_JOB_STATES:
+                raise Unprocessable(f"job is {job.state}; meta-data is set while it runs")
+            store = self._meta_data.setdefault(job.build_id, {})
+            for key, value in items:
+                store[key] = value
+            keys = [key for key, _ in items]
+            self._event("meta_data", agent_id=agent.id, job_id=job.id, op="set", keys=keys)
+
+    def meta_data_get(
+        self, token: str | None, scope: str, ident: str, headers: Mapping[str, str], key: str
+    ) -> str:
+        """``POST jobs/:id/data/get`` (``scope`` ``job``) or ``builds/:id/data/get``
+        (``build``): the value; NotFound when the key was never set (the Go agent's
+        ``--default`` needs that 404)."""
+        with self._lock:
+            agent, job_id, store = self._meta_data_of(token, scope, ident, headers)
+            self._event("meta_data", agent_id=agent.id, job_id=job_id, op="get", keys=[key])
+            if key not in store:
+                raise NotFound(f"No meta-data value exists for key {key!r}")
+            return store[key]
+
+    def meta_data_exists(
+        self, token: str | None, scope: str, ident: str, headers: Mapping[str, str], key: str
+    ) -> bool:
+        """``POST jobs/:id/data/exists`` (or ``builds/:id/...``): whether the key is set."""
+        with self._lock:
+            agent, job_id, store = self._meta_data_of(token, scope, ident, headers)
+            self._event("meta_data", agent_id=agent.id, job_id=job_id, op="exists", keys=[key])
+            return key in store
+
+    def meta_data_keys(
+        self, token: str | None, scope: str, ident: str, headers: Mapping[str, str]
+    ) -> list[str]:
+        """``POST jobs/:id/data/keys`` (or ``builds/:id/...``): the keys, in the order first
+        set."""
+        with self._lock:
+            agent, job_id, store = self._meta_data_of(token, scope, ident, headers)
+            self._event("meta_data", agent_id=agent.id, job_id=job_id, op="keys", keys=[])
+            return list(store)
+
     def agent_pause(
         self,
         token: str | None,
@@ -723,6 +869,36 @@ class Coordinator:
         if job is None:
             raise NotFound(f"no job {job_id}")
         return job
+
+    def _build_of(self, step_key: str, env: Mapping[str, str]) -> tuple[str, int]:
+        build_id = env.get("BUILDKITE_BUILD_ID")
+        if build_id:
+            number = env.get("BUILDKITE_BUILD_NUMBER", "")
+            return build_id, int(number) if number.isdigit() else 0
+        if step_key not in self._step_builds:
+            self._step_builds[step_key] = (str(uuid.uuid4()), next(self._build_numbers))
+        return self._step_builds[step_key]
+
+    def _meta_data_of(
+        self, token: str | None, scope: str, ident: str, headers: Mapping[str, str]
+    ) -> tuple[AgentRecord, str | None, dict[str, str]]:
+        """Who asks (agent), about which job (None for a build), and the build's meta-data."""
+        if scope == "job":
+            agent, job = self._auth_job(token, ident, headers)
+            return agent, job.id, self._meta_data.get(job.build_id, {})
+        owner = self._tokens.get(token) if token is not None else None
+        if owner is None:
+            raise Unauthorized("invalid access token")
+        kind, owner_id = owner
+        agent_id = owner_id if kind == "agent" else self._jobs[owner_id].agent_id
+        assert agent_id is not None  # job tokens are only issued at accept
+        agent = self._agents[agent_id]
+        if agent.connection_state == "lost":
+            raise Unauthorized("invalid access token (agent lost)")
+        self._note_request(agent, headers)
+        if not any(j.build_id == ident for j in self._jobs.values()):
+            raise NotFound("No build found")
+        return agent, None, self._meta_data.get(ident, {})
 
     def _note_request(self, agent: AgentRecord, headers: Mapping[str, str]) -> None:
         agent.requests += 1
@@ -909,6 +1085,9 @@ class Coordinator:
                 agent_query_rules=list(job.agent_query_rules),
                 retry_rules=list(job.retry_rules),
                 token=secrets.token_urlsafe(24),
+                build_id=job.build_id,
+                build_number=job.build_number,
+                pipeline=job.pipeline,
                 created_at=self.clock(),
             )
             self._jobs[retry.id] = retry
@@ -925,12 +1104,39 @@ class Coordinator:
             return
 
     def _job_view(self, job: JobRecord, agent: AgentRecord | None, with_token: bool) -> Job:
-        env = dict(job.env)
+        # What a real build's job carries, so that a Buildkite bootstrap accepts it (it needs
+        # the repository, commit, branch, pipeline slug and provider, organization, job id and
+        # agent name); the job's own env (a pipeline build's commit and branch) over it, and the
+        # coordinator's own facts over both. No BUILDKITE_AGENT_ACCESS_TOKEN: the agent sets
+        # that for the job itself (the Go agent ignores, with a warning, one sent in the env).
+        env = {
+            "BUILDKITE_PIPELINE_SLUG": job.pipeline,
+            "BUILDKITE_PIPELINE_NAME": job.pipeline,
+            "BUILDKITE_BUILD_ID": job.build_id,
+            "BUILDKITE_BUILD_NUMBER": str(job.build_number),
+            "BUILDKITE_LABEL": job.key,
+            "BUILDKITE_SOURCE": "api",
+            "BUILDKITE_PULL_REQUEST": "false",
+            "BUILDKITE_TIMEOUT": "false",
+        }
+        repo = self.repository
+        if repo is not None:
+            env.update(
+                {
+                    "BUILDKITE_REPO": repo.url,
+                    "BUILDKITE_COMMIT": repo.commit,
+                    "BUILDKITE_BRANCH": repo.branch,
+                    "BUILDKITE_PIPELINE_DEFAULT_BRANCH": repo.branch,
+                    "BUILDKITE_PIPELINE_PROVIDER": repo.provider,
+                }
+            )
+        env.update(job.env)
         env.update(
             {
                 "BUILDKITE": "true",
                 "CI": "true",
                 "BUILDKITE_COMMAND": job.command,
+                "BUILDKITE_SCRIPT_PATH": job.command,
                 "BUILDKITE_JOB_ID": job.id,
                 "BUILDKITE_STEP_KEY": job.key,
                 "BUILDKITE_RETRY_COUNT": str(job.attempt - 1),
@@ -940,15 +1146,12 @@ class Coordinator:
         if agent is not None:
             env["BUILDKITE_AGENT_ID"] = agent.id
             env["BUILDKITE_AGENT_NAME"] = agent.name
-        if with_token:
-            # As on Buildkite: the job's own token is in its environment (agents must redact it).
-            env["BUILDKITE_AGENT_ACCESS_TOKEN"] = job.token
         return Job(
             id=job.id,
             state=job.state,
             env=env,
             chunks_max_size_bytes=self.chunks_max_size_bytes,
-            chunks_interval_seconds=self.chunks_interval_seconds,
+            chunks_interval_seconds=self.wire_seconds(self.chunks_interval_seconds),
             token=job.token if with_token else None,
         )
 
