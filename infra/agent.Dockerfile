@@ -15,7 +15,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# template.yaml: fleetdrain/drill/aws/template.yaml links to it (the drill's package data).
+COPY pyproject.toml README.md template.yaml ./
 COPY fleetdrain ./fleetdrain
 RUN pip install --no-cache-dir . && rm -rf /src
 

@@ -22,7 +22,8 @@ FROM ${AGENT_IMAGE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
-COPY pyproject.toml README.md /tmp/fleetdrain/
+# template.yaml: fleetdrain/drill/aws/template.yaml links to it (the drill's package data).
+COPY pyproject.toml README.md template.yaml /tmp/fleetdrain/
 COPY fleetdrain /tmp/fleetdrain/fleetdrain
 RUN python3 -m venv /opt/fleetdrain \
  && /opt/fleetdrain/bin/pip install --no-cache-dir /tmp/fleetdrain \
