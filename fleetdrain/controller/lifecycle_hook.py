@@ -1,7 +1,8 @@
 """Lambda: an instance is terminating (Auto Scaling lifecycle action) -> start or join its drain.
 
-Takes the ``EC2 Instance-terminate Lifecycle Action`` EventBridge event, or an SQS batch of
-lifecycle notifications (raw, or in an SNS envelope); ``autoscaling:TEST_NOTIFICATION`` and
+Takes the ``EC2 Instance-terminate Lifecycle Action`` EventBridge event, an SQS batch of
+lifecycle notifications (raw, or in an SNS envelope), or the same notification from an SNS
+topic the function is subscribed to (``Records[].Sns``); ``autoscaling:TEST_NOTIFICATION`` and
 other transitions are ignored cleanly.
 """
 

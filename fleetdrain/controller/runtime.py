@@ -1,12 +1,14 @@
 """What the three handlers share: Powertools Logger and Metrics, the controller built once per
-execution environment from the environment, and the two ways events come in (a single
-EventBridge event, or an SQS batch with partial failures).
+execution environment from the environment, and the three ways events come in: a single
+EventBridge event, an SQS batch with partial failures, or an SNS notification (a function
+subscribed to a topic: ``Records[].Sns``, invoked asynchronously like EventBridge).
 
 Failure policy (the same in all three functions):
 
 - A malformed or unknown event, or one that is not for this function: logged at ERROR with the
-  reason, counted (``EventsRejected``) and dropped. Retrying cannot fix it, so it is never
-  retried: no retry storm from a poison message.
+  reason, counted (``EventsRejected``, which has an alarm) and dropped. Retrying cannot fix it,
+  so it is never retried: no retry storm from a poison message. A ``Records`` event that is
+  neither SQS nor SNS is rejected as a whole, with what it is.
 - A :class:`~fleetdrain.controller.drain.errors.Retryable` failure (throttling after the adaptive
   retries, 5xx, a write race that kept losing): the SQS record is reported as a batch item failure
   (SQS redelivers it after the visibility timeout, and after ``maxReceiveCount`` moves it to
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 from fleetdrain.controller.drain.config import Settings
 from fleetdrain.controller.drain.core import EVENTS_REJECTED, DrainController
 from fleetdrain.controller.drain.events import MalformedEvent, parse_event, parse_message
-from fleetdrain.controller.drain.signals import Ignored, Signal
+from fleetdrain.controller.drain.signals import Ignored, Several, Signal
 
 logger = Logger(service=os.environ.get("POWERTOOLS_SERVICE_NAME", "fleetdrain"))
 metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "fleetdrain"))
@@ -129,7 +131,13 @@ def _reject(reason: str, where: str) -> dict[str, Any]:
     return {"status": "rejected", "reason": reason}
 
 
-def _run(signal: Signal, accept: tuple[type, ...], where: str) -> dict[str, Any]:
+def _run(signal: Signal | Several, accept: tuple[type, ...], where: str) -> dict[str, Any]:
+    if isinstance(signal, Several):
+        # One event about several instances: each on its own (a retry repeats them all; the
+        # ones done already are duplicates by the event's id).
+        results = [_run(one, accept, where) for one in signal.signals]
+        statuses = sorted({str(r["status"]) for r in results})
+        return {"status": ",".join(statuses), "results": results}
     if not isinstance(signal, (Ignored, *accept)):
         return _reject(f"{type(signal).__name__} is not for the {where} function", where)
     if isinstance(signal, Ignored):
@@ -158,10 +166,43 @@ def _run(signal: Signal, accept: tuple[type, ...], where: str) -> dict[str, Any]
     }
 
 
+def _records_kind(records: list[Any]) -> str:
+    """``sqs``, ``sns``, or what the records are instead (for the rejection)."""
+    if records and all(
+        isinstance(r, dict) and r.get("eventSource") == "aws:sqs" and "messageId" in r
+        for r in records
+    ):
+        return "sqs"
+    if records and all(
+        isinstance(r, dict) and r.get("EventSource") == "aws:sns" and isinstance(r.get("Sns"), dict)
+        for r in records
+    ):
+        return "sns"
+    sources = sorted(
+        {
+            str(r.get("eventSource") or r.get("EventSource") or "no eventSource")
+            if isinstance(r, dict)
+            else type(r).__name__
+            for r in records
+        }
+    )
+    return ", ".join(sources) or "no records"
+
+
 def handle(event: Any, accept: tuple[type, ...], where: str) -> dict[str, Any]:
-    """One invocation: an SQS batch (partial failures) or a single EventBridge event."""
+    """One invocation: an SQS batch (partial failures), an SNS notification, or a single
+    EventBridge event."""
     if isinstance(event, dict) and isinstance(event.get("Records"), list):
-        return dict(handle_sqs_batch(event, accept, where))
+        kind = _records_kind(event["Records"])
+        if kind == "sqs":
+            return dict(handle_sqs_batch(event, accept, where))
+        if kind == "sns":
+            return handle_sns(event, accept, where)
+        return _reject(
+            f"Records of {kind}: neither SQS messages (eventSource aws:sqs, messageId) nor "
+            "SNS notifications (EventSource aws:sns, Sns)",
+            where,
+        )
     try:
         signal = parse_event(event)
     except MalformedEvent as exc:
@@ -193,6 +234,28 @@ def handle_sqs_batch(
             extra={"error": f"{info[0].__name__ if info[0] else ''}: {info[1]}"},
         )
     return processor.response()
+
+
+def handle_sns(event: dict[str, Any], accept: tuple[type, ...], where: str) -> dict[str, Any]:
+    """A function subscribed to an SNS topic (the group's notification target): each record's
+    ``Sns.Message`` is what an SQS subscription would carry. Invoked asynchronously, so a
+    retryable failure raises (Lambda's retries, then the DLQ), as for EventBridge."""
+    results = []
+    for record in event["Records"]:
+        sns = record["Sns"]
+        message = sns.get("Message")
+        if not isinstance(message, str):
+            results.append(_reject("SNS record without a Message string", where))
+            continue
+        try:
+            signal = parse_message(message)
+        except MalformedEvent as exc:
+            results.append(_reject(str(exc), f"{where} (SNS message {sns.get('MessageId')})"))
+            continue
+        results.append(_run(signal, accept, where))
+    if len(results) == 1:
+        return results[0]
+    return {"status": ",".join(sorted({str(r["status"]) for r in results})), "results": results}
 
 
 Handler = Callable[[dict[str, Any], Any], dict[str, Any]]

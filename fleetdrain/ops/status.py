@@ -51,6 +51,11 @@ class DrainStatus(BaseModel):
     #: on: the agent holds it exactly while it works). None when ECS was not asked.
     tasks_left: int | None = None
     tasks_busy: int | None = None
+    #: The instance's drain episode (1: its first; a later event that needed action started
+    #: each next one), how the episode ended (with ``--all``), and a scheduled change's start.
+    episode: int = 1
+    outcome: str | None = None
+    maintenance_at: str | None = None
 
 
 def _iso(ts: float | None) -> str | None:
@@ -64,6 +69,8 @@ def drain_status(record: DrainRecord, now: float, load: TaskLoad | None = None) 
     hook: str = record.lifecycle_state
     if record.hook_name:
         hook = f"{record.lifecycle_state} ({record.asg_name}/{record.hook_name})"
+    if record.other_tokens:
+        hook += f" + {len(record.other_tokens)} other token(s) answered"
     return DrainStatus(
         instance_id=record.instance_id,
         drain_id=record.drain_id,
@@ -87,6 +94,9 @@ def drain_status(record: DrainRecord, now: float, load: TaskLoad | None = None) 
         ),
         tasks_left=None if load is None else load.left,
         tasks_busy=None if load is None else load.busy,
+        episode=record.episode,
+        outcome=record.outcome,
+        maintenance_at=_iso(record.maintenance_at),
     )
 
 
@@ -211,9 +221,13 @@ def print_status(drains: list[DrainStatus], table_name: str, out: IO[str]) -> No
             forces = "forced"
         elif d.spot_deadline:
             forces += " (spot)"
+        elif d.maintenance_at:
+            forces += " (scheduled change)"
         table.add_row(
             d.instance_id,
-            d.phase + (" (fallback)" if d.fallback else ""),
+            d.phase
+            + (" (fallback)" if d.fallback else "")
+            + (f" (episode {d.episode})" if d.episode > 1 else ""),
             ", ".join(d.reasons),
             d.started_at,
             _age(d.age_seconds),

@@ -27,8 +27,11 @@ from fleetdrain.controller.drain.signals import (
     Ignored,
     InstanceDrainingSignal,
     LifecycleSignal,
+    MaintenanceSignal,
     RebalanceSignal,
+    Several,
     SpotSignal,
+    StoppingSignal,
     TaskStoppedSignal,
     TickSignal,
 )
@@ -78,6 +81,9 @@ def no_controller() -> Iterator[None]:
         ("ec2-rebalance-recommendation.json", RebalanceSignal),
         ("ecs-task-state-change.stopped.json", TaskStoppedSignal),
         ("ecs-container-instance-state-change.draining.json", InstanceDrainingSignal),
+        ("ec2-instance-state-change.stopping.json", StoppingSignal),
+        ("ec2-instance-state-change.shutting-down.json", StoppingSignal),
+        ("aws-health-scheduled-change.instance-retirement.json", MaintenanceSignal),
     ],
 )
 def test_every_sample_event_parses(name: str, kind: type) -> None:
@@ -115,6 +121,199 @@ def test_event_details_that_are_not_acted_on_are_ignored_cleanly() -> None:
     assert isinstance(parse_event(active), Ignored)
 
 
+# ---------------------------------------------------------------------------- issue 11
+
+
+def test_real_world_variants_are_accepted() -> None:
+    # Finding 4: rejected events dropped real-world variants that mean no harm.
+    spot = sample("ec2-spot-interruption-warning.json")
+    spot["time"] = ""  # aws-node-termination-handler's test events; NTH takes now
+    signal = parse_event(spot)
+    assert isinstance(signal, SpotSignal) and signal.time is None
+    spot["version"] = 0  # a number
+    assert parse_event(spot) == signal
+    del spot["version"]
+    assert parse_event(spot) == signal
+    body = json.loads((EVENTS / "asg-terminate-lifecycle-action.sqs-body.json").read_text())
+    del body["Time"]
+    lifecycle = parse_message(json.dumps(body))
+    assert isinstance(lifecycle, LifecycleSignal) and lifecycle.time is None
+    # A test notification in the lifecycle envelope says what it is, not what it lacks.
+    test = sample("asg-terminate-lifecycle-action.eventbridge.json")
+    test["detail"] = {
+        "Event": "autoscaling:TEST_NOTIFICATION",
+        "LifecycleTransition": "autoscaling:TEST_NOTIFICATION",
+    }
+    assert parse_event(test) == Ignored("lifecycle transition autoscaling:TEST_NOTIFICATION")
+
+
+def test_state_changes_stopping_and_shutting_down_are_signals_the_rest_ignored() -> None:
+    event = sample("ec2-instance-state-change.stopping.json")
+    signal = parse_event(event)
+    assert signal == StoppingSignal(
+        "i-0b1c2d3e4f5a6b7c8",
+        "stopping",
+        signal.time,
+        event["id"],  # type: ignore[union-attr]
+    )
+    for state in ("pending", "running", "stopped", "terminated"):
+        event["detail"]["state"] = state
+        assert parse_event(event) == Ignored(f"instance state {state}")
+    # Powertools' sample spells the id instance_id.
+    event["detail"] = {"instance_id": "i-1", "state": "shutting-down"}
+    assert isinstance(parse_event(event), StoppingSignal)
+
+
+def test_health_scheduled_changes_become_one_drain_per_instance() -> None:
+    event = sample("aws-health-scheduled-change.instance-retirement.json")
+    signal = parse_event(event)
+    assert isinstance(signal, MaintenanceSignal)
+    assert signal.instance_id == "i-0b1c2d3e4f5a6b7c8"
+    assert signal.start is not None and signal.start.isoformat() == "2026-02-16T03:00:00+00:00"
+    assert signal.kind == "AWS_EC2_INSTANCE_RETIREMENT_SCHEDULED"
+    # Every update of the same change (a new event id each) is the same change...
+    again = copy.deepcopy(event)
+    again["id"] = "another-event-id"
+    again["detail"]["statusCode"] = "open"
+    assert parse_event(again) == signal
+    # ... unless it moves (ISO times too).
+    moved = copy.deepcopy(event)
+    moved["detail"]["startTime"] = "2026-02-10T03:00:00Z"
+    assert parse_event(moved).event_id != signal.event_id  # type: ignore[union-attr]
+    several = copy.deepcopy(event)
+    several["detail"]["affectedEntities"] = [
+        {"entityValue": "i-1"},
+        {"entityValue": "i-2"},
+        {"entityValue": "vol-3"},
+    ]
+    out = parse_event(several)
+    assert isinstance(out, Several)
+    assert [s.instance_id for s in out.signals] == ["i-1", "i-2"]  # type: ignore[union-attr]
+    for change, reason in [
+        ({"statusCode": "closed"}, "is closed"),
+        ({"eventTypeCategory": "issue"}, "EC2 issue"),
+        ({"service": "RDS"}, "RDS scheduledChange"),
+        ({"affectedEntities": [{"entityValue": "vol-1"}]}, "names no instance"),
+    ]:
+        other = copy.deepcopy(event)
+        other["detail"].update(change)
+        if "affectedEntities" in change:
+            other["resources"] = []
+        got = parse_event(other)
+        assert isinstance(got, Ignored) and reason in got.reason, (change, got)
+    bad = copy.deepcopy(event)
+    bad["detail"]["startTime"] = "next tuesday"
+    with pytest.raises(MalformedEvent, match="startTime"):
+        parse_event(bad)
+
+
+def _sns_lambda_event(*messages: str) -> dict[str, Any]:
+    """What Lambda invokes a function subscribed to an SNS topic with."""
+    return {
+        "Records": [
+            {
+                "EventSource": "aws:sns",
+                "EventVersion": "1.0",
+                "EventSubscriptionArn": "arn:aws:sns:us-east-1:123456789012:lifecycle:abc",
+                "Sns": {
+                    "Type": "Notification",
+                    "MessageId": f"m-{n}",
+                    "TopicArn": "arn:aws:sns:us-east-1:123456789012:lifecycle",
+                    "Subject": "Auto Scaling: Lifecycle action",
+                    "Message": message,
+                    "Timestamp": "2026-02-02T03:44:13.000Z",
+                    "SignatureVersion": "1",
+                    "Signature": "x",
+                    "SigningCertUrl": "https://sns.example/cert.pem",
+                    "UnsubscribeUrl": "https://sns.example/unsubscribe",
+                    "MessageAttributes": {},
+                },
+            }
+            for n, message in enumerate(messages)
+        ]
+    }
+
+
+def test_an_sns_to_lambda_event_is_handled_not_crashed_on() -> None:
+    # Finding 5: Records[].Sns crashed in the batch processor (KeyError: 'messageId').
+    class Controller:
+        def __init__(self) -> None:
+            self.seen: list[Any] = []
+
+        def handle(self, signal: Any) -> Any:
+            from fleetdrain.controller.drain.core import Result
+
+            self.seen.append(signal)
+            if signal.instance_id == "i-throttled":
+                raise Retryable("throttled")
+            return Result("started", signal.instance_id, "d", "soft")
+
+    ctl = Controller()
+    runtime.set_controller(ctl)  # type: ignore[arg-type]
+    try:
+        body = (EVENTS / "asg-terminate-lifecycle-action.sqs-body.json").read_text()
+        out = lifecycle_hook.handler(_sns_lambda_event(body), Ctx())
+        assert out["status"] == "started" and isinstance(ctl.seen[0], LifecycleSignal)
+        test = (EVENTS / "asg-test-notification.sqs-body.json").read_text()
+        assert lifecycle_hook.handler(_sns_lambda_event(test), Ctx())["status"] == "ignored"
+        assert lifecycle_hook.handler(_sns_lambda_event("not json"), Ctx())["status"] == "rejected"
+        # Invoked asynchronously: a retryable failure raises (Lambda retries, then the DLQ).
+        throttled = json.loads(body) | {"EC2InstanceId": "i-throttled"}
+        with pytest.raises(Retryable):
+            lifecycle_hook.handler(_sns_lambda_event(json.dumps(throttled)), Ctx())
+    finally:
+        runtime.set_controller(None)
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        [{"eventSource": "aws:s3", "s3": {}}],
+        [{"eventSource": "aws:sqs", "body": "{}"}],  # no messageId: no batch item to fail
+        [{"EventSource": "aws:sns"}],  # no Sns
+        ["a string"],
+        [],
+    ],
+)
+def test_records_that_are_neither_sqs_nor_sns_are_rejected_with_what_they_are(
+    no_controller: None, records: list[Any]
+) -> None:
+    out = lifecycle_hook.handler({"Records": records}, Ctx())
+    assert out["status"] == "rejected"
+    assert "neither SQS messages" in out["reason"]
+
+
+def test_rejections_are_counted_for_the_alarm(no_controller: None) -> None:
+    metrics = runtime.metrics
+    metrics.clear_metrics()
+    runtime._reject("why", "where")
+    assert metrics.metric_set["EventsRejected"]["Value"] == [1.0]
+    metrics.clear_metrics()
+
+
+def test_a_health_event_about_several_instances_is_handled_for_each() -> None:
+    class Controller:
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def handle(self, signal: Any) -> Any:
+            from fleetdrain.controller.drain.core import Result
+
+            self.seen.append(signal.instance_id)
+            return Result("ignored" if signal.instance_id == "i-2" else "started")
+
+    ctl = Controller()
+    runtime.set_controller(ctl)  # type: ignore[arg-type]
+    try:
+        event = sample("aws-health-scheduled-change.instance-retirement.json")
+        event["detail"]["affectedEntities"] = [{"entityValue": "i-1"}, {"entityValue": "i-2"}]
+        out = spot_interruption.handler(event, Ctx())
+        assert ctl.seen == ["i-1", "i-2"]
+        assert out["status"] == "ignored,started" and len(out["results"]) == 2
+    finally:
+        runtime.set_controller(None)
+
+
 def _malformed_events() -> list[tuple[str, Any]]:
     lifecycle = sample("asg-terminate-lifecycle-action.eventbridge.json")
     no_token = copy.deepcopy(lifecycle)
@@ -133,7 +332,7 @@ def _malformed_events() -> list[tuple[str, Any]]:
         ("not an object", ["a", "list"]),
         ("a string", "hello"),
         ("empty object", {}),
-        ("unknown detail-type", {**spot, "detail-type": "EC2 Instance State-change Notification"}),
+        ("unknown detail-type", {**spot, "detail-type": "EC2 Instance Launch Successful"}),
         ("missing token", no_token),
         ("bad time", bad_time),
         ("no detail", no_detail),
@@ -416,39 +615,52 @@ def test_dynamodb_and_sqs_throttling_is_retryable() -> None:
             SqsTicks(sqs, "https://q").schedule("i-1", "d", "t", 5)
 
 
-def test_find_container_instance_does_not_trust_the_filter() -> None:
+def test_find_container_instance_asks_with_the_filter_and_checks_the_answer() -> None:
     ecs = boto3.client("ecs", region_name="us-east-1")
     fleet = EcsFleet(ecs, "ci", lambda: 0.0)
     arn = "arn:aws:ecs:us-east-1:1:container-instance/ci/"
+    filtered = {"cluster": "ci", "filter": "ec2InstanceId == i-c"}
     with Stubber(ecs) as stub:
-        # The filtered list answers with another instance (a filter not honoured) ...
-        stub.add_response("list_container_instances", {"containerInstanceArns": [arn + "a"]})
         stub.add_response(
-            "describe_container_instances",
-            {"containerInstances": [{"containerInstanceArn": arn + "a", "ec2InstanceId": "i-a"}]},
+            "list_container_instances", {"containerInstanceArns": [arn + "c"]}, filtered
         )
-        # ... so every container instance is looked at, two pages of them.
-        stub.add_response(
-            "list_container_instances",
-            {"containerInstanceArns": [arn + "a", arn + "b"], "nextToken": "n"},
-        )
-        stub.add_response("list_container_instances", {"containerInstanceArns": [arn + "c"]})
         stub.add_response(
             "describe_container_instances",
             {
                 "containerInstances": [
-                    {"containerInstanceArn": arn + "b", "ec2InstanceId": "i-b"},
-                    {
-                        "containerInstanceArn": arn + "c",
-                        "ec2InstanceId": "i-c",
-                        "status": "ACTIVE",
-                    },
+                    {"containerInstanceArn": arn + "c", "ec2InstanceId": "i-c", "status": "ACTIVE"}
                 ]
             },
+            {"cluster": "ci", "containerInstances": [arn + "c"]},
         )
         found = fleet.find_container_instance("i-c")
         stub.assert_no_pending_responses()
     assert found is not None and found.arn == arn + "c" and found.status == "ACTIVE"
+
+
+def test_an_instance_of_another_cluster_costs_one_call_not_a_scan() -> None:
+    # Finding 6: a spot warning for another cluster's instance (every one of a shared account
+    # reaches the function): one filtered ListContainerInstances, nothing else.
+    ecs = boto3.client("ecs", region_name="us-east-1")
+    fleet = EcsFleet(ecs, "ci", lambda: 0.0)
+    with Stubber(ecs) as stub:
+        stub.add_response(
+            "list_container_instances",
+            {"containerInstanceArns": []},
+            {"cluster": "ci", "filter": "ec2InstanceId == i-elsewhere"},
+        )
+        assert fleet.find_container_instance("i-elsewhere") is None
+        stub.assert_no_pending_responses()  # and a second call would have failed: none left
+    # An answer that names another instance (a filter not honoured) is not believed.
+    arn = "arn:aws:ecs:us-east-1:1:container-instance/ci/a"
+    with Stubber(ecs) as stub:
+        stub.add_response("list_container_instances", {"containerInstanceArns": [arn]})
+        stub.add_response(
+            "describe_container_instances",
+            {"containerInstances": [{"containerInstanceArn": arn, "ec2InstanceId": "i-a"}]},
+        )
+        assert fleet.find_container_instance("i-b") is None
+        stub.assert_no_pending_responses()
 
 
 def test_sqs_ticks_send_a_delayed_tick(aws: None) -> None:

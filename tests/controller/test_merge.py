@@ -10,7 +10,6 @@ the merge leaves to it (is the instance in the cluster?).
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -24,17 +23,22 @@ from fleetdrain.controller.drain.ports import (
     MAX_SEEN_EVENTS,
     ContainerInstance,
     DrainRecord,
+    PastEpisode,
     TaskInfo,
+    TokenRef,
 )
 from fleetdrain.controller.drain.signals import (
     InstanceDrainingSignal,
     LifecycleSignal,
+    MaintenanceSignal,
     RebalanceSignal,
     Signal,
     SpotSignal,
+    StoppingSignal,
     TaskStoppedSignal,
     TickSignal,
 )
+from tests.controller.memory import MemoryStore
 
 NOW = 1_770_000_000.0
 IID = "i-0abc"
@@ -66,12 +70,46 @@ def drain(**fields: Any) -> DrainRecord:
     return DrainRecord(**(values | fields))
 
 
-def lifecycle(token: str = "tok-2", event_id: str = "e-2", sent: float = NOW - 5) -> Signal:
-    return LifecycleSignal(IID, "ci-agents", "fleetdrain-terminating", token, at(sent), event_id)
+def lifecycle(token: str = "tok-2", event_id: str = "e-2", sent: float | None = NOW - 5) -> Signal:
+    when = None if sent is None else at(sent)
+    return LifecycleSignal(IID, "ci-agents", "fleetdrain-terminating", token, when, event_id)
 
 
-def spot(sent: float = NOW, event_id: str = "e-spot") -> Signal:
-    return SpotSignal(IID, at(sent), "terminate", event_id)
+def spot(sent: float | None = NOW, event_id: str = "e-spot") -> Signal:
+    return SpotSignal(IID, None if sent is None else at(sent), "terminate", event_id)
+
+
+def maintenance(start: float | None = NOW + 7200, event_id: str = "arn:health/1") -> Signal:
+    return MaintenanceSignal(
+        IID, None if start is None else at(start), "AWS_EC2_INSTANCE_RETIREMENT_SCHEDULED", event_id
+    )
+
+
+def stopping(event_id: str = "e-stopping", state: str = "stopping") -> Signal:
+    return StoppingSignal(IID, state, at(NOW), event_id)
+
+
+def done(**fields: Any) -> DrainRecord:
+    """A drain that ended (a scale-in whose hook was completed, by default)."""
+    values: dict[str, Any] = {
+        "phase": "done",
+        "outcome": "drained",
+        "completed_at": NOW - 3000,
+        "lifecycle_state": "completed",
+        "dead_tokens": ["tok-1"],
+    }
+    return drain(**(values | fields))
+
+
+#: The line a finished ``drain()`` leaves in the next episode's history.
+PAST = PastEpisode(
+    drain_id="d-1",
+    episode=1,
+    reasons=["scale_in"],
+    started_at=NOW - 300,
+    completed_at=NOW - 3000,
+    outcome="drained",
+)
 
 
 def rebalance(event_id: str = "e-rebalance") -> Signal:
@@ -121,14 +159,19 @@ CASES = [
             "phase": "soft",
             "reasons": ["scale_in"],
             "started_at": NOW,
-            "force_at": NOW - 5 + 3600,
+            # The budget counts once AWS has accepted the token (the first step's heartbeat).
+            "force_at": None,
+            "token_sent_at": NOW - 5,
             "asg_name": "ci-agents",
             "hook_name": "fleetdrain-terminating",
             "lifecycle_token": "tok-1",
             "lifecycle_state": "pending",
-            "last_heartbeat_at": NOW - 5,
+            "lifecycle_verified": False,
+            "last_heartbeat_at": None,
             "seen_events": ["e-1"],
             "container_instance_arn": None,
+            "episode": 1,
+            "history": [],
         },
     ),
     Case(
@@ -136,7 +179,21 @@ CASES = [
         None,
         lifecycle(sent=NOW + 30),
         "started",
-        {"force_at": NOW + 3600, "last_heartbeat_at": NOW},
+        {"token_sent_at": NOW},
+    ),
+    Case(
+        "a lifecycle event stamped older than any action AWS still accepts counts from now",
+        None,
+        lifecycle(sent=NOW - 3 * 86400),
+        "started",
+        {"token_sent_at": NOW},
+    ),
+    Case(
+        "a lifecycle notification without a Time counts from now",
+        None,
+        lifecycle(sent=None),
+        "started",
+        {"token_sent_at": NOW, "lifecycle_token": "tok-2"},
     ),
     Case(
         "the same token again is a duplicate, and a pending tick makes a step needless",
@@ -189,6 +246,30 @@ CASES = [
         step=False,
     ),
     Case(
+        "a spent token (completed or refused) is a duplicate, in flight or after the end",
+        drain(dead_tokens=["tok-0"]),
+        lifecycle(token="tok-0"),
+        "duplicate",
+        {"lifecycle_token": "tok-1"},
+        changed=False,
+    ),
+    Case(
+        "a token the drain answers already is a duplicate",
+        drain(other_tokens=[TokenRef(token="tok-2", asg_name="g", hook_name="h", sent_at=NOW)]),
+        lifecycle(token="tok-2", event_id="e-replayed"),
+        "duplicate",
+        changed=False,
+    ),
+    Case(
+        "a replayed completed token never starts an episode",
+        done(),
+        lifecycle(token="tok-1", event_id="e-replayed"),
+        "duplicate",
+        {"phase": "done", "episode": 1},
+        changed=False,
+        step=False,
+    ),
+    Case(
         "a new token joins a spot drain and keeps its earlier deadline",
         drain(
             reasons=["spot"],
@@ -201,52 +282,101 @@ CASES = [
         lifecycle(),
         "joined",
         {
-            "reasons": ["spot", "scale_in"],
+            # "scale_in" and its budget come once AWS accepts the token (the step's probe).
+            "reasons": ["spot"],
             "phase": "hard",
             "force_at": NOW + 80,
             "lifecycle_token": "tok-2",
             "lifecycle_state": "pending",
-            "last_heartbeat_at": NOW - 5,
+            "lifecycle_verified": False,
+            "token_sent_at": NOW - 5,
+            "last_heartbeat_at": None,
             "seen_events": ["e-old", "e-2"],
         },
     ),
     Case(
-        "a new token gives a rebalance drain the budget",
+        "a new token joins a rebalance drain, its budget to come once AWS accepts it",
         drain(reasons=["rebalance"], force_at=None, lifecycle_token=None, lifecycle_state="none"),
         lifecycle(),
         "joined",
-        {"reasons": ["rebalance", "scale_in"], "force_at": NOW - 5 + 3600, "phase": "soft"},
+        {"reasons": ["rebalance"], "force_at": None, "phase": "soft", "lifecycle_token": "tok-2"},
     ),
     Case(
-        "a replacement token never moves the budget later",
-        drain(force_at=NOW + 100),
+        "a second token while one is pending never replaces it: it is answered too",
+        drain(force_at=NOW + 100, lifecycle_verified=True),
         lifecycle(),
         "joined",
-        {"reasons": ["scale_in"], "force_at": NOW + 100, "lifecycle_token": "tok-2"},
+        {
+            "reasons": ["scale_in"],
+            "force_at": NOW + 100,
+            "lifecycle_token": "tok-1",
+            "lifecycle_verified": True,
+            "other_tokens": [
+                TokenRef(
+                    token="tok-2",
+                    asg_name="ci-agents",
+                    hook_name="fleetdrain-terminating",
+                    sent_at=NOW - 5,
+                )
+            ],
+        },
+        detail="another lifecycle token: answered too",
     ),
     Case(
-        "a new token reopens a finished drain to complete its action",
+        "a new token after a finished drain starts the next episode, soft, with its own budget",
         drain(
             reasons=["rebalance"],
             phase="done",
-            outcome="drained",
+            outcome="no_tasks",
             outcome_reason="no task left on the instance",
             completed_at=NOW - 10,
             lifecycle_token=None,
             lifecycle_state="none",
             force_at=None,
+            forced_at=NOW - 20,
+            paused_agents=["a-1"],
+            container_instance_arn=CI_ARN,
+            dead_tokens=["tok-0"],
         ),
         lifecycle(),
-        "joined",
+        "started",
         {
-            "phase": "hard",
+            "drain_id": "new-drain",
+            "episode": 2,
+            "version": 3,
+            "phase": "soft",
+            "reasons": ["scale_in"],
+            "started_at": NOW,
+            "force_at": None,
+            "forced_at": None,
+            "paused_agents": [],
             "outcome": None,
-            "outcome_reason": None,
             "completed_at": None,
+            "container_instance_arn": None,
             "lifecycle_state": "pending",
             "lifecycle_token": "tok-2",
+            "token_sent_at": NOW - 5,
+            "dead_tokens": ["tok-0"],
+            "seen_events": ["e-old", "e-2"],
+            "history": [
+                PastEpisode(
+                    drain_id="d-1",
+                    episode=1,
+                    reasons=["rebalance"],
+                    started_at=NOW - 300,
+                    completed_at=NOW - 10,
+                    outcome="no_tasks",
+                )
+            ],
         },
-        detail="reopened to complete the lifecycle action",
+        detail="episode 2 (the last one ended no_tasks)",
+    ),
+    Case(
+        "a spot deadline still ahead carries over into the next episode",
+        done(reasons=["spot"], spot_deadline=NOW + 60, lifecycle_state="none", dead_tokens=[]),
+        lifecycle(),
+        "started",
+        {"reasons": ["scale_in", "spot"], "phase": "hard", "force_at": NOW + 60},
     ),
     # ------------------------------------------------------------------ spot notices
     Case(
@@ -320,12 +450,41 @@ CASES = [
         changed=False,
     ),
     Case(
-        "a spot notice for a finished drain is ignored",
-        drain(phase="done"),
+        "a spot notice after a finished drain starts the next episode, hard",
+        done(),
         spot(),
-        "ignored",
+        "started",
+        {
+            "drain_id": "new-drain",
+            "episode": 2,
+            "phase": "hard",
+            "reasons": ["spot"],
+            "force_at": SPOT_AT_NOW,
+            "spot_deadline": SPOT_AT_NOW,
+            "lifecycle_token": None,
+            "lifecycle_state": "none",
+            "dead_tokens": ["tok-1"],
+            "history": [PAST],
+            "seen_events": ["e-old", "e-spot"],
+        },
+        detail="episode 2",
+        in_cluster_only=True,
+    ),
+    Case(
+        "a spot notice of the interruption a finished drain was for is a duplicate",
+        done(reasons=["spot"], spot_deadline=SPOT_AT_NOW - 30),
+        spot(event_id="e-spot-again"),
+        "duplicate",
+        changed=False,
+        step=False,
+    ),
+    Case(
+        "a spot warning with no time counts from now",
         None,
-        detail="drain already done",
+        spot(sent=None),
+        "started",
+        {"force_at": SPOT_AT_NOW, "spot_deadline": SPOT_AT_NOW},
+        in_cluster_only=True,
     ),
     # ------------------------------------------------------------------ rebalance
     Case(
@@ -357,12 +516,21 @@ CASES = [
         changed=False,
     ),
     Case(
-        "a rebalance for a finished drain is a duplicate that never steps",
-        drain(phase="done"),
-        rebalance(),
+        "a rebalance after a finished rebalance drain is a duplicate that never steps",
+        done(reasons=["rebalance"], lifecycle_state="none"),
+        rebalance(event_id="e-rebalance-2"),
         "duplicate",
         changed=False,
         step=False,
+    ),
+    Case(
+        "a rebalance after another finished drain starts a soft episode",
+        done(),
+        rebalance(),
+        "started",
+        {"episode": 2, "phase": "soft", "reasons": ["rebalance"], "force_at": None},
+        detail="episode 2",
+        in_cluster_only=True,
     ),
     Case(
         "rebalance recommendations can be ignored",
@@ -380,6 +548,120 @@ CASES = [
         "ignored",
         None,
         settings=IGNORE_REBALANCE,
+    ),
+    # ------------------------------------------------------------------ scheduled changes
+    Case(
+        "a scheduled change starts a soft drain forced before it starts",
+        None,
+        maintenance(),
+        "started",
+        {
+            "phase": "soft",
+            "reasons": ["maintenance"],
+            "maintenance_at": NOW + 7200,
+            "force_at": NOW + 7200 - 300,
+            "seen_events": ["arn:health/1"],
+        },
+        in_cluster_only=True,
+    ),
+    Case(
+        "a scheduled change with no start time is a soft drain that never forces",
+        None,
+        maintenance(start=None),
+        "started",
+        {"phase": "soft", "force_at": None, "maintenance_at": None},
+        in_cluster_only=True,
+    ),
+    Case(
+        "a scheduled change during a scale-in forces before it, never later than the budget",
+        drain(force_at=NOW + 600),
+        maintenance(start=NOW + 3600),
+        "joined",
+        {"reasons": ["scale_in", "maintenance"], "force_at": NOW + 600, "phase": "soft"},
+        detail="scheduled change",
+    ),
+    Case(
+        "a rescheduled change moves the deadline earlier",
+        drain(reasons=["maintenance"], maintenance_at=NOW + 7200, force_at=NOW + 6900),
+        maintenance(start=NOW + 1000, event_id="arn:health/1@earlier"),
+        "joined",
+        {"maintenance_at": NOW + 1000, "force_at": NOW + 700},
+        detail="scheduled change",
+    ),
+    Case(
+        "a scheduled change no earlier than the one known is a duplicate",
+        drain(reasons=["maintenance"], maintenance_at=NOW + 7200, force_at=NOW + 6900),
+        maintenance(start=NOW + 9000, event_id="arn:health/2"),
+        "duplicate",
+        changed=False,
+    ),
+    Case(
+        "a scheduled change after a finished drain starts the next episode",
+        done(),
+        maintenance(),
+        "started",
+        {"episode": 2, "phase": "soft", "reasons": ["maintenance"], "force_at": NOW + 6900},
+        detail="episode 2",
+        in_cluster_only=True,
+    ),
+    # ------------------------------------------------------------------ stopping instances
+    Case(
+        "a stopping instance is forced at once",
+        None,
+        stopping(),
+        "started",
+        {"phase": "hard", "reasons": ["stopping"], "force_at": NOW},
+        in_cluster_only=True,
+    ),
+    Case(
+        "a stopping instance during a soft drain is forced now",
+        drain(phase="soft"),
+        stopping(state="shutting-down"),
+        "joined",
+        {"phase": "hard", "reasons": ["scale_in", "stopping"], "force_at": NOW},
+        detail="instance shutting-down: forced now",
+    ),
+    Case(
+        "a second state change of a stopping instance is a duplicate",
+        drain(reasons=["stopping"], phase="hard", force_at=NOW - 5),
+        stopping(event_id="e-shutting-down", state="shutting-down"),
+        "duplicate",
+        changed=False,
+    ),
+    Case(
+        "an instance shutting down just after its drain left it DRAINING goes as it was left",
+        done(draining_at=NOW - 100, completed_at=NOW - 60),
+        stopping(state="shutting-down"),
+        "duplicate",
+        changed=False,
+        step=False,
+    ),
+    Case(
+        "an instance stopping just after its drain is looked at again (a warm pool brings it back)",
+        done(draining_at=NOW - 100, completed_at=NOW - 60),
+        stopping(),
+        "started",
+        {"episode": 2, "phase": "hard", "force_at": NOW},
+        detail="episode 2",
+        in_cluster_only=True,
+    ),
+    Case(
+        "an instance stopping long after its drain ended starts a forced episode",
+        done(draining_at=NOW - 5000),
+        stopping(),
+        "started",
+        {"episode": 2, "phase": "hard", "force_at": NOW, "reasons": ["stopping"]},
+        detail="episode 2",
+        in_cluster_only=True,
+    ),
+    Case(
+        "an instance stopping after a drain that left it ACTIVE starts a forced episode",
+        done(reasons=["rebalance"], outcome="no_tasks", completed_at=NOW - 30),
+        stopping(),
+        "started",
+        {"episode": 2, "phase": "hard", "force_at": NOW},
+        detail="episode 2",
+        in_cluster_only=True,
     ),
     # ------------------------------------------------------------------ ticks
     Case(
@@ -526,35 +808,6 @@ def test_a_lease_holds_until_it_expires() -> None:
 
 
 # ------------------------------------------------------------------ the core on in-memory ports
-
-
-class MemoryStore:
-    """``DrainStorePort`` in a dict (no conditions: one thread)."""
-
-    def __init__(self) -> None:
-        self.records: dict[str, DrainRecord] = {}
-        self.links: dict[str, str] = {}
-
-    def get(self, instance_id: str) -> DrainRecord | None:
-        rec = self.records.get(instance_id)
-        return copy.deepcopy(rec) if rec else None
-
-    def create(self, record: DrainRecord) -> DrainRecord:
-        return self.save(dataclasses.replace(record, version=0))
-
-    def save(self, record: DrainRecord) -> DrainRecord:
-        saved = dataclasses.replace(record, version=record.version + 1)
-        self.records[record.instance_id] = copy.deepcopy(saved)
-        return saved
-
-    def link(self, container_instance_arn: str, instance_id: str) -> None:
-        self.links[container_instance_arn] = instance_id
-
-    def instance_for(self, container_instance_arn: str) -> str | None:
-        return self.links.get(container_instance_arn)
-
-    def in_flight(self) -> list[DrainRecord]:
-        return [r for r in self.records.values() if r.phase != "done"]
 
 
 class EmptyCluster:

@@ -132,6 +132,63 @@ def test_state_queue_and_alarms(template: dict[str, Any]) -> None:
     assert ("fleetdrain", "AgentsSigkilled") in metrics
     assert sum(1 for ns, m in metrics if (ns, m) == ("AWS/Lambda", "Errors")) >= 1
     assert len([a for a in alarms.values() if a["MetricName"] == "Errors"]) == 3
+    # Finding 4: a rejected (dropped) event pages someone, on the metric the handlers emit
+    # (Powertools adds the service dimension).
+    rejected = alarms["EventsRejectedAlarm"]
+    assert (rejected["Namespace"], rejected["MetricName"]) == ("fleetdrain", "EventsRejected")
+    assert rejected["Dimensions"] == [{"Name": "service", "Value": "fleetdrain"}]
+    assert rejected["Threshold"] == 0 and rejected["ComparisonOperator"] == "GreaterThanThreshold"
+    env = template["Globals"]["Function"]["Environment"]["Variables"]
+    assert env["POWERTOOLS_SERVICE_NAME"] == "fleetdrain"  # the dimension Powertools adds
+    assert env["POWERTOOLS_METRICS_NAMESPACE"] == rejected["Namespace"]
+    from fleetdrain.controller.drain.core import EVENTS_REJECTED
+
+    assert EVENTS_REJECTED == "EventsRejected"
+
+
+def test_functions_have_reserved_concurrency_and_the_queue_is_capped_to_it(
+    template: dict[str, Any],
+) -> None:
+    # Finding 8: spot drains start within seconds even when the account's concurrency is taken.
+    param = template["Parameters"]["ReservedConcurrency"]
+    assert param["Type"] == "Number" and param["Default"] >= 10 and param["MinValue"] == 0
+    glob = template["Globals"]["Function"]
+    assert glob["ReservedConcurrentExecutions"] == {
+        "Fn::If": [
+            "HasReservedConcurrency",
+            {"Ref": "ReservedConcurrency"},
+            {"Ref": "AWS::NoValue"},
+        ]
+    }
+    capped = {"MaximumConcurrency": {"Ref": "ReservedConcurrency"}}
+    ticks = template["Resources"]["DrainMonitorFunction"]["Properties"]["Events"]["Ticks"]
+    assert ticks["Properties"]["ScalingConfig"]["Fn::If"][1] == capped
+    mapping = template["Resources"]["LifecycleNotificationMapping"]["Properties"]
+    assert mapping["ScalingConfig"]["Fn::If"][1] == capped
+
+
+def test_sam_expands_reserved_concurrency_onto_every_function(
+    template: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from samtranslator.translator.transform import transform
+
+    class NoManagedPolicies:
+        def load(self) -> dict[str, str]:
+            return {}
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    fragment = copy.deepcopy(template)
+    fragment["Globals"]["Function"]["CodeUri"] = "s3://bucket/lambdas.zip"
+    out = transform(fragment, {**PARAMS}, NoManagedPolicies())["Resources"]
+    functions = [v for v in out.values() if v["Type"] == "AWS::Lambda::Function"]
+    assert all("ReservedConcurrentExecutions" in f["Properties"] for f in functions)
+    (ticks,) = [
+        v
+        for v in out.values()
+        if v["Type"] == "AWS::Lambda::EventSourceMapping"
+        and "DrainQueue" in json.dumps(v["Properties"]["EventSourceArn"])
+    ]
+    assert "ScalingConfig" in ticks["Properties"]
 
 
 def test_functions_know_their_group_and_hook(template: dict[str, Any]) -> None:
@@ -170,6 +227,18 @@ def test_iam_is_least_privilege(template: dict[str, Any]) -> None:
         ),
         (
             "ec2-rebalance-recommendation.json",
+            {"SpotInterruptionFunction.RebalanceRecommendation"},
+        ),
+        (
+            "ec2-instance-state-change.stopping.json",
+            {"SpotInterruptionFunction.SpotInterruptionWarning"},
+        ),
+        (
+            "ec2-instance-state-change.shutting-down.json",
+            {"SpotInterruptionFunction.SpotInterruptionWarning"},
+        ),
+        (
+            "aws-health-scheduled-change.instance-retirement.json",
             {"SpotInterruptionFunction.RebalanceRecommendation"},
         ),
         ("ecs-task-state-change.stopped.json", {"DrainMonitorFunction.TaskStopped"}),
@@ -249,6 +318,25 @@ def _near_misses() -> list[tuple[str, dict[str, Any]]]:
         "rebalance lowercase",
         lambda e: e.update({"detail-type": "EC2 instance rebalance recommendation"}),
     )
+    # Rules scoped to the stack's account: another account's events (an organization or a
+    # shared bus) cost nothing.
+    for name in (lifecycle, spot, "ec2-rebalance-recommendation.json", task, draining):
+        edit(name, f"{name} of another account", lambda e: e.update(account="210987654321"))
+    stopping = "ec2-instance-state-change.stopping.json"
+    for state in ("pending", "running", "stopped", "terminated"):
+        edit(stopping, f"instance {state}", lambda e, s=state: e["detail"].update(state=s))
+    edit(stopping, "stopping of another account", lambda e: e.update(account="210987654321"))
+    edit(stopping, "stopping from health", lambda e: e.update(source="aws.health"))
+    health = "aws-health-scheduled-change.instance-retirement.json"
+    edit(health, "health issue", lambda e: e["detail"].update(eventTypeCategory="issue"))
+    edit(
+        health,
+        "health account notification",
+        lambda e: e["detail"].update(eventTypeCategory="accountNotification"),
+    )
+    edit(health, "health of RDS", lambda e: e["detail"].update(service="RDS"))
+    edit(health, "health of another account", lambda e: e.update(account="210987654321"))
+    edit(health, "health from ec2", lambda e: e.update(source="aws.ec2"))
     return out
 
 

@@ -39,6 +39,8 @@ class Settings:
     drain_budget: float = 3600.0
     #: Spot: force this long before the two-minute notice runs out.
     spot_margin: float = 20.0
+    #: AWS Health scheduled change: force this long before the maintenance starts.
+    maintenance_margin: float = 300.0
     #: "drain" (soft drain on a rebalance recommendation) or "ignore".
     rebalance_action: str = "drain"
     #: RecordLifecycleActionHeartbeat at most this often (keep it under the hook's timeout).
@@ -76,6 +78,7 @@ class Settings:
             coordinator_token_secret_arn=env.get("FLEETDRAIN_COORDINATOR_TOKEN_SECRET_ARN", ""),
             drain_budget=_float(env, "FLEETDRAIN_DRAIN_BUDGET_SECONDS", 3600.0),
             spot_margin=_float(env, "FLEETDRAIN_SPOT_MARGIN_SECONDS", 20.0),
+            maintenance_margin=_float(env, "FLEETDRAIN_MAINTENANCE_MARGIN_SECONDS", 300.0),
             rebalance_action=rebalance,
             heartbeat_interval=max(1.0, _float(env, "FLEETDRAIN_HEARTBEAT_SECONDS", 60.0)),
             tick_interval=max(1.0, _float(env, "FLEETDRAIN_TICK_SECONDS", 20.0)),

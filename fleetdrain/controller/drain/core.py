@@ -9,8 +9,21 @@ Phases (``DrainRecord.phase``):
 - ``hard``: the container instance is ``DRAINING`` (ECS SIGTERMs the service tasks, idle by now)
   and tasks that no service owns get ``StopTask``. When no non-daemon task is left, the
   lifecycle action is completed (``CONTINUE``) and the drain is ``done``.
-- ``done``: terminal; ``outcome`` says how (``drained``, ``no_tasks``, ``not_in_cluster``,
-  ``lifecycle_gone``).
+- ``done``: the episode is over; ``outcome`` says how (``drained``, ``no_tasks``,
+  ``not_in_cluster``, ``lifecycle_gone``, ``stale_token``). The record stays, and an event that
+  needs action (a spot notice, a lifecycle token it has not seen, a scheduled change, a stopping
+  instance) starts the instance's next episode (see :mod:`~fleetdrain.controller.drain.merge`).
+
+Lifecycle tokens: a token is a claim until AWS accepts it, so a step heartbeats every token it
+has not seen accepted before it acts on it. A token AWS refuses ("No active Lifecycle Action")
+is dead, not the drain: it is remembered as spent and the drain goes on for its other reasons
+and tokens; a drain whose only reason was a refused token ends (``stale_token``) having done
+nothing. Only when a token AWS had accepted is refused and no other is left has the action
+ended without us (it expired, or someone completed it): the instance is going, so the drain
+forces and ends ``lifecycle_gone``. When a drain ends, every token still pending is completed.
+
+An instance that goes (scale-in, spot, scheduled change, stopping) is left DRAINING when its
+drain ends, even with no task on it, so nothing is placed there before it goes.
 
 At ``force_at`` (scale-in: the start plus the budget; spot: the notice's time plus 120 s minus a
 margin) the drain forces: hard at once, and every agent is stopped with ``force`` through the
@@ -62,6 +75,7 @@ from fleetdrain.controller.drain.ports import (
     Sleep,
     TaskInfo,
     TicksPort,
+    TokenRef,
 )
 from fleetdrain.controller.drain.signals import (
     Ignored,
@@ -234,13 +248,18 @@ class DrainController:
             record.lease_until = now + self.settings.step_lease
         if current is None:
             record = self.store.create(record)
+        elif merged.changed or step:
+            record = self.store.save(record)
+        if merged.action == "started":
             self.metrics.count(DRAINS_STARTED)
             self._log(record).info(
                 "drain started",
-                extra={"reasons": record.reasons, "phase": record.phase},
+                extra={
+                    "reasons": record.reasons,
+                    "phase": record.phase,
+                    "episode": record.episode,
+                },
             )
-        elif merged.changed or step:
-            record = self.store.save(record)
         if step:
             record = self._step(record)
         return Result(merged.action, instance_id, record.drain_id, record.phase, merged.detail)
@@ -355,9 +374,13 @@ class _Step:
         self.log = lg
         self.linked = False
         self.coordinator_down_since: float | None = None
+        #: A token AWS had accepted was refused in this step.
+        self.lost_live_token = False
 
     def run(self) -> None:
         rec, ctl = self.rec, self.ctl
+        if not self.probe_tokens():
+            return
         if rec.container_instance_arn is None:
             ci = ctl.fleet.find_container_instance(rec.instance_id)
             if ci is None:
@@ -368,6 +391,11 @@ class _Step:
         tasks = [t for t in ctl.fleet.tasks_on(rec.container_instance_arn) if not t.daemon]
         if not tasks:
             drained = rec.draining_at is not None or bool(rec.paused_agents)
+            if rec.going and rec.draining_at is None:
+                # Nothing runs, but the instance goes: nothing may be placed on it meanwhile.
+                ctl.fleet.set_draining(rec.container_instance_arn)
+                rec.draining_at = self.now
+                self.log.info("container instance DRAINING (no task on it)")
             self.finish("drained" if drained else "no_tasks", "no task left on the instance")
             return
         agents = self.agents(tasks)
@@ -383,6 +411,93 @@ class _Step:
                 self.pause(agents)
             self.hard(tasks)
         self.heartbeat(tasks, agents)
+
+    # ------------------------------------------------------------------ lifecycle tokens
+
+    def probe_tokens(self) -> bool:
+        """Heartbeat the tokens AWS has not accepted yet, before anything acts on them (for a
+        live action a heartbeat is harmless, for a stale one it is the answer). False when
+        that ended the drain: its only reason was a token AWS refused."""
+        rec = self.rec
+        unseen = (rec.lifecycle_state == "pending" and not rec.lifecycle_verified) or any(
+            not t.verified for t in rec.other_tokens
+        )
+        if not unseen:
+            return True
+        self.beat(only_unseen=True)
+        if rec.lifecycle_state == "pending" or any(r != "scale_in" for r in rec.reasons):
+            return True
+        self.finish("stale_token", "AWS refused the lifecycle token (replayed or stale)")
+        return False
+
+    def beat(self, only_unseen: bool) -> None:
+        """Heartbeat the drain's token and every other token it answers (``only_unseen``:
+        those AWS has not accepted yet). A refused one is dead: remembered as spent, dropped; if
+        the drain's own token is, a live other one takes its place."""
+        rec, now = self.rec, self.now
+        if (
+            rec.lifecycle_state == "pending"
+            and rec.lifecycle_token
+            and not (only_unseen and rec.lifecycle_verified)
+        ):
+            ref = TokenRef(
+                token=rec.lifecycle_token,
+                asg_name=rec.asg_name or "",
+                hook_name=rec.hook_name or "",
+                sent_at=rec.token_sent_at if rec.token_sent_at is not None else rec.started_at,
+                verified=rec.lifecycle_verified,
+            )
+            if self.answer(ref, "heartbeat"):
+                rec.lifecycle_verified = True
+                rec.last_heartbeat_at = now
+            else:
+                rec.lifecycle_state = "gone"
+        live = []
+        for ref in rec.other_tokens:
+            if (only_unseen and ref.verified) or self.answer(ref, "heartbeat"):
+                ref.verified = True
+                live.append(ref)
+        rec.other_tokens = live
+        if rec.lifecycle_state != "pending" and live:
+            ref = rec.other_tokens.pop(0)
+            rec.asg_name, rec.hook_name, rec.lifecycle_token = (
+                ref.asg_name,
+                ref.hook_name,
+                ref.token,
+            )
+            rec.lifecycle_state, rec.lifecycle_verified = "pending", True
+            rec.token_sent_at, rec.last_heartbeat_at = ref.sent_at, now
+            self.log.info("the live lifecycle token is the other one")
+
+    def answer(self, ref: TokenRef, how: str) -> bool:
+        """Heartbeat (``how``: ``heartbeat``) or complete a token; False when AWS refuses it
+        (it is then spent). A token accepted for the first time starts its budget."""
+        rec, ctl = self.rec, self.ctl
+        try:
+            if how == "heartbeat":
+                ctl.lifecycle.heartbeat(ref.asg_name, ref.hook_name, ref.token, rec.instance_id)
+            else:
+                ctl.lifecycle.complete(
+                    ref.asg_name, ref.hook_name, ref.token, rec.instance_id, "CONTINUE"
+                )
+        except LifecycleGone as exc:
+            rec.bury(ref.token)
+            if ref.verified:
+                self.lost_live_token = True
+            self.log.warning(
+                "lifecycle token refused: it is dead"
+                + ("" if ref.verified else " (replayed or stale: it never drove this drain)"),
+                extra={"error": str(exc), "was_live": ref.verified},
+            )
+            return False
+        if how == "complete":
+            rec.bury(ref.token)
+        if not ref.verified:
+            budget_end = ref.sent_at + ctl.settings.drain_budget
+            rec.force_at = budget_end if rec.force_at is None else min(rec.force_at, budget_end)
+            if "scale_in" not in rec.reasons:
+                rec.reasons.append("scale_in")
+        return True
 
     # ------------------------------------------------------------------ pieces
 
@@ -516,6 +631,10 @@ class _Step:
         cancelled = 0
         covered: set[str] = set()
         if agents is not None and ctl.coordinator is not None:
+            # Nothing new for them while they stop (an instance forced on its first step, a
+            # stopping one, has not paused them yet).
+            self.pause(agents)
+        if agents is not None and ctl.coordinator is not None and not rec.fallback:
             try:
                 for agent in agents:
                     if agent.id in rec.stopped_agents:
@@ -549,40 +668,44 @@ class _Step:
         last = rec.last_heartbeat_at
         if last is not None and self.now - last < ctl.settings.heartbeat_interval:
             return
-        assert rec.asg_name and rec.hook_name and rec.lifecycle_token
-        try:
-            ctl.lifecycle.heartbeat(
-                rec.asg_name, rec.hook_name, rec.lifecycle_token, rec.instance_id
-            )
-        except LifecycleGone as exc:
-            rec.lifecycle_state = "gone"
-            self.log.warning(
-                "lifecycle action gone: the instance is terminating now", extra={"error": str(exc)}
-            )
-            if rec.forced_at is None:
-                self.force(tasks, agents)
-            self.finish("lifecycle_gone", "the lifecycle action expired or was completed elsewhere")
+        self.beat(only_unseen=False)
+        if rec.lifecycle_state == "pending" or not self.lost_live_token:
             return
-        rec.last_heartbeat_at = self.now
+        self.log.warning("lifecycle action gone: the instance is terminating now")
+        if rec.forced_at is None:
+            self.force(tasks, agents)
+        self.finish("lifecycle_gone", "the lifecycle action expired or was completed elsewhere")
 
     def finish(self, outcome: str, reason: str) -> None:
         rec, ctl = self.rec, self.ctl
-        if rec.lifecycle_state == "pending":
-            assert rec.asg_name and rec.hook_name and rec.lifecycle_token
-            try:
-                ctl.lifecycle.complete(
-                    rec.asg_name, rec.hook_name, rec.lifecycle_token, rec.instance_id, "CONTINUE"
+        refs = rec.other_tokens
+        if rec.lifecycle_state == "pending" and rec.lifecycle_token:
+            own = TokenRef(
+                token=rec.lifecycle_token,
+                asg_name=rec.asg_name or "",
+                hook_name=rec.hook_name or "",
+                sent_at=rec.token_sent_at or rec.started_at,
+                verified=rec.lifecycle_verified,
+            )
+            refs = [own, *refs]
+        completed = gone = 0
+        for ref in refs:
+            if self.answer(ref, "complete"):
+                completed += 1
+            else:
+                gone += 1
+        rec.other_tokens = []
+        if completed:
+            rec.lifecycle_state, rec.lifecycle_verified = "completed", True
+            done = ctl.clock()
+            if rec.last_task_stopped_at is not None:
+                ctl.metrics.seconds(
+                    HOOK_COMPLETION_LATENCY, max(0.0, done - rec.last_task_stopped_at)
                 )
-                rec.lifecycle_state = "completed"
-                done = ctl.clock()
-                if rec.last_task_stopped_at is not None:
-                    ctl.metrics.seconds(
-                        HOOK_COMPLETION_LATENCY, max(0.0, done - rec.last_task_stopped_at)
-                    )
-            except LifecycleGone as exc:
-                rec.lifecycle_state = "gone"
-                outcome = "lifecycle_gone" if outcome != "not_in_cluster" else outcome
-                reason = f"{reason}; lifecycle action already gone ({exc})"
+        elif gone:
+            rec.lifecycle_state = "gone"
+            outcome = "lifecycle_gone" if outcome != "not_in_cluster" else outcome
+            reason = f"{reason}; lifecycle action already gone"
         rec.phase = "done"
         rec.outcome = outcome
         rec.outcome_reason = reason

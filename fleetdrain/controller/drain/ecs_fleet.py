@@ -8,6 +8,7 @@ what the retries gave up on and is worth another try comes out as :class:`Retrya
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -18,10 +19,39 @@ from fleetdrain.controller.drain.ports import ContainerInstance, TaskInfo
 
 T = TypeVar("T")
 
+#: Seconds a look at a container instance's tasks that read both listings (RUNNING and
+#: STOPPED) stands in for the STOPPED one (on the drain clock): see :meth:`EcsFleet.tasks_on`.
+FULL_LISTING_EVERY = 60.0
+#: Container instances whose last look is remembered (the oldest is forgotten first).
+MAX_REMEMBERED = 512
+
 
 def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _unique(first: Iterable[str], then: Iterable[str]) -> list[str]:
+    """``first`` and then ``then``, each ARN once, in order."""
+    return list(dict.fromkeys([*first, *then]))
+
+
+def _service(task: dict[str, Any]) -> str | None:
+    """The service a described task belongs to (``group`` ``service:<name>``), or None."""
+    group = str(task.get("group", ""))
+    return group.split(":", 1)[1] if group.startswith("service:") else None
+
+
+@dataclass
+class _Seen:
+    """One container instance's tasks as :meth:`EcsFleet.tasks_on` last saw them."""
+
+    #: Not STOPPED then (desired RUNNING, or stopping).
+    live: set[str]
+    #: Seen STOPPED (final: never described again).
+    stopped: set[str]
+    #: When both listings were last read.
+    full_at: float
 
 
 class EcsFleet:
@@ -32,6 +62,10 @@ class EcsFleet:
         self.cluster = cluster
         self._clock = clock
         self._daemon: dict[str, bool] = {}
+        #: What :meth:`tasks_on` saw of each container instance last (most recent last).
+        self._seen: dict[str, _Seen] = {}
+        #: How long a look that read both listings stands in for ``ListTasks(STOPPED)``.
+        self.full_listing_every = FULL_LISTING_EVERY
 
     def _call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
         try:
@@ -45,16 +79,15 @@ class EcsFleet:
     def find_container_instance(self, instance_id: str) -> ContainerInstance | None:
         """The container instance on EC2 instance ``instance_id``, or None if not in the cluster.
 
-        Asks with the ``ec2InstanceId ==`` filter first but believes only what
-        DescribeContainerInstances says (the filter is cluster query language, and not every
-        implementation honours it); if that finds nothing, pages through every container
-        instance of the cluster.
+        One ``ListContainerInstances`` with the filter ``ec2InstanceId == <id>`` (the cluster
+        query language), then ``DescribeContainerInstances`` of what it names, believed only
+        where the instance id matches. No match: None, and nothing else is asked. An EC2 notice
+        for an instance of another cluster (every spot warning of a shared account reaches us)
+        costs that one call, never a listing of the cluster.
         """
-        arns = self._list_instances(filter=f"ec2InstanceId == {instance_id}")
-        found = self._match(arns, instance_id)
-        if found is None:
-            found = self._match(self._list_instances(), instance_id, skip=set(arns))
-        return found
+        return self._match(
+            self._list_instances(filter=f"ec2InstanceId == {instance_id}"), instance_id
+        )
 
     def _list_instances(self, **kwargs: Any) -> list[str]:
         arns: list[str] = []
@@ -71,12 +104,8 @@ class EcsFleet:
             if not token:
                 return arns
 
-    def _match(
-        self, arns: list[str], instance_id: str, skip: Iterable[str] = ()
-    ) -> ContainerInstance | None:
-        skipped = set(skip)
-        todo = [a for a in arns if a not in skipped]
-        for batch in _chunks(todo, 100):
+    def _match(self, arns: list[str], instance_id: str) -> ContainerInstance | None:
+        for batch in _chunks(arns, 100):
             out = self._call(
                 "DescribeContainerInstances",
                 self._ecs.describe_container_instances,
@@ -114,34 +143,51 @@ class EcsFleet:
     # ------------------------------------------------------------------ tasks
 
     def tasks_on(self, container_instance_arn: str) -> list[TaskInfo]:
-        """Tasks on the container instance that have not stopped yet (stopping ones too)."""
-        arns: list[str] = []
-        for desired in ("RUNNING", "STOPPED"):
-            token: str | None = None
-            while True:
-                page = self._call(
-                    "ListTasks",
-                    self._ecs.list_tasks,
-                    containerInstance=container_instance_arn,
-                    desiredStatus=desired,
-                    **({"nextToken": token} if token else {}),
-                )
-                arns.extend(a for a in page.get("taskArns", []) if a not in arns)
-                token = page.get("nextToken")
-                if not token:
-                    break
-        described: list[dict[str, Any]] = []
-        for batch in _chunks(arns, 100):
-            out = self._call("DescribeTasks", self._ecs.describe_tasks, tasks=batch)
-            described.extend(out.get("tasks", []))
-        live = [
-            t
-            for t in described
-            if t.get("lastStatus") != "STOPPED"
-            and t.get("containerInstanceArn", container_instance_arn) == container_instance_arn
-        ]
-        daemons = self._daemon_services(
-            {t["group"].split(":", 1)[1] for t in live if t.get("group", "").startswith("service:")}
+        """Tasks on the container instance that have not stopped yet (stopping ones too).
+
+        ECS lists by desired status only (no filter means RUNNING; a stopping task is desired
+        STOPPED, and so is every task that stopped in the last hour or more), so an exact answer
+        takes two listings. A step needs one: ``ListTasks(RUNNING)``, then one
+        ``DescribeTasks`` (100 ARNs a call) of those and of the tasks that were live at this
+        instance's last look (a task that has begun stopping since was RUNNING then).
+        ``ListTasks(STOPPED)`` is read too when this adapter has no look of the instance
+        younger than :attr:`full_listing_every` (a new Lambda container; or a task that was
+        placed and stopped between two looks), and whenever the answer would hold no live
+        task but daemons (the drain would end on it: that answer is always exact). Tasks seen
+        STOPPED are never described again (STOPPED is final).
+        """
+        ci = container_instance_arn
+        now = self._clock()
+        seen = self._seen.pop(ci, None)
+        full = seen is None or now - seen.full_at >= self.full_listing_every
+        known_stopped = set(seen.stopped) if seen else set()
+        wanted = _unique(self._list_tasks(ci, "RUNNING"), seen.live if seen else ())
+        if full:
+            wanted = _unique(wanted, self._list_tasks(ci, "STOPPED"))
+        described = self._describe(ci, [a for a in wanted if a not in known_stopped])
+        live = [t for t in described if t.get("lastStatus") != "STOPPED"]
+        daemons = self._daemons_of(live)
+        if not full and all(_service(t) in daemons for t in live):
+            # Nothing would be left to wait for: make sure with the listing of stopping tasks.
+            full = True
+            done = {t["taskArn"] for t in described}
+            more = [
+                a
+                for a in self._list_tasks(ci, "STOPPED")
+                if a not in done and a not in known_stopped
+            ]
+            extra = self._describe(ci, more)
+            described += extra
+            live += [t for t in extra if t.get("lastStatus") != "STOPPED"]
+            daemons = self._daemons_of(live)
+        known_stopped.update(t["taskArn"] for t in described if t.get("lastStatus") == "STOPPED")
+        self._remember(
+            ci,
+            _Seen(
+                live={t["taskArn"] for t in live},
+                stopped=known_stopped,
+                full_at=now if full else (seen.full_at if seen else now),
+            ),
         )
         return [
             TaskInfo(
@@ -149,11 +195,46 @@ class EcsFleet:
                 group=t.get("group", ""),
                 last_status=t.get("lastStatus", ""),
                 desired_status=t.get("desiredStatus", ""),
-                daemon=t.get("group", "").removeprefix("service:") in daemons
-                and t.get("group", "").startswith("service:"),
+                daemon=_service(t) in daemons,
             )
             for t in live
         ]
+
+    def _list_tasks(self, ci: str, desired: str) -> list[str]:
+        arns: list[str] = []
+        token: str | None = None
+        while True:
+            page = self._call(
+                "ListTasks",
+                self._ecs.list_tasks,
+                containerInstance=ci,
+                desiredStatus=desired,
+                **({"nextToken": token} if token else {}),
+            )
+            arns.extend(page.get("taskArns", []))
+            token = page.get("nextToken")
+            if not token:
+                return arns
+
+    def _describe(self, ci: str, arns: list[str]) -> list[dict[str, Any]]:
+        """The tasks of ``arns`` on ``ci`` (100 a call; a task ECS no longer knows is left
+        out)."""
+        described: list[dict[str, Any]] = []
+        for batch in _chunks(arns, 100):
+            out = self._call("DescribeTasks", self._ecs.describe_tasks, tasks=batch)
+            described.extend(
+                t for t in out.get("tasks", []) if t.get("containerInstanceArn", ci) == ci
+            )
+        return described
+
+    def _daemons_of(self, tasks: list[dict[str, Any]]) -> set[str]:
+        """The DAEMON services among these tasks' services."""
+        return self._daemon_services({s for t in tasks if (s := _service(t)) is not None})
+
+    def _remember(self, ci: str, seen: _Seen) -> None:
+        self._seen[ci] = seen
+        while len(self._seen) > MAX_REMEMBERED:
+            self._seen.pop(next(iter(self._seen)))
 
     def _daemon_services(self, services: set[str]) -> set[str]:
         unknown = sorted(s for s in services if s not in self._daemon)

@@ -42,11 +42,49 @@ LifecycleState = Literal["none", "pending", "completed", "gone"]
 
 #: Event ids a record remembers (for duplicates); older ones are forgotten.
 MAX_SEEN_EVENTS = 32
+#: Spent lifecycle tokens (completed, or refused by AWS) a record remembers.
+MAX_DEAD_TOKENS = 16
+#: Ended episodes a record keeps a line of (for ``fleetdrain status`` and logs).
+MAX_HISTORY = 8
+#: Why an instance drains. All but ``rebalance`` mean the instance goes (terminates, stops or
+#: reboots): a drain for one of those leaves the container instance DRAINING when it ends.
+GOING_REASONS = frozenset({"scale_in", "spot", "maintenance", "stopping"})
+
+
+@dataclass(kw_only=True)
+class TokenRef:
+    """A lifecycle token the drain answers besides its own (one that came while another was
+    pending): heartbeated with it and completed with it, until AWS refuses it."""
+
+    token: str
+    asg_name: str
+    hook_name: str
+    #: When its action began (its budget counts from there).
+    sent_at: float
+    #: AWS accepted it (a heartbeat went through) at least once.
+    verified: bool = False
+
+
+@dataclass(kw_only=True)
+class PastEpisode:
+    """One line about an episode of the instance's drain that has ended."""
+
+    drain_id: str
+    episode: int
+    reasons: list[str]
+    started_at: float
+    completed_at: float | None
+    outcome: str | None
 
 
 @dataclass(kw_only=True)
 class DrainRecord:
     """Everything a drain knows; see ``core`` for what each phase does with it.
+
+    One record per EC2 instance, holding its current *episode*: a drain that ended (``done``)
+    stays as the record until an event that needs action starts the next episode (a new
+    ``drain_id``, its own phase and deadline; what every episode must remember, the events
+    seen and the spent lifecycle tokens, carries over).
 
     Mutable on purpose: a merge or a step works on its own deep copy and hands it to the store.
     """
@@ -92,6 +130,23 @@ class DrainRecord:
     #: step's own save). Only the holder writes until ``lease_until``.
     lease_id: str | None = None
     lease_until: float | None = None
+    # ---- issue 11: episodes, tokens, the new reasons (after the fields above, so a stored
+    # record of an older controller reads unchanged and an older one reads ours)
+    #: 1 for an instance's first drain, one more for each later one.
+    episode: int = 1
+    #: AWS accepted ``lifecycle_token`` (a heartbeat or a completion went through) at least
+    #: once. Until then it is only a claim: a replayed or stale token must not drive a drain.
+    lifecycle_verified: bool = False
+    #: When ``lifecycle_token``'s action began (its budget counts from there).
+    token_sent_at: float | None = None
+    #: Other tokens the drain answers (came while ``lifecycle_token`` was pending).
+    other_tokens: list[TokenRef] = field(default_factory=list)
+    #: Tokens that are no longer live: completed by us, or refused by AWS ("No active
+    #: Lifecycle Action"). Never answered again, whatever event brings them back.
+    dead_tokens: list[str] = field(default_factory=list)
+    #: AWS Health scheduled change of the instance: its start (epoch seconds).
+    maintenance_at: float | None = None
+    history: list[PastEpisode] = field(default_factory=list)
 
     def leased(self, now: float) -> bool:
         """Whether a step holds the record at ``now``."""
@@ -105,6 +160,25 @@ class DrainRecord:
         """Note ``event_id`` as merged, keeping the last :data:`MAX_SEEN_EVENTS`."""
         if event_id and event_id not in self.seen_events:
             self.seen_events = [*self.seen_events, event_id][-MAX_SEEN_EVENTS:]
+
+    def knows_token(self, token: str) -> bool:
+        """Whether ``token`` is this drain's, one it answers too, or a spent one."""
+        return (
+            token == self.lifecycle_token
+            or token in self.dead_tokens
+            or any(t.token == token for t in self.other_tokens)
+        )
+
+    def bury(self, token: str) -> None:
+        """Note ``token`` as spent (completed or refused), keeping the last
+        :data:`MAX_DEAD_TOKENS`."""
+        if token and token not in self.dead_tokens:
+            self.dead_tokens = [*self.dead_tokens, token][-MAX_DEAD_TOKENS:]
+
+    @property
+    def going(self) -> bool:
+        """Whether a reason of this drain means the instance goes (not only a rebalance)."""
+        return any(r in GOING_REASONS for r in self.reasons)
 
 
 class DrainStorePort(Protocol):

@@ -12,23 +12,47 @@ from datetime import datetime
 
 @dataclass(frozen=True)
 class LifecycleSignal:
-    """An instance is terminating and its lifecycle action waits for us."""
+    """An instance is terminating and its lifecycle action waits for us (``time``: when the
+    action began; None when the notification did not say: taken as now)."""
 
     instance_id: str
     asg_name: str
     hook_name: str
     token: str
-    time: datetime
+    time: datetime | None
     event_id: str
 
 
 @dataclass(frozen=True)
 class SpotSignal:
-    """A spot interruption warning: the instance goes two minutes after ``time``."""
+    """A spot interruption warning: the instance goes two minutes after ``time`` (None when the
+    event did not say: taken as now, as aws-node-termination-handler does)."""
 
     instance_id: str
-    time: datetime
+    time: datetime | None
     action: str
+    event_id: str
+
+
+@dataclass(frozen=True)
+class MaintenanceSignal:
+    """An AWS Health scheduled change of the instance (retirement, scheduled stop, reboot
+    maintenance): it goes at ``start`` (None: not said, a soft drain that never forces)."""
+
+    instance_id: str
+    start: datetime | None
+    kind: str
+    event_id: str
+
+
+@dataclass(frozen=True)
+class StoppingSignal:
+    """EC2 instance state change to ``stopping`` or ``shutting-down``: the instance goes now
+    (stopped or terminated outside the group: the console, the API)."""
+
+    instance_id: str
+    state: str
+    time: datetime | None
     event_id: str
 
 
@@ -83,8 +107,18 @@ Signal = (
     LifecycleSignal
     | SpotSignal
     | RebalanceSignal
+    | MaintenanceSignal
+    | StoppingSignal
     | TaskStoppedSignal
     | InstanceDrainingSignal
     | TickSignal
     | Ignored
 )
+
+
+@dataclass(frozen=True)
+class Several:
+    """One event about several instances (an AWS Health event names every instance it
+    affects): each signal is handled on its own."""
+
+    signals: tuple[Signal, ...]

@@ -20,11 +20,22 @@ controller's calls, but not:
 - **ECS page sizes**: ``ListTasks`` pages at ``maxResults`` (default and at most 100) with a
   ``nextToken``, and ``DescribeTasks`` refuses more than 100 tasks, as ECS does (moto returns
   and takes any number).
+- **The cluster query language** of ``ListContainerInstances``: the ``ec2InstanceId == <id>``
+  (and ``ec2InstanceId in [...]``) filter is applied, as ECS does (moto ignores ``filter``
+  and lists every container instance); other expressions are refused (InvalidParameter), so a
+  caller that relies on one is found out. ``ListContainerInstances`` and
+  ``DescribeContainerInstances`` are counted in :attr:`AwsGaps.calls`.
+- **Throttling** (moto never throttles): :meth:`AwsGaps.throttle` makes ECS
+  ``DescribeTasks`` / ``ListTasks`` / ``DescribeContainerInstances`` and Auto Scaling
+  ``RecordLifecycleActionHeartbeat`` answer ``ThrottlingException`` (HTTP 400, what AWS
+  answers and botocore retries) at a given rate, for a window on the clock, or a number of
+  times; :attr:`AwsGaps.throttled` counts the refusals.
 - **Tasks that change state on their own**: ``ecs::task`` is set to manual progression, so a
   task stays RUNNING until something stops it.
-- **Events**: the Auto Scaling lifecycle action, spot interruption, rebalance recommendation
-  and ECS task state change events are built with the field names AWS sends (see
-  ``tests/events/``) and appended to :attr:`AwsGaps.events` (and passed to ``on_event``).
+- **Events**: the Auto Scaling lifecycle action, spot interruption, rebalance recommendation,
+  EC2 instance state change, AWS Health scheduled change and ECS task state change events are
+  built with the field names AWS sends (see ``tests/events/``) and appended to
+  :attr:`AwsGaps.events` (and passed to ``on_event``).
 
 Use inside ``moto.mock_aws()``: ``with AwsGaps(clock=...) as gaps: ...``. The patches are
 class-level (they also work against a moto server in this process); one :class:`AwsGaps` is
@@ -33,9 +44,11 @@ active at a time.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -49,6 +62,7 @@ from moto.autoscaling.models import (
     autoscaling_backends,
 )
 from moto.autoscaling.responses import AutoScalingResponse
+from moto.core.exceptions import ServiceException
 from moto.core.responses import ActionResult, EmptyResult
 from moto.ecs.exceptions import InvalidParameterException
 from moto.ecs.models import EC2ContainerServiceBackend, ecs_backends
@@ -107,6 +121,52 @@ class Protection:
     expires_at: float | None = None
 
 
+#: The operations :meth:`AwsGaps.throttle` can refuse, and the service each belongs to.
+THROTTLE_SERVICES: dict[str, str] = {
+    "DescribeTasks": "ecs",
+    "ListTasks": "ecs",
+    "DescribeContainerInstances": "ecs",
+    "RecordLifecycleActionHeartbeat": "autoscaling",
+}
+THROTTLEABLE: frozenset[str] = frozenset(THROTTLE_SERVICES)
+
+
+@dataclass
+class Throttle:
+    """One :meth:`AwsGaps.throttle`: which operations, how often, when, how many times."""
+
+    operations: frozenset[str]
+    rate: float = 1.0
+    start: float | None = None
+    until: float | None = None
+    count: int | None = None
+    code: str = "ThrottlingException"
+    #: Calls it refused.
+    fired: int = 0
+    #: Calls it saw (inside its window), and the refusals they have earned so far.
+    seen: int = 0
+    _credit: float = 0.0
+
+    def active(self, now: float) -> bool:
+        return (
+            (self.start is None or now >= self.start)
+            and (self.until is None or now < self.until)
+            and (self.count is None or self.fired < self.count)
+        )
+
+    def takes(self, operation: str, now: float) -> bool:
+        """Whether this call of ``operation`` at ``now`` is refused (and count it)."""
+        if operation not in self.operations or not self.active(now):
+            return False
+        self.seen += 1
+        self._credit += self.rate
+        if self._credit < 1.0 - 1e-9:
+            return False
+        self._credit -= 1.0
+        self.fired += 1
+        return True
+
+
 @dataclass
 class TaskExit:
     task_arn: str
@@ -131,6 +191,9 @@ class AwsGaps:
     sigterms: list[tuple[str, str]] = field(default_factory=list)
     exits: dict[str, TaskExit] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
+    #: Active throttles (:meth:`throttle`), and the calls they refused, by operation.
+    throttles: list[Throttle] = field(default_factory=list)
+    throttled: dict[str, int] = field(default_factory=dict)
     _saved: dict[str, Any] = field(default_factory=dict)
     _originals: list[tuple[type, str, Any]] = field(default_factory=list)
 
@@ -175,6 +238,54 @@ class AwsGaps:
         tb: TracebackType | None,
     ) -> None:
         self.uninstall()
+
+    # ------------------------------------------------------------------ throttling
+
+    def throttle(
+        self,
+        *operations: str,
+        rate: float = 1.0,
+        start: float | None = None,
+        until: float | None = None,
+        count: int | None = None,
+        code: str = "ThrottlingException",
+    ) -> Throttle:
+        """Make ``operations`` (names from :data:`THROTTLEABLE`; none: all of them) answer
+        ``code`` (HTTP 400, "Rate exceeded"), as AWS does when an account's request rate for
+        the API is spent.
+
+        ``rate`` is the share of calls refused, spread evenly (0.25: every fourth call), from
+        ``start`` to ``until`` on :attr:`clock` (None: from now, and for as long as it is
+        active), at most ``count`` times. Each call botocore makes counts, retries too (so with
+        ``rate=1`` its retries give up; with a lower rate they get through). The last throttle
+        added that applies decides; :meth:`unthrottle` removes one.
+        """
+        unknown = set(operations) - THROTTLEABLE
+        if unknown:
+            raise ValueError(f"not throttleable here: {sorted(unknown)} (see THROTTLEABLE)")
+        if not 0.0 < rate <= 1.0:
+            raise ValueError("rate must be in (0, 1]")
+        t = Throttle(frozenset(operations or THROTTLEABLE), rate, start, until, count, code=code)
+        with _lock:
+            self.throttles.append(t)
+        return t
+
+    def unthrottle(self, throttle: Throttle | None = None) -> None:
+        """Remove ``throttle`` (None: every throttle)."""
+        with _lock:
+            self.throttles = (
+                [] if throttle is None else [t for t in self.throttles if t is not throttle]
+            )
+
+    def _throttle(self, operation: str) -> Throttle | None:
+        """The throttle that refuses this call of ``operation`` (counted), or None."""
+        now = self.clock()
+        with _lock:
+            for t in reversed(self.throttles):
+                if t.takes(operation, now):
+                    self.throttled[operation] = self.throttled.get(operation, 0) + 1
+                    return t
+        return None
 
     def _count(self, name: str) -> None:
         self.calls[name] = self.calls.get(name, 0) + 1
@@ -346,6 +457,54 @@ class AwsGaps:
                 "aws.ec2",
                 [f"arn:aws:ec2:{self.region}:{self.account}:instance/{instance_id}"],
                 {"instance-id": instance_id, "instance-action": action},
+            )
+        )
+
+    def instance_state_change(self, instance_id: str, state: str) -> Event:
+        """``EC2 Instance State-change Notification`` (``stopping``, ``shutting-down``, ...): the
+        event only (the instance itself is left as it is)."""
+        return self._emit(
+            self._envelope(
+                "EC2 Instance State-change Notification",
+                "aws.ec2",
+                [f"arn:aws:ec2:{self.region}:{self.account}:instance/{instance_id}"],
+                {"instance-id": instance_id, "state": state},
+            )
+        )
+
+    def scheduled_change(
+        self,
+        instance_ids: list[str],
+        start: float,
+        code: str = "AWS_EC2_INSTANCE_RETIREMENT_SCHEDULED",
+        status: str = "upcoming",
+    ) -> Event:
+        """An AWS Health ``scheduledChange`` for EC2 instances, starting at ``start`` (epoch
+        seconds; written in RFC 1123 form, as AWS Health does)."""
+        from email.utils import formatdate
+
+        arn = f"arn:aws:health:{self.region}::event/EC2/{code}/{code}_{uuid.uuid4().hex[:8]}"
+        return self._emit(
+            self._envelope(
+                "AWS Health Event",
+                "aws.health",
+                list(instance_ids),
+                {
+                    "eventArn": arn,
+                    "service": "EC2",
+                    "eventTypeCode": code,
+                    "eventTypeCategory": "scheduledChange",
+                    "eventScopeCode": "ACCOUNT_SPECIFIC",
+                    "statusCode": status,
+                    "eventRegion": self.region,
+                    "startTime": formatdate(start, usegmt=True),
+                    "endTime": formatdate(start + 7200, usegmt=True),
+                    "lastUpdatedTime": formatdate(self.clock(), usegmt=True),
+                    "eventDescription": [
+                        {"language": "en_US", "latestDescription": f"{code} (fleetdrain drill)"}
+                    ],
+                    "affectedEntities": [{"entityValue": i} for i in instance_ids],
+                },
             )
         )
 
@@ -588,6 +747,39 @@ def _describe_tasks(self: EC2ContainerServiceResponse) -> ActionResult:
     return _moto_describe_tasks(self)
 
 
+_moto_describe_container_instances = EC2ContainerServiceResponse.describe_container_instances
+_FILTER = re.compile(
+    r"^\s*ec2InstanceId\s*(?:==\s*(?P<one>[\w-]+)|in\s*\[(?P<many>[\w\s,-]*)\])\s*$"
+)
+
+
+def _list_container_instances(self: EC2ContainerServiceResponse) -> ActionResult:
+    gaps = _gaps()
+    gaps._count("ListContainerInstances")
+    cluster = self._get_param("cluster", "default")
+    arns = self.ecs_backend.list_container_instances(cluster, status=self._get_param("status"))
+    expression = self._get_param("filter")
+    if expression:
+        match = _FILTER.match(expression)
+        if match is None:
+            raise InvalidParameterException(f"Unsupported filter expression: {expression}")
+        wanted = (
+            {match["one"]}
+            if match["one"]
+            else {w.strip() for w in (match["many"] or "").split(",") if w.strip()}
+        )
+        found, _ = (
+            self.ecs_backend.describe_container_instances(cluster, arns) if arns else ([], [])
+        )
+        arns = sorted(ci.container_instance_arn for ci in found if ci.ec2_instance_id in wanted)
+    return ActionResult({"containerInstanceArns": arns})
+
+
+def _describe_container_instances(self: EC2ContainerServiceResponse) -> ActionResult:
+    _gaps()._count("DescribeContainerInstances")
+    return _moto_describe_container_instances(self)
+
+
 _moto_terminate_instance = AutoScalingBackend.terminate_instance
 
 
@@ -613,10 +805,47 @@ def _terminate_instance(
     return _moto_terminate_instance(self, instance_id, should_decrement)
 
 
+class _Throttled(ServiceException):
+    """A throttled call's error (defined here, not in moto: moto would look its code up in a
+    service model of its own package name)."""
+
+
+def _throttling(original: Callable[..., Any]) -> Callable[..., Any]:
+    """A response class's ``call_action`` that first asks the active throttles: a refused
+    call is answered as the service answers a throttled one (its protocol's error body,
+    HTTP 400), and never reaches moto or the gap fillers."""
+
+    def call_action(self: Any) -> Any:
+        operation = self._get_action()
+        throttle = _gaps()._throttle(operation) if operation in THROTTLEABLE else None
+        if throttle is None:
+            return original(self)
+        # As moto's own call_action answers a ServiceException.
+        error = _Throttled(throttle.code, "Rate exceeded")
+        with warnings.catch_warnings():  # "does not match an error shape": a common error
+            warnings.simplefilter("ignore")
+            status, error_headers, body = self.serialized(ActionResult(error))
+        error_headers["status"] = status
+        status, headers, body = self._transform_response(
+            self.response_headers, (body, error_headers)
+        )
+        return (status, *self._enrich_response(headers, body))
+
+    return call_action
+
+
 _PATCHES: tuple[tuple[type, str, Callable[..., Any]], ...] = (
+    (
+        EC2ContainerServiceResponse,
+        "call_action",
+        _throttling(EC2ContainerServiceResponse.call_action),
+    ),
+    (AutoScalingResponse, "call_action", _throttling(AutoScalingResponse.call_action)),
     (AutoScalingBackend, "terminate_instance", _terminate_instance),
     (EC2ContainerServiceResponse, "list_tasks", _list_tasks),
     (EC2ContainerServiceResponse, "describe_tasks", _describe_tasks),
+    (EC2ContainerServiceResponse, "list_container_instances", _list_container_instances),
+    (EC2ContainerServiceResponse, "describe_container_instances", _describe_container_instances),
     (AutoScalingResponse, "complete_lifecycle_action", _complete_lifecycle_action),
     (AutoScalingResponse, "record_lifecycle_action_heartbeat", _record_heartbeat),
     (EC2ContainerServiceResponse, "get_task_protection", _get_task_protection),
