@@ -1,8 +1,9 @@
 """Benchmark: the drain controller (``fleetdrain/controller/``) in moto, with the embedded
 coordinator.
 
-    .venv/bin/python bench/controller.py             # ~3-5 min (1,000-instance scale-in)
-    .venv/bin/python bench/controller.py --quick     # ~1 min (100 instances, fewer samples)
+    .venv/bin/python bench/controller.py             # ~6 min (1,000-instance scale-in)
+    .venv/bin/python bench/controller.py --quick     # ~1 min (100-instance scale-in)
+    .venv/bin/python bench/controller.py --sections 4,5 --before   # before issue 12
 
 Not a test: it prints figures with their goals and exits 0 whatever they are (``--strict``
 exits 1 when a goal is missed). The world is the tests' (``tests/controller/test_drains.py``):
@@ -23,14 +24,40 @@ own patterns, drain ticks delivered when due. Time is a fake clock (so a 5-minut
    from an artifact built by ``fleetdrain/controller/Makefile`` for this machine's architecture
    (Lambda's is aarch64, which cannot be imported here), with ``.pyc`` and without; boto3 beside
    it, as the runtime provides it. Skipped (with the reason) when no CPython 3.12 is found.
-4. A scale-in of N instances (default 1,000; one idle agent and a daemon task each), drained
-   one after another through the handlers: wall time, calls, every hook completed, no errors.
+4. A scale-in of N instances (default 1,000) in a 1,000-agent organization, the lifecycle
+   actions arriving at ``--scale-in-per-minute`` (100) of AWS time; one agent and a daemon task
+   an instance, every tenth agent busy for 5 minutes.
+5. A spot storm: ``--storm`` instances (100) interrupted in the same second in a 1,000-agent
+   organization; two agents an instance, on every other instance one busy with a job that cannot
+   finish before the two minutes are up (so its drain must force it through the coordinator).
+
+4 and 5 run against Buildkite's REST limit as the embedded coordinator enforces it (200
+requests a minute for the organization, ``RateLimit-*`` headers, 429 beyond; its windows on the
+fake clock, so they are AWS minutes), drive the world one second of AWS time at a time, deliver
+every event and tick on its own, and charge each AWS call and coordinator request to the
+instance that event is about. Failures are redelivered as AWS would (a tick after the drain
+queue's 360 s visibility timeout, an EventBridge invocation by Lambda's two retries). An agent
+drains as fleetdrain's does: on SIGTERM it finishes its job, or cancels it and reports
+``agent_stop`` 105 s after the SIGTERM (``stopTimeout`` 120 - cancel grace 10 - margin 5); a
+forced stop through the coordinator cancels it at once. A spot instance dies 120 s after its
+notice: a job still running then is lost.
+
+They print: coordinator requests a minute (the most in one of the limit's fixed windows, against
+the limit; and the most in any 60 s, which can straddle two windows and reach twice the limit),
+429s received, requests held back by the client, fallbacks to ECS, coordinator requests and AWS
+calls per drained instance (idle and busy instances apart), drains forced before their deadline
+(through the coordinator), jobs cancelled by the agents' own deadline, jobs lost.
+
+``--before`` runs 2, 4 and 5 with the REST client not honouring the rate limit (a 429 retried
+like a 5xx, a spent budget not holding requests back) and the ECS adapter reading both task
+listings every step: the controller as it was before issue 12.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -66,19 +93,43 @@ warnings.filterwarnings("ignore", message="No application metrics to publish")
 import boto3  # noqa: E402
 from moto import mock_aws  # noqa: E402
 
-from fleetdrain.controller import runtime  # noqa: E402
+from fleetdrain.agent.buildkite.models import RegisterRequest  # noqa: E402
+from fleetdrain.controller import drain_monitor, runtime  # noqa: E402
 from fleetdrain.controller.drain import core  # noqa: E402
+from fleetdrain.controller.drain.coordinator import CoordinatorClient  # noqa: E402
 from fleetdrain.controller.drain.ports import DrainRecord  # noqa: E402
 from fleetdrain.controller.drain.state import DynamoDrainStore  # noqa: E402
 from fleetdrain.drill.aws.gaps import AwsGaps  # noqa: E402
 from fleetdrain.drill.coordinator import Coordinator, CoordinatorServer  # noqa: E402
 from tests.controller.test_drains import (  # noqa: E402
+    HANDLERS,
     REGION,
     Clock,
+    Ctx,
+    SimAgent,
     World,
+    sqs_event,
 )
 
 GOALS = {"hook_latency": 2.0, "import_pyc": 0.35}
+#: Issue 12's goals for 4 and 5.
+FLEET_GOALS = {
+    "peak_per_minute": 200,
+    "limited": 0,
+    "aws_idle": 10,
+    "aws_busy": 40,
+    "coordinator_per_instance": 3,
+    "lost": 0,
+}
+#: Buildkite's REST limit, as the embedded coordinator enforces it in 4 and 5.
+REST_LIMIT = 200
+#: What template.yaml sets: a failed tick comes back after the queue's visibility timeout; an
+#: EventBridge invocation that raised is retried twice by Lambda.
+TICK_REDELIVERY = 360.0
+EVENT_RETRIES = (60.0, 120.0)
+#: An agent's own deadline after SIGTERM: stopTimeout 120 - cancel grace 10 - margin 5.
+AGENT_CANCEL_AFTER = 105.0
+SPOT_NOTICE = 120.0
 
 
 class Calls:
@@ -89,6 +140,7 @@ class Calls:
     def __init__(self) -> None:
         self.by_op: Counter[str] = Counter()
         self.last_at: dict[str, float] = {}
+        self.total = 0
         self._lock = threading.Lock()
 
     def attach(self, client: Any) -> Any:
@@ -99,6 +151,7 @@ class Calls:
         name = f"{model.service_model.service_id.hyphenize()}.{model.name}"
         with self._lock:
             self.by_op[name] += 1
+            self.total += 1
             self.last_at[name] = time.perf_counter()
 
     def snapshot(self) -> Counter[str]:
@@ -150,16 +203,23 @@ class BenchWorld(World):
 
 
 @contextlib.contextmanager
-def world() -> Iterator[BenchWorld]:
+def world(rest_rate_limit: int | None = None, kind: type[BenchWorld] = BenchWorld) -> Iterator[Any]:
+    """The world; ``rest_rate_limit``: the coordinator's REST limit (None: not enforced), its
+    windows on the world's fake clock (AWS minutes)."""
     with mock_aws():
         clock = Clock()
         with AwsGaps(clock=clock) as gaps:
-            # The simulated agents do not heartbeat: a long scale-in must not see them marked
-            # lost (the coordinator's lost-agent rule runs on wall time).
-            coord = Coordinator(org="acme", api_token="api-token", lost_agent_timeout=1e9)
+            # The simulated agents do not heartbeat: they must not be marked lost.
+            coord = Coordinator(
+                org="acme",
+                api_token="api-token",
+                lost_agent_timeout=1e9,
+                clock=clock,
+                rest_rate_limit=rest_rate_limit,
+            )
             with CoordinatorServer(coord) as server:
                 try:
-                    yield BenchWorld(clock, gaps, coord, server)
+                    yield kind(clock, gaps, coord, server)
                 finally:
                     runtime.set_controller(None)
 
@@ -215,12 +275,14 @@ def bench_hook_latency(samples: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- 2. calls per drain
 
 
-def bench_calls(job_seconds: float) -> dict[str, Any]:
+def bench_calls(job_seconds: float, before: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with world() as w:
         idle_i, busy_i = w.build_many(2)
         calls = Calls()
-        w.counted_controller(calls, tick_interval=20, heartbeat_interval=60)
+        ctl: Any = w.counted_controller(calls, tick_interval=20, heartbeat_interval=60)
+        if before and hasattr(ctl.fleet, "full_listing_every"):
+            ctl.fleet.full_listing_every = 0.0  # both task listings every step
         w.add_agent(idle_i)
         w.add_agent(idle_i)
         w.add_agent(busy_i, job_seconds=job_seconds)
@@ -370,40 +432,325 @@ def heaviest(importtime: str, n: int) -> list[tuple[str, float]]:
     return [(name, us / 1e6) for name, us in by_package.most_common(n)]
 
 
-# ---------------------------------------------------------------------------- 4. scale-in
+# ---------------------------------------------------------------------------- 4, 5: fleets
 
 
-def bench_scale_in(instances: int) -> dict[str, Any]:
-    with world() as w:
+class DrivenWorld(BenchWorld):
+    """The tests' world driven one second of AWS time at a time: every event and tick is
+    delivered on its own and its AWS calls and coordinator requests are charged to the
+    instance it is about; failures are redelivered as AWS would; agents drain as fleetdrain's
+    do (their own deadline after SIGTERM); a spot instance dies 120 s after its notice."""
+
+    def drive(self, calls: Calls) -> None:
+        self.calls = calls
+        self.charged_aws: Counter[str] = Counter()
+        self.charged_rest: Counter[str] = Counter()
+        self.iid_of_ci = {arn: iid for iid, arn in self.ci_arn.items()}
+        self.later: list[tuple[float, dict[str, Any], int]] = []
+        self.failures = 0
+        self.dropped = 0
+        #: Instances whose drain has begun (only their agents are simulated), spot deaths.
+        self.active: set[str] = set()
+        self.deaths: dict[str, float] = {}
+        #: Agent id -> when its job was cancelled by a forced stop through the coordinator.
+        self.forced: dict[str, float] = {}
+        self.self_cancelled: set[str] = set()
+        self.lost: list[str] = []
+
+    # ------------------------------------------------------------------ delivery, charged
+
+    def instance_of(self, event: dict[str, Any]) -> str | None:
+        detail = event.get("detail")
+        if not isinstance(detail, dict):
+            return None
+        for key in ("EC2InstanceId", "instance-id", "ec2InstanceId"):
+            if detail.get(key):
+                return str(detail[key])
+        return self.iid_of_ci.get(str(detail.get("containerInstanceArn", "")))
+
+    def charged(self, iid: str | None, fn: Any) -> Any:
+        aws, rest = self.calls.total, self.coordinator_requests()
+        try:
+            return fn()
+        finally:
+            if iid is not None:
+                self.charged_aws[iid] += self.calls.total - aws
+                self.charged_rest[iid] += self.coordinator_requests() - rest
+
+    def route(self, event: dict[str, Any], tries: int = 0) -> list[dict[str, Any]]:
+        out = []
+        iid = self.instance_of(event)
+        for rule in self.rules:
+            if not rule.matches(event):
+                continue
+            handler = HANDLERS[rule.function]
+            try:
+                out.append(self.charged(iid, lambda h=handler: h(event, Ctx())))
+            except Exception:  # Lambda's asynchronous retries, then the DLQ
+                self.failures += 1
+                if tries < len(EVENT_RETRIES):
+                    self.later.append((self.clock() + EVENT_RETRIES[tries], event, tries + 1))
+                else:
+                    self.dropped += 1
+        return out
+
+    def deliver_ticks(self) -> None:
+        for body in self.ticks.due():
+            iid = str(json.loads(body).get("instance_id", "")) or None
+            response = self.charged(iid, lambda b=body: drain_monitor.handler(sqs_event(b), Ctx()))
+            if response["batchItemFailures"]:
+                self.failures += 1
+                self.ticks.pending.append((self.clock() + TICK_REDELIVERY, body))
+
+    # ------------------------------------------------------------------ agents
+
+    def _run_agents(self) -> None:
+        now = self.clock()
+        for agent in list(self.agents.values()):
+            if agent.exited or agent.instance_id not in self.active:
+                continue
+            death = self.deaths.get(agent.instance_id)
+            job = self.coord.job(agent.job_id) if agent.job_id else None
+            state = job.state if job else None
+            running = state in ("accepted", "running")
+            if death is not None and now >= death:
+                if running or state == "canceling":
+                    self.lost.append(agent.job_id or "")
+                self._exit(agent, 137)  # the instance is gone
+                continue
+            if not agent.ignores_sigterm and agent.sigterm_at is not None and not agent.token:
+                self._exit(agent, 0)  # a wrapped worker: nothing to finish here
+                continue
+            if not agent.token:
+                continue
+            if state == "canceling":  # a forced stop through the coordinator
+                self.forced[agent.agent_id] = now
+                self._finish_job(agent, "-1", "agent_stop")
+                self._exit(agent, 0)
+                continue
+            if running and agent.job_ends_at is not None and now >= agent.job_ends_at:
+                self._finish_job(agent, "0", None)
+                running = False
+            elif (
+                running
+                and agent.sigterm_at is not None
+                and now >= agent.sigterm_at + AGENT_CANCEL_AFTER
+            ):
+                # fleetdrain's agent: its own deadline, before SIGKILL can come.
+                self.self_cancelled.add(agent.agent_id)
+                self._finish_job(agent, "143", "agent_stop")
+                self._exit(agent, 0)
+                continue
+            if running:
+                continue
+            told = agent.sigterm_at is not None or self.coord.agent(agent.agent_id).stop_requested
+            if told:
+                self._exit(agent, 0)
+
+    def second(self) -> None:
+        """One second of AWS time."""
+        self.clock.advance(1.0)
+        self._run_agents()
+        self.pump()
+        self.gaps.expire_lifecycle_actions()
+        now = self.clock()
+        due = [x for x in self.later if x[0] <= now]
+        self.later = [x for x in self.later if x[0] > now]
+        for _, event, tries in due:
+            self.route(event, tries)
+        self.deliver_ticks()
+        self.pump()
+
+
+def other_agents(w: DrivenWorld, count: int) -> None:
+    """Agents of the organization on other fleets (registered, connected, never drained)."""
+    for n in range(count):
+        reg = w.coord.register(
+            w.coord.registration_token,
+            RegisterRequest(
+                name=f"elsewhere-{n}",
+                meta_data=[f"ecs:task-arn=arn:aws:ecs:{REGION}:1:task/other/{n:06d}"],
+            ),
+        )
+        w.coord.connect(reg.access_token, {})
+
+
+def fleet_controller(w: DrivenWorld, calls: Calls, before: bool) -> CoordinatorClient:
+    w.counted_controller(calls, tick_interval=20, heartbeat_interval=60, spot_margin=20)
+    ctl: Any = w.ctl
+    # The client on the world's clock (a wait for the rate-limit window moves it).
+    client = CoordinatorClient(
+        w.server.url,
+        w.coord.org,
+        w.token.get,
+        w.token.invalidate,
+        timeout=2.0,
+        attempts=2,
+        backoff=0.0,
+        clock=w.clock,
+        sleep=w.clock.advance,
+        honour_rate_limit=not before,
+    )
+    ctl.coordinator = client
+    if before and hasattr(ctl.fleet, "full_listing_every"):
+        ctl.fleet.full_listing_every = 0.0  # both task listings every step
+    w.drive(calls)
+    return client
+
+
+def fleet_figures(
+    w: DrivenWorld,
+    client: CoordinatorClient,
+    ids: list[str],
+    busy: set[str],
+    wall: float,
+    aws_seconds: float,
+) -> dict[str, Any]:
+    stats = w.coord.rest_rate.stats()
+    idle = [i for i in ids if i not in busy]
+    records = {iid: w.record(iid) for iid in ids}
+    return {
+        "instances": len(ids),
+        "busy": len(busy),
+        "wall": wall,
+        "aws_seconds": aws_seconds,
+        "rest_requests": stats.requests,
+        "peak": stats.window_peak,
+        "sliding_peak": stats.peak,
+        "limited": stats.limited,
+        "held_back": client.rate_refused,
+        "waits": client.rate_waits,
+        "fallbacks": int(w.metrics.counts.get(core.COORDINATOR_FALLBACKS, 0)),
+        "rest_per_instance": stats.requests / max(1, len(ids)),
+        "aws_idle": statistics.mean(w.charged_aws[i] for i in idle) if idle else 0.0,
+        "aws_busy": statistics.mean(w.charged_aws[i] for i in busy) if busy else 0.0,
+        "rest_idle": statistics.mean(w.charged_rest[i] for i in idle) if idle else 0.0,
+        "rest_busy": statistics.mean(w.charged_rest[i] for i in busy) if busy else 0.0,
+        "failures": w.failures,
+        "dropped": w.dropped,
+        "done": sum(1 for r in records.values() if r.phase == "done"),
+        "outcomes": Counter(str(r.outcome) for r in records.values()),
+        "self_cancelled": len(w.self_cancelled),
+        "lost": len(w.lost),
+        "forced": w.forced,
+    }
+
+
+def bench_scale_in(
+    instances: int, org_agents: int, per_minute: float, before: bool
+) -> dict[str, Any]:
+    with world(REST_LIMIT, DrivenWorld) as w:
         t = time.perf_counter()
         ids = w.build_many(instances)
+        busy = set(ids[::10])
         for iid in ids:
-            w.add_agent(iid)
+            w.add_agent(iid, job_seconds=300.0 if iid in busy else None)
+        other_agents(w, max(0, org_agents - instances))
         setup = time.perf_counter() - t
         calls = Calls()
-        w.counted_controller(calls)
-        errors = 0
-        t = time.perf_counter()
-        for n, iid in enumerate(ids, 1):
-            results = w.emit(w.gaps.begin_termination(iid))
-            errors += sum(1 for r in results if r.get("status") == "rejected")
-            if n % 100 == 0:
-                print(f"   ... {n} drained, {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        client = fleet_controller(w, calls, before)
+        t, start = time.perf_counter(), w.clock()
+        gap = 60.0 / per_minute
+        pending = list(ids)
+        next_at = start
+        limit = start + len(ids) * gap + 1800
+        while w.clock() < limit:
+            while pending and w.clock() >= next_at:
+                iid = pending.pop(0)
+                w.active.add(iid)
+                w.emit(w.gaps.begin_termination(iid))
+                next_at += gap
+            if not pending and not any(a.waiting for a in w.gaps.actions.values()):
+                break
+            w.second()
+            if len(pending) % 100 == 0 and pending and w.clock() >= next_at - 1:
+                done = len(ids) - len(pending)
+                print(f"   ... {done} begun, {time.perf_counter() - t:.0f} s", file=sys.stderr)
         wall = time.perf_counter() - t
-        total = calls.snapshot()
-        completed = sum(1 for iid in ids if w.gaps.actions[iid].result == "CONTINUE")
-        drained = sum(1 for iid in ids if w.record(iid).outcome == "drained")
-        return {
-            "instances": instances,
-            "setup": setup,
-            "wall": wall,
-            "completed": completed,
-            "drained": drained,
-            "errors": errors,
-            "calls": sum(total.values()),
-            "by_op": total,
-            "coordinator": w.coordinator_requests(),
-        }
+        out = fleet_figures(w, client, ids, busy, wall, w.clock() - start)
+        actions = [w.gaps.actions[i] for i in ids]
+        out["setup"] = setup
+        out["completed"] = sum(1 for a in actions if a.state == "completed")
+        out["expired"] = sum(1 for a in actions if a.state == "expired")
+        out["cut_short"] = sum(
+            1 for j in w.coord.jobs() if j.signal_reason == "agent_stop" and j.attempt == 1
+        )
+        return out
+
+
+def bench_storm(instances: int, org_agents: int, before: bool) -> dict[str, Any]:
+    with world(REST_LIMIT, DrivenWorld) as w:
+        t = time.perf_counter()
+        ids = w.build_many(instances)
+        busy = set(ids[::2])
+        busy_agents: dict[str, SimAgent] = {}
+        for iid in ids:
+            if iid in busy:
+                busy_agents[iid] = w.add_agent(iid, job_seconds=3600.0)
+            else:
+                w.add_agent(iid)
+            w.add_agent(iid)
+        other_agents(w, max(0, org_agents - 2 * instances))
+        setup = time.perf_counter() - t
+        calls = Calls()
+        client = fleet_controller(w, calls, before)
+        t, start = time.perf_counter(), w.clock()
+        for iid in ids:
+            w.active.add(iid)
+            w.deaths[iid] = start + SPOT_NOTICE
+        for iid in ids:
+            w.emit(w.gaps.spot_interruption(iid))
+        while w.clock() < start + SPOT_NOTICE + 60:
+            w.second()
+        wall = time.perf_counter() - t
+        out = fleet_figures(w, client, ids, busy, wall, w.clock() - start)
+        out["setup"] = setup
+        out["forced_in_time"] = sum(
+            1
+            for a in busy_agents.values()
+            if a.agent_id in w.forced and w.forced[a.agent_id] <= start + SPOT_NOTICE
+        )
+        return out
+
+
+def show_fleet(f: dict[str, Any], indent: str = "   ") -> list[str]:
+    """Print a fleet's figures; the goals it missed."""
+    g = FLEET_GOALS
+    missed = []
+    print(
+        f"{indent}coordinator: {f['rest_requests']} requests, peak {f['peak']} in a minute "
+        f"window (limit {REST_LIMIT}; goal <= {g['peak_per_minute']}; in any 60 s "
+        f"{f['sliding_peak']}), 429s {f['limited']} "
+        f"(goal {g['limited']}), held back by the client {f['held_back']}, waits "
+        f"{f['waits']}, fallbacks to ECS {f['fallbacks']}"
+    )
+    print(
+        f"{indent}per drained instance: coordinator {f['rest_per_instance']:.1f} requests "
+        f"(idle {f['rest_idle']:.1f}, busy {f['rest_busy']:.1f}; goal <= "
+        f"{g['coordinator_per_instance']}); AWS calls idle {f['aws_idle']:.1f} (goal <= "
+        f"{g['aws_idle']}), busy {f['aws_busy']:.1f} (goal <= {g['aws_busy']})"
+    )
+    print(
+        f"{indent}drains done {f['done']}/{f['instances']} "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(f['outcomes'].items()))}); "
+        f"failed deliveries {f['failures']} (to the DLQ {f['dropped']}); jobs cancelled by "
+        f"the agents' own deadline {f['self_cancelled']}, lost {f['lost']} (goal {g['lost']})"
+    )
+    print(
+        f"{indent}wall {f['wall']:.0f} s for {f['aws_seconds']:.0f} s of AWS time "
+        f"(set-up {f['setup']:.0f} s)"
+    )
+    if f["peak"] > g["peak_per_minute"]:
+        missed.append("peak per minute")
+    if f["limited"] > g["limited"]:
+        missed.append("429s")
+    if f["aws_idle"] > g["aws_idle"] or (f["busy"] and f["aws_busy"] > g["aws_busy"]):
+        missed.append("AWS calls per instance")
+    if f["rest_per_instance"] > g["coordinator_per_instance"]:
+        missed.append("coordinator requests per instance")
+    if f["lost"] > g["lost"]:
+        missed.append("jobs lost")
+    return missed
 
 
 # ---------------------------------------------------------------------------- report
@@ -416,76 +763,123 @@ def show_ops(by_op: Counter[str], indent: str = "      ") -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="100 instances, fewer samples")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="100-instance scale-in, 20-instance storm, fewer samples",
+    )
     parser.add_argument("--instances", type=int, help="the scale-in's size (default 1000)")
+    parser.add_argument(
+        "--scale-in-per-minute",
+        type=float,
+        default=100.0,
+        help="lifecycle actions a minute of AWS time in 4 (default 100)",
+    )
+    parser.add_argument("--storm", type=int, help="the spot storm's size (default 100)")
+    parser.add_argument(
+        "--org-agents", type=int, default=1000, help="agents in the organization (default 1000)"
+    )
+    parser.add_argument(
+        "--before",
+        action="store_true",
+        help="2, 4 and 5 with the controller as before issue 12 (rate limits not honoured, "
+        "both task listings every step)",
+    )
+    parser.add_argument(
+        "--sections", default="1,2,3,4,5", help="which sections to run (default 1,2,3,4,5)"
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     args = parser.parse_args(argv)
     instances = args.instances or (100 if args.quick else 1000)
+    storm = args.storm or (20 if args.quick else 100)
+    sections = {int(x) for x in args.sections.split(",") if x.strip()}
     missed: list[str] = []
 
     print("fleetdrain drain controller benchmark (moto in-process, coordinator on loopback)")
-    lat = bench_hook_latency(10 if args.quick else 30)
-    print(
-        f"\n1. hook completion latency, last task STOPPED -> CompleteLifecycleAction "
-        f"({lat['samples']} drains, event delivered at once)"
-    )
-    print(
-        f"   median {lat['median'] * 1000:.1f} ms, p95 {lat['p95'] * 1000:.1f} ms, "
-        f"max {lat['max'] * 1000:.1f} ms   goal <= {GOALS['hook_latency']:.0f} s"
-    )
-    print(
-        f"   AWS calls on that path: {lat['calls_on_path']:.0f} (at ~10-50 ms each on AWS: "
-        f"~{lat['calls_on_path'] * 0.01:.2f}-{lat['calls_on_path'] * 0.05:.2f} s)"
-    )
-    if lat["p95"] > GOALS["hook_latency"]:
-        missed.append("hook latency")
-
-    per = bench_calls(300.0)
-    print("\n2. AWS calls per drained instance (before-call hook on every controller client)")
-    for name, what in (
-        ("idle", "2 idle agents + a daemon task"),
-        ("busy", "a 300 s job + an idle agent; ticks 20 s, heartbeats 60 s"),
-    ):
-        f = per[name]
+    if 1 in sections:
+        lat = bench_hook_latency(10 if args.quick else 30)
         print(
-            f"   {name}: {f['total']} AWS calls + {f['coordinator']} coordinator requests "
-            f"({what}; {f['steps']} steps, {f['ticks']} ticks sent)"
+            f"\n1. hook completion latency, last task STOPPED -> CompleteLifecycleAction "
+            f"({lat['samples']} drains, event delivered at once)"
         )
-        show_ops(f["by_op"])
-
-    imp = bench_import(3 if args.quick else 7)
-    print(
-        "\n3. handler cold import"
-        " (a fresh CPython 3.12: import fleetdrain.controller.lifecycle_hook)"
-    )
-    if "skipped" in imp:
-        print(f"   skipped: {imp['skipped']}")
-    else:
         print(
-            f"   with .pyc: median {imp['pyc'] * 1000:.0f} ms (min {imp['pyc_min'] * 1000:.0f}) "
-            f"  without: {imp['no_pyc'] * 1000:.0f} ms   goal <= {GOALS['import_pyc']:.2f} s"
+            f"   median {lat['median'] * 1000:.1f} ms, p95 {lat['p95'] * 1000:.1f} ms, "
+            f"max {lat['max'] * 1000:.1f} ms   goal <= {GOALS['hook_latency']:.0f} s"
         )
-        print(f"   artifact check: {imp['check']}")
-        print("   self import time by package (with .pyc): ", end="")
-        print(", ".join(f"{name} {sec * 1000:.0f} ms" for name, sec in imp["top"]))
-        if imp["pyc"] > GOALS["import_pyc"]:
-            missed.append("import time")
+        print(
+            f"   AWS calls on that path: {lat['calls_on_path']:.0f} (at ~10-50 ms each on AWS: "
+            f"~{lat['calls_on_path'] * 0.01:.2f}-{lat['calls_on_path'] * 0.05:.2f} s)"
+        )
+        if lat["p95"] > GOALS["hook_latency"]:
+            missed.append("hook latency")
 
-    scale = bench_scale_in(instances)
-    print(f"\n4. scale-in of {scale['instances']} instances, drained one after another")
-    print(
-        f"   wall {scale['wall']:.1f} s ({scale['wall'] / scale['instances'] * 1000:.0f} ms an "
-        f"instance; set-up {scale['setup']:.1f} s)   hooks completed {scale['completed']}/"
-        f"{scale['instances']}, drained {scale['drained']}, errors {scale['errors']}"
-    )
-    print(
-        f"   {scale['calls']} AWS calls ({scale['calls'] / scale['instances']:.1f} an instance), "
-        f"{scale['coordinator']} coordinator requests "
-        f"({scale['coordinator'] / scale['instances']:.1f} an instance)"
-    )
-    show_ops(scale["by_op"])
-    if scale["completed"] != scale["instances"] or scale["errors"]:
-        missed.append("scale-in")
+    if 2 in sections:
+        per = bench_calls(300.0, args.before)
+        print(
+            "\n2. AWS calls per drained instance (before-call hook on every controller client)"
+            + ("; ECS adapter before issue 12 (--before)" if args.before else "")
+        )
+        for name, what in (
+            ("idle", "2 idle agents + a daemon task"),
+            ("busy", "a 300 s job + an idle agent; ticks 20 s, heartbeats 60 s"),
+        ):
+            f = per[name]
+            print(
+                f"   {name}: {f['total']} AWS calls + {f['coordinator']} coordinator requests "
+                f"({what}; {f['steps']} steps, {f['ticks']} ticks sent)"
+            )
+            show_ops(f["by_op"])
+
+    if 3 in sections:
+        imp = bench_import(3 if args.quick else 7)
+        print(
+            "\n3. handler cold import"
+            " (a fresh CPython 3.12: import fleetdrain.controller.lifecycle_hook)"
+        )
+        if "skipped" in imp:
+            print(f"   skipped: {imp['skipped']}")
+        else:
+            print(
+                f"   with .pyc: median {imp['pyc'] * 1000:.0f} ms (min "
+                f"{imp['pyc_min'] * 1000:.0f})   without: {imp['no_pyc'] * 1000:.0f} ms   "
+                f"goal <= {GOALS['import_pyc']:.2f} s"
+            )
+            print(f"   artifact check: {imp['check']}")
+            print("   self import time by package (with .pyc): ", end="")
+            print(", ".join(f"{name} {sec * 1000:.0f} ms" for name, sec in imp["top"]))
+            if imp["pyc"] > GOALS["import_pyc"]:
+                missed.append("import time")
+
+    which = "before issue 12 (--before)" if args.before else "as built"
+    if 4 in sections:
+        scale = bench_scale_in(instances, args.org_agents, args.scale_in_per_minute, args.before)
+        print(
+            f"\n4. scale-in of {scale['instances']} instances ({scale['busy']} busy for 300 s) "
+            f"in a {max(args.org_agents, instances)}-agent organization, "
+            f"{args.scale_in_per_minute:g} lifecycle actions a minute; controller {which}"
+        )
+        missed += [f"scale-in: {m}" for m in show_fleet(scale)]
+        print(
+            f"   hooks completed {scale['completed']}/{scale['instances']}, expired "
+            f"{scale['expired']}; jobs cut short (agent_stop, retried) {scale['cut_short']}"
+        )
+        if scale["completed"] != scale["instances"]:
+            missed.append("scale-in: hooks")
+
+    if 5 in sections:
+        spot = bench_storm(storm, args.org_agents, args.before)
+        print(
+            f"\n5. spot storm: {spot['instances']} instances interrupted at once "
+            f"({spot['busy']} with a job that cannot finish in time) in a "
+            f"{max(args.org_agents, 2 * storm)}-agent organization; controller {which}"
+        )
+        missed += [f"storm: {m}" for m in show_fleet(spot)]
+        print(
+            f"   drains forced through the coordinator before their deadline: "
+            f"{spot['forced_in_time']}/{spot['busy']} (goal: all)"
+        )
+        if spot["forced_in_time"] != spot["busy"]:
+            missed.append("storm: forced in time")
 
     print(f"\ngoals missed: {', '.join(missed) or 'none'}")
     return 1 if args.strict and missed else 0

@@ -5,15 +5,29 @@ agents by their ``ecs:task-arn`` tag; ``PUT .../agents/{id}/pause`` and ``.../st
 them. The API token comes from Secrets Manager through :class:`SecretToken` (cached; refreshed
 once on a 401) and is never logged: it only ever lives in the Authorization header.
 
-Transport errors, timeouts, 429 and 5xx are retried a few times with a short back-off; what
-is still failing then is :class:`CoordinatorUnavailable`, and the drain falls back to ECS.
+Transport errors, timeouts and 5xx are retried a few times with a short back-off; what is
+still failing then is :class:`CoordinatorUnavailable`, and the drain falls back to ECS.
+
+Rate limits: Buildkite allows an organization 200 REST requests a minute (all its users
+together) and puts ``RateLimit-Remaining``, ``RateLimit-Limit`` and ``RateLimit-Reset`` (seconds
+until the window resets) on every answer; beyond the limit it answers 429 until the reset
+(https://buildkite.com/docs/apis/rest-api/limits). The client keeps what the last answer said as
+a :class:`RateBudget` (:attr:`CoordinatorClient.budget`) so that a caller can decide whether to
+spend a request. A request that the budget says cannot be afforded now (nothing left, the window
+not reset yet), or that is answered 429, waits for the reset when that fits ``max_rate_wait``
+(the time budget of one call), and otherwise is :class:`CoordinatorUnavailable` at once, without
+spending more of the organization's requests (the core then falls back to ECS, as for any
+outage). A 429 without the headers is retried like a 5xx.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -24,6 +38,51 @@ from fleetdrain.controller.drain.errors import CoordinatorUnavailable
 from fleetdrain.controller.drain.ports import AgentView
 
 MAX_PAGES = 100
+#: The longest one call waits for the rate-limit window to reset, by default (seconds).
+MAX_RATE_WAIT = 10.0
+#: 429s with rate-limit headers one call waits out before it gives up.
+MAX_RATE_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class RateBudget:
+    """The organization's REST budget as the coordinator's last answer gave it.
+
+    Times are on the client's clock (``seen_at`` the answer, ``reset_at`` the window's end).
+    """
+
+    limit: int
+    remaining: int
+    reset_at: float
+    seen_at: float
+
+    def remaining_at(self, now: float) -> int:
+        """Requests the organization can still make at ``now`` (the whole limit once the window
+        has reset). Other users of the organization spend from the same budget: this is an upper
+        bound, not a reservation."""
+        return self.limit if now >= self.reset_at else self.remaining
+
+    def reset_in(self, now: float) -> float:
+        """Seconds from ``now`` until the window resets (0 once it has)."""
+        return max(0.0, self.reset_at - now)
+
+    def affords(self, requests: int, now: float) -> bool:
+        """Whether ``requests`` more fit in the budget at ``now``."""
+        return self.remaining_at(now) >= requests
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str], now: float) -> RateBudget | None:
+        """The budget Buildkite's ``RateLimit-*`` headers give, or None if they are absent or
+        not numbers."""
+        try:
+            limit = int(headers["RateLimit-Limit"])
+            remaining = int(headers["RateLimit-Remaining"])
+            reset = float(headers["RateLimit-Reset"])
+        except (KeyError, ValueError):
+            return None
+        if not math.isfinite(reset):
+            return None
+        return cls(max(0, limit), max(0, remaining), now + max(0.0, reset), now)
 
 
 class SecretToken:
@@ -92,6 +151,9 @@ class CoordinatorClient:
         attempts: int = 3,
         backoff: float = 0.2,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        max_rate_wait: float = MAX_RATE_WAIT,
+        honour_rate_limit: bool = True,
     ) -> None:
         self._base = f"{base_url.rstrip('/')}/v2/organizations/{org}/agents"
         self._token = token
@@ -103,9 +165,25 @@ class CoordinatorClient:
         self._attempts = max(1, attempts)
         self._backoff = backoff
         self._sleep = sleep
+        self._clock = clock
+        #: The longest one call may wait for the rate-limit window to reset (seconds); a
+        #: caller with a deadline (a Lambda's remaining time) may lower it.
+        self.max_rate_wait = max_rate_wait
+        #: False: the headers are read (``budget``) but a 429 is retried like a 5xx and a spent
+        #: budget does not hold a request back (the client before rate limits were honoured;
+        #: ``bench/controller.py --before``).
+        self.honour_rate_limit = honour_rate_limit
         self.requests = 0
         #: How many pages the last :meth:`agents_for` read (the size of the organization).
         self.last_pages = 0
+        #: The organization's REST budget as last seen (None until an answer carried it).
+        self.budget: RateBudget | None = None
+        #: 429s received; calls refused without a request (the budget was spent); waits for a
+        #: window to reset, and the seconds spent waiting.
+        self.rate_limited = 0
+        self.rate_refused = 0
+        self.rate_waits = 0
+        self.rate_waited = 0.0
 
     def close(self) -> None:
         self._http.close()
@@ -115,7 +193,10 @@ class CoordinatorClient:
     ) -> httpx.Response:
         refreshed = False
         attempt = 0
+        waited = 0.0
+        limited = 0
         while True:
+            waited += self._await_budget(method, url, waited)
             attempt += 1
             headers = {"Authorization": f"Bearer {self._token()}"}
             self.requests += 1
@@ -128,10 +209,27 @@ class CoordinatorClient:
                     ) from exc
                 self._sleep(self._backoff * attempt)
                 continue
+            budget = RateBudget.from_headers(response.headers, self._clock())
+            if budget is not None:
+                self.budget = budget
             if response.status_code == 401 and not refreshed:
                 refreshed = True
                 self._invalidate()
                 continue
+            if response.status_code == 429:
+                self.rate_limited += 1
+                limited += 1
+                if budget is not None and self.honour_rate_limit:
+                    # Buildkite's answer: nothing left until the reset (the organization's
+                    # budget, or this token's own: either way, wait for the window). The next
+                    # turn waits for it if this call can afford to, else gives up at once.
+                    self.budget = dataclasses.replace(budget, remaining=0)
+                    if limited > MAX_RATE_RETRIES:
+                        raise CoordinatorUnavailable(
+                            f"{method} {_path(url)}: HTTP 429 after {limited - 1} waits"
+                        )
+                    attempt -= 1
+                    continue
             if response.status_code == 429 or response.status_code >= 500:
                 if attempt >= self._attempts:
                     raise CoordinatorUnavailable(
@@ -142,6 +240,32 @@ class CoordinatorClient:
             if response.status_code in (401, 403):
                 raise CoordinatorUnavailable(f"{method} {_path(url)}: HTTP {response.status_code}")
             return response
+
+    def _await_budget(self, method: str, url: str, waited: float) -> float:
+        """Before a request: if the last answer said the organization's budget is spent and
+        its window has not reset, wait for the reset (when the wait fits what is left of
+        ``max_rate_wait`` for this call) or raise CoordinatorUnavailable without sending.
+        Returns the seconds waited."""
+        budget = self.budget
+        if budget is None or not self.honour_rate_limit:
+            return 0.0
+        now = self._clock()
+        if budget.affords(1, now):
+            return 0.0
+        wait = budget.reset_in(now)
+        if waited + wait > self.max_rate_wait:
+            self.rate_refused += 1
+            raise CoordinatorUnavailable(
+                f"{method} {_path(url)}: rate limit spent ({budget.limit} a window), resets in "
+                f"{wait:.0f} s, more than the {self.max_rate_wait - waited:.0f} s this call may "
+                "wait"
+            )
+        self._sleep(wait)
+        self.rate_waits += 1
+        self.rate_waited += wait
+        # The window has reset: the whole limit is there again (as far as we know).
+        self.budget = RateBudget(budget.limit, budget.limit, budget.reset_at, budget.reset_at)
+        return wait
 
     def agents_for(self, task_arns: Iterable[str]) -> list[AgentView]:
         """Agents whose ``ecs:task-arn`` tag is one of ``task_arns`` (every page)."""

@@ -11,9 +11,10 @@ It is the agent's test peer and the drill's server::
 Its parts: ``records`` (agents, jobs, steps, retry rules), ``errors`` (refusals by HTTP status),
 ``state`` (the :class:`Coordinator`: every operation, behind one lock), ``builds`` (pipelines
 and builds on top of its jobs), ``repository`` (the git repository the jobs name, for a Buildkite
-bootstrap to check out), ``faults`` (injected failures), ``rest_models`` (the REST wire
-shapes; the agent API's are :mod:`fleetdrain.agent.buildkite.models`), ``app`` (the HTTP
-routes) and ``server`` (uvicorn in a thread).
+bootstrap to check out), ``faults`` (injected failures), ``rate_limit`` (Buildkite's REST
+limit), ``rest_models`` (the REST wire shapes; the agent API's are
+:mod:`fleetdrain.agent.buildkite.models`), ``app`` (the HTTP routes) and ``server`` (uvicorn in
+a thread).
 """
 
 from fleetdrain.drill.coordinator.app import build_app
@@ -27,6 +28,7 @@ from fleetdrain.drill.coordinator.errors import (
     UnsupportedMediaType,
 )
 from fleetdrain.drill.coordinator.faults import FAULT_ENDPOINTS, FAULT_KINDS, Fault, FaultSet
+from fleetdrain.drill.coordinator.rate_limit import RateDecision, RateStats, RestRateLimit
 from fleetdrain.drill.coordinator.records import (
     AgentRecord,
     Event,
@@ -52,7 +54,10 @@ __all__ = [
     "Forbidden",
     "JobRecord",
     "NotFound",
+    "RateDecision",
+    "RateStats",
     "Repository",
+    "RestRateLimit",
     "RetryRule",
     "StepRecord",
     "Unauthorized",

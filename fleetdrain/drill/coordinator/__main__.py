@@ -9,6 +9,10 @@ import sys
 import threading
 from types import FrameType
 
+from fleetdrain.drill.coordinator.rate_limit import (
+    DEFAULT_REST_RATE_LIMIT,
+    DEFAULT_REST_RATE_WINDOW,
+)
 from fleetdrain.drill.coordinator.records import RetryRule
 from fleetdrain.drill.coordinator.server import CoordinatorServer
 from fleetdrain.drill.coordinator.state import Coordinator
@@ -33,6 +37,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--integer-intervals",
         action="store_true",
         help="send every interval as whole seconds, rounded up (the Go agent takes no fractions)",
+    )
+    p.add_argument(
+        "--rest-rate-limit",
+        type=int,
+        default=DEFAULT_REST_RATE_LIMIT,
+        metavar="N",
+        help="REST requests a window for the organization, as Buildkite limits them (default "
+        f"{DEFAULT_REST_RATE_LIMIT}); beyond it 429 with RateLimit-* headers; 0: no limit",
+    )
+    p.add_argument(
+        "--rest-rate-window",
+        type=float,
+        default=DEFAULT_REST_RATE_WINDOW,
+        metavar="SECONDS",
+        help=f"the REST rate limit's window (default {DEFAULT_REST_RATE_WINDOW:g} s)",
     )
     p.add_argument(
         "--job",
@@ -65,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         job_status_interval=args.job_status_interval,
         lost_agent_timeout=args.lost_agent_timeout,
         integer_intervals=args.integer_intervals,
+        rest_rate_limit=args.rest_rate_limit or None,
+        rest_rate_window=args.rest_rate_window,
     )
     rules = [f"queue={args.queue}"] if args.queue else None
     for n, command in enumerate(args.job, start=1):
@@ -90,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     for key, step in coord.builds().items():
         print(f"{key}: {step.outcome} ({len(step.attempts)} attempt(s))")
+    rate = coord.rest_rate.stats()
+    print(
+        f"REST requests: {rate.requests}, 429s: {rate.limited}, "
+        f"the most in one window: {rate.window_peak}"
+    )
     return 0
 
 

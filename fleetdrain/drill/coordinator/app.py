@@ -3,7 +3,9 @@
 Each route parses and validates the wire input strictly, then calls one :class:`Coordinator`
 operation; every refusal is a JSON ``{"message": ...}`` with a 4xx status. Faults are decided
 before anything else, because they stand for the network and the load balancer in front of the
-real service.
+real service. Then a REST request of the organization is counted against its rate limit
+(:mod:`~fleetdrain.drill.coordinator.rate_limit`): 429 beyond it, and the ``RateLimit-*``
+headers on every REST answer; the agent API is not limited.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from fleetdrain.drill.coordinator.errors import (
     UnsupportedMediaType,
 )
 from fleetdrain.drill.coordinator.faults import Fault
+from fleetdrain.drill.coordinator.rate_limit import RateDecision
 from fleetdrain.drill.coordinator.rest_models import (
     AgentPauseRequest,
     AgentStopRequest,
@@ -513,6 +516,29 @@ def _fault_response(fault: Fault) -> Response:
     )
 
 
+def _take_rate(coord: Coordinator, token: str | None, request: Request) -> RateDecision | None:
+    """Count a REST request against the organization's limit. Only the organization's own
+    requests count (a wrong token or another organization is refused by the route itself, and
+    names no organization of ours); None when nothing is enforced."""
+    try:
+        coord.rest_authorize(token, str(request.path_params.get("org", "")))
+    except CoordinatorError:
+        return None
+    return coord.rest_rate.take()
+
+
+def _rate_limited(rate: RateDecision) -> Response:
+    """Buildkite's answer beyond the limit: 429, ``RateLimit-Remaining: 0``."""
+    return JSONResponse(
+        {
+            "message": f"API rate limit exceeded ({rate.limit} requests a window for this "
+            f"organization); it resets in {rate.reset} seconds"
+        },
+        status_code=429,
+        headers=rate.headers(),
+    )
+
+
 def _route(
     coord: Coordinator, name: str, handler: _Handler, scheme: str
 ) -> Callable[[Request], Awaitable[Response]]:
@@ -533,6 +559,11 @@ def _route(
                 # and the client should see a response cut short, not a refused send.
                 await request.body()
                 return _DropResponse()
+        rate = None
+        if scheme == "Bearer":
+            rate = _take_rate(coord, token, request)
+            if rate is not None and not rate.allowed:
+                return _rate_limited(rate)
         call = _Call(request, coord, token, ignore=fault is not None and fault.kind == "ignore")
         try:
             response = await handler(call)
@@ -545,6 +576,8 @@ def _route(
             response = _message(exc.status, exc.message)
         if fault is not None and fault.kind == "drop":
             return _DropResponse()
+        if rate is not None:
+            response.headers.update(rate.headers())
         return response
 
     endpoint.__name__ = f"coordinator_{name}"

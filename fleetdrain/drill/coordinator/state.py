@@ -42,6 +42,11 @@ from fleetdrain.drill.coordinator.errors import (
     Unprocessable,
 )
 from fleetdrain.drill.coordinator.faults import Fault, FaultSet
+from fleetdrain.drill.coordinator.rate_limit import (
+    DEFAULT_REST_RATE_LIMIT,
+    DEFAULT_REST_RATE_WINDOW,
+    RestRateLimit,
+)
 from fleetdrain.drill.coordinator.records import (
     AgentRecord,
     Event,
@@ -121,6 +126,13 @@ class Coordinator:
     Buildkite bootstrap to check out); by default a local bare repository with one commit, made
     once and shared (:func:`~fleetdrain.drill.coordinator.repository.drill_repository`).
     ``pipeline`` is the pipeline slug of jobs added with :meth:`add_job`.
+
+    The REST API (``/v2``, not the agent API) is limited as Buildkite limits it:
+    ``rest_rate_limit`` requests (200 by default; None or 0: counted, never refused) in each
+    fixed window of ``rest_rate_window`` seconds (60) on ``clock``, with the ``RateLimit-*``
+    headers on every REST answer and 429 beyond the limit. :attr:`rest_rate` holds the counts
+    (:meth:`~fleetdrain.drill.coordinator.rate_limit.RestRateLimit.stats`: requests, 429s,
+    the peak of any window); its ``limit`` can be changed at any time.
     """
 
     def __init__(
@@ -139,6 +151,8 @@ class Coordinator:
         integer_intervals: bool = False,
         repository: Repository | None = None,
         pipeline: str = DEFAULT_PIPELINE,
+        rest_rate_limit: int | None = DEFAULT_REST_RATE_LIMIT,
+        rest_rate_window: float = DEFAULT_REST_RATE_WINDOW,
     ) -> None:
         if chunks_max_size_bytes < 1:
             raise ValueError("chunks_max_size_bytes must be >= 1")
@@ -173,6 +187,7 @@ class Coordinator:
                 ", ".join(fractional),
             )
         self.faults = FaultSet(clock)
+        self.rest_rate = RestRateLimit(rest_rate_limit, rest_rate_window, clock)
         # Re-entrant so that internal helpers can be called with the lock held or not.
         self._lock = threading.RLock()
         self._agents: dict[str, AgentRecord] = {}
