@@ -286,6 +286,8 @@ class _GameDay:
         self.exit_code: int | None = None  # the agent task's, once STOPPED
         self.stopped_at: float | None = None  # epoch seconds
         self.drain: DrainRecord | None = None  # the instance's drain record, if any
+        #: The watch gave up with the task still running or the drain still open: not a pass.
+        self.unfinished = False
         self._last_progress = ""
         self._last_progress_at = 0.0
 
@@ -521,6 +523,7 @@ class _GameDay:
                     self._final_status(name, agent, short, task_state)
                     return build
                 if self.clock() - build_done_at > stop_timeout + 2 * self.c.poll:
+                    self.unfinished = True
                     if not task_stopped:
                         self.notes.append(f"task {short} still {task_state} after the build")
                     if drain_open:
@@ -638,7 +641,9 @@ class _GameDay:
         retried = sum(1 for j in jobs if j.get("retried"))
         code = self.exit_code
         state = str(build.get("state", "?"))
-        ok = state == "passed" and not lost and code != 137
+        # The build passing is not enough: the task must have stopped (and after an instance
+        # kill the drain ended), or the stop under the build was never seen through.
+        ok = state == "passed" and not lost and code != 137 and not self.unfinished
         if state != "passed":
             self.notes.append(f"build #{number} {state}")
         if code == 137:

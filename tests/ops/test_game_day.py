@@ -20,6 +20,7 @@ from moto.server import ThreadedMotoServer
 from fleetdrain.cli import main
 from fleetdrain.drill.aws.endpoints import EcsAgentStandIn
 from fleetdrain.drill.aws.gaps import AwsGaps
+from fleetdrain.drill.aws.world import sqs_lambda_event
 from fleetdrain.drill.coordinator import Coordinator, CoordinatorServer, Fault, RetryRule
 from fleetdrain.drill.coordinator.builds import PipelineStep
 from fleetdrain.drill.report.html import render_html
@@ -452,9 +453,31 @@ class LambdaPump:
 
         self.ticks.append((time.time() + delay, tick_body(instance_id, drain_id, tick_id)))
 
-    def _run(self) -> None:
+    def _deliver(self, bodies: list[str]) -> None:
+        """Due ticks as the SQS event source mapping invokes the drain monitor with them (the
+        whole SQS record, ``eventSource`` and all: the handlers tell SQS batches by it). A
+        record the batch reports failed comes back after a visibility timeout, as from SQS; a
+        batch the handler rejects is an error of the test's plumbing, surfaced."""
         import uuid
 
+        messages = [
+            {
+                "MessageId": str(uuid.uuid4()),
+                "ReceiptHandle": uuid.uuid4().hex,
+                "Body": body,
+                "Attributes": {"ApproximateReceiveCount": "1"},
+            }
+            for body in bodies
+        ]
+        queue_arn = f"arn:aws:sqs:{REGION}:123456789012:fleetdrain-ticks"
+        out = self.monitor(sqs_lambda_event(messages, queue_arn), _Ctx())
+        if out.get("status") == "rejected":
+            raise AssertionError(f"the drain monitor rejected the tick batch: {out}")
+        by_id = {m["MessageId"]: m["Body"] for m in messages}
+        for failure in out.get("batchItemFailures", []):
+            self.ticks.append((time.time() + 1.0, by_id[failure["itemIdentifier"]]))
+
+    def _run(self) -> None:
         cursor = 0
         while not self._stop.is_set():
             try:
@@ -463,16 +486,14 @@ class LambdaPump:
                     cursor += 1
                     for rule in self.rules:
                         if rule.matches(event):
-                            self.handlers[rule.function](event, _Ctx())
+                            out = self.handlers[rule.function](event, _Ctx())
+                            if out.get("status") == "rejected":
+                                raise AssertionError(f"{rule.function} rejected {event}: {out}")
                 now = time.time()
                 due = [body for at, body in self.ticks if at <= now]
                 self.ticks = [(at, body) for at, body in self.ticks if at > now]
                 if due:
-                    records = [
-                        {"messageId": str(uuid.uuid4()), "body": body, "attributes": {}}
-                        for body in due
-                    ]
-                    self.monitor({"Records": records}, _Ctx())
+                    self._deliver(due)
             except BaseException as exc:  # surfaced by the test, not swallowed
                 self.errors.append(exc)
                 return
