@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import sys
@@ -21,6 +22,44 @@ LocalRunner = Callable[..., "DrillReport"]
 
 class UsageError(Exception):
     """Bad input: reported as one line, exit status 2."""
+
+
+#: What each command imports beyond the base install, and the extra that brings it.
+EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "drill": ("drill", ("boto3", "moto", "samtranslator", "aws_lambda_powertools", "yaml")),
+    "drill --aws": ("drill", ("boto3",)),
+    "status": ("controller", ("boto3",)),
+}
+
+
+def missing_extra(command: str) -> str | None:
+    """The one line to print when ``command`` (a key of :data:`EXTRAS`) cannot import what it
+    needs: which extra to install. None when everything imports."""
+    extra, modules = EXTRAS[command]
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            return (
+                f"fleetdrain {command}: needs the {extra} extra: "
+                f"pip install 'fleetdrain[{extra}]' (no module named {exc.name or module!r})"
+            )
+    return None
+
+
+def _time_scale(text: str) -> float | None:
+    """``--time-scale``: a number > 0, or ``auto`` (None: calibrated)."""
+    return None if text.strip().lower() == "auto" else _positive_float(text)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -53,8 +92,11 @@ def _parser() -> argparse.ArgumentParser:
         "loopback, stopped the way ECS stops them, and reports per scenario jobs run, passed, "
         "retried and lost, the longest drain, the lifecycle hook's completion latency and the "
         "longest heartbeat gap. 'after' scenarios are fleetdrain's behaviour and must lose "
-        "nothing; 'before' cases are what fleets run today and must show their loss. Exit "
-        "status: 0 when both hold, 1 when not, 2 on bad input or when the drill could not run. "
+        "nothing; 'before' cases are what fleets run today and must show their loss. A "
+        "scenario that runs out of time, or fails without losing a build on a machine too "
+        "slow for it, is inconclusive (never passed, never lost), with the --time-scale to "
+        "retry at. Exit status: 0 when every scenario passed, 1 when one failed, 3 when none "
+        "failed but one was inconclusive, 2 on bad input or when the drill could not run. "
         f"Scenarios: {scenario_list}. With --aws: the same game day against a real deployment "
         "(see the --aws options).",
     )
@@ -67,13 +109,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     drill.add_argument(
         "--time-scale",
-        type=_positive_float,
-        default=1.0,
+        type=_time_scale,
+        default=None,
         metavar="X",
-        help="pace of drill time against the default, which already runs AWS's clock 10x fast "
-        "(stopTimeout's 120 s, spot's 120 s notice, hook heartbeats and budgets take a tenth "
-        "of that in wall time); X multiplies the wall time taken (default 1.0; 0.5 is twice as "
-        "fast, 2 twice as slow: try 2 on a loaded machine)",
+        help="the pace: at 1 AWS's clock runs 10x fast (stopTimeout's 120 s, spot's 120 s "
+        "notice, hook heartbeats and budgets take a tenth of that in wall time); X multiplies "
+        "the wall time taken (0.5 is twice as fast, 2 twice as slow). Default 'auto': measured "
+        "at the start (the load, the CPU a process gets), 1 on an idle machine, slower on a "
+        "busy one, and printed ('pace: 2x (load 2.1 on 2 cores, ...)')",
+    )
+    drill.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="run at most N scenarios side by side (default: as many as the machine has room "
+        "for, from the same measurement)",
     )
     drill.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     drill.add_argument(
@@ -175,8 +226,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, *, run_local: LocalRunner | None = None) -> int:
     """Entry point of ``fleetdrain``; ``run_local`` replaces ``run_local_drill`` (tests)."""
+    from fleetdrain.drill.runner import DrillInterrupted
+
     parser = _parser()
     ns = parser.parse_args(argv)
+    if ns.command in ("drill", "status"):
+        command = "drill --aws" if ns.command == "drill" and ns.aws else ns.command
+        # An injected local drill (tests) needs none of the drill's own imports.
+        problem = None if command == "drill" and run_local else missing_extra(command)
+        if problem is not None:
+            print(problem, file=sys.stderr)
+            return 2
     try:
         if ns.command == "drill":
             return _drill(ns, run_local)
@@ -187,6 +247,10 @@ def main(argv: list[str] | None = None, *, run_local: LocalRunner | None = None)
     except UsageError as exc:
         print(f"fleetdrain: error: {exc}", file=sys.stderr)
         return 2
+    except DrillInterrupted as exc:
+        # The local drill, stopped by SIGINT or SIGTERM: every scenario it ran was stopped.
+        print(f"fleetdrain drill: {exc}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print("fleetdrain: interrupted", file=sys.stderr)
         return 130
@@ -244,7 +308,11 @@ def _drill(ns: argparse.Namespace, run_local: LocalRunner | None) -> int:
         workdir = Path(ns.workdir) if ns.workdir else None
         with ProgressView(console, scenarios=names) as view:
             report = run_local(
-                ns.scenario, workdir=workdir, time_scale=ns.time_scale, progress=view.update
+                ns.scenario,
+                workdir=workdir,
+                time_scale=ns.time_scale,
+                concurrency=ns.concurrency,
+                progress=view.update,
             )
         extra = [f"  agent logs and builds under {workdir}"] if workdir else []
     if ns.json:
@@ -256,7 +324,8 @@ def _drill(ns: argparse.Namespace, run_local: LocalRunner | None) -> int:
         write_html(report, Path(ns.html))
         extra.append(f"  HTML timeline: {ns.html}")
     print_report(console, report, extra=extra)
-    return 0 if report.ok else 1
+    # 0 passed, 1 failed, 3 inconclusive (nothing failed; a scenario could not tell).
+    return report.exit_status
 
 
 if __name__ == "__main__":

@@ -1,4 +1,11 @@
-"""Shared fixtures: a running coordinator on loopback, and real agent processes."""
+"""Shared fixtures: a running coordinator on loopback, and real agent processes.
+
+Nothing a test starts outlives the session: every agent dies with this process
+(PR_SET_PDEATHSIG, see :mod:`fleetdrain.drill.world.processes`), a fixture kills its agents
+(with their jobs) however the test ends, and :func:`_contained_session` marks every process
+started during the session and kills what still carries the mark at its end, or, through its
+guard process, if pytest itself is SIGKILLed.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +18,22 @@ from pathlib import Path
 import pytest
 
 from fleetdrain.drill.coordinator import Coordinator, CoordinatorServer
-from fleetdrain.drill.world.processes import AgentProcess, pid_namespaces_available, spawn_agent
+from fleetdrain.drill.world.processes import (
+    AgentProcess,
+    contained,
+    pid_namespaces_available,
+    spawn_agent,
+)
 
 _names = itertools.count(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _contained_session() -> Iterator[None]:
+    """The session's containment: its marker in the environment of every process a test
+    starts; whatever still carries it at the end (or when pytest dies) is killed."""
+    with contained():
+        yield
 
 
 def free_port() -> int:
@@ -96,9 +116,12 @@ class Fleet:
         return "\n".join(f"--- {a.log_path.name}\n{a.output()[-4000:]}" for a in self.agents)
 
     def close(self) -> None:
+        """Kill every agent the test started, with its job (however the test ended)."""
         for proc in self.agents:
-            proc.kill()
             with contextlib.suppress(Exception):  # cleanup must go on
+                proc.kill()
+        for proc in self.agents:
+            with contextlib.suppress(Exception):
                 proc.wait(5)
 
 
@@ -125,8 +148,9 @@ def make_fleet(tmp_path: Path) -> Iterator:
         return fleet
 
     yield make
-    for fleet in made:
+    for fleet in made:  # every fleet's agents first: a server that fails to stop leaves none
         fleet.close()
+    for fleet in made:
         fleet.server.stop()
 
 

@@ -12,11 +12,14 @@ import ast
 import os
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from fleetdrain.drill.report.model import DrillReport
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fleetdrain"
@@ -227,3 +230,167 @@ def test_the_wheel_puts_only_fleetdrain_into_site_packages(wheel: Path) -> None:
         scripts = zf.read(entry_points).decode()
     assert "fleetdrain-agent = fleetdrain.agent.cli:main" in scripts
     assert "fleetdrain = fleetdrain.cli:main" in scripts
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_template_the_drill_deploys(wheel: Path) -> None:
+    # template.yaml stays at the root for `sam deploy`; the package has it beside the reader
+    # (a symlink in the checkout), and the wheel has the file itself, byte for byte.
+    packaged = PACKAGE / "drill" / "aws" / "template.yaml"
+    assert packaged.resolve() == (ROOT / "template.yaml").resolve()
+    with zipfile.ZipFile(wheel) as zf:
+        shipped = zf.read("fleetdrain/drill/aws/template.yaml")
+    assert shipped == (ROOT / "template.yaml").read_bytes()
+
+
+# ------------------------------------------------------------------ installed: extras, the wheel
+
+
+def _hide(tmp_path: Path, *modules: str) -> str:
+    """A PYTHONPATH directory in which ``modules`` cannot be imported, as when they are not
+    installed (``pip install fleetdrain`` without the extra)."""
+    hidden = tmp_path / "hidden"
+    for module in modules:
+        (hidden / module).mkdir(parents=True)
+        (hidden / module / "__init__.py").write_text(
+            f'raise ModuleNotFoundError("No module named {module!r}", name={module!r})\n'
+        )
+    return str(hidden)
+
+
+@pytest.mark.parametrize(
+    ("hidden", "argv", "line"),
+    [
+        (
+            "boto3",
+            ["drill", "--scenario", "stop-task"],
+            "fleetdrain drill: needs the drill extra: pip install 'fleetdrain[drill]' "
+            "(no module named 'boto3')",
+        ),
+        (
+            "moto",
+            ["drill"],
+            "fleetdrain drill: needs the drill extra: pip install 'fleetdrain[drill]' "
+            "(no module named 'moto')",
+        ),
+        (
+            "samtranslator",
+            ["drill", "--json", "r.json"],
+            "fleetdrain drill: needs the drill extra: pip install 'fleetdrain[drill]' "
+            "(no module named 'samtranslator')",
+        ),
+        (
+            "boto3",
+            ["drill", "--aws", "--cluster", "ci"],
+            "fleetdrain drill --aws: needs the drill extra: pip install 'fleetdrain[drill]' "
+            "(no module named 'boto3')",
+        ),
+        (
+            "boto3",
+            ["status", "--table", "drains"],
+            "fleetdrain status: needs the controller extra: pip install 'fleetdrain[controller]' "
+            "(no module named 'boto3')",
+        ),
+    ],
+)
+def test_a_command_whose_extra_is_missing_says_what_to_install_and_exits_2(
+    hidden: str, argv: list[str], line: str, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FLEETDRAIN_"))}
+    env["PYTHONPATH"] = _hide(tmp_path, hidden)
+    result = subprocess.run(
+        [sys.executable, "-m", "fleetdrain.cli", *argv],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stderr, result.stdout) == (2, line + "\n", "")
+
+
+def test_a_command_does_not_ask_for_what_it_does_not_use(tmp_path: Path) -> None:
+    # status and drill --aws need boto3, not moto: without moto they get past the check.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FLEETDRAIN_"))}
+    env["PYTHONPATH"] = _hide(tmp_path, "moto", "samtranslator")
+    result = subprocess.run(
+        [sys.executable, "-m", "fleetdrain.cli", "drill", "--aws"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "extra" not in result.stderr and result.stderr.startswith("fleetdrain: error:")
+
+
+def _environment_without_fleetdrain(target: Path) -> Path:
+    """A directory holding this environment's installed packages but fleetdrain (an editable
+    install here): symlinks, so a fresh venv gets the dependencies without a download."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    target.mkdir()
+    for entry in site.iterdir():
+        name = entry.name.lower()
+        if name.startswith(("fleetdrain", "__editable__", "_virtualenv")) or name.endswith(".pth"):
+            continue
+        (target / entry.name).symlink_to(entry)
+    return target
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_drill_runs_from_an_installed_wheel_outside_the_checkout(
+    wheel: Path, tmp_path: Path
+) -> None:
+    # pip install '<wheel>[drill]' into a clean venv (dependencies: this environment's, by a
+    # .pth; the wheel's own requirements must be met by them, --no-index), then the drill from
+    # a directory outside the checkout, with nothing of the checkout on the path.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    deps = _environment_without_fleetdrain(tmp_path / "deps")
+    (Path(purelib) / "deps.pth").write_text(f"{deps}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = {k: v for k, v in env.items() if not k.startswith(("AWS_", "FLEETDRAIN_"))}
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "--disable-pip-version-check"]
+    install = subprocess.run(
+        [*pip, "install", "-q", "--no-index", f"{wheel}[drill]"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+    where = subprocess.run(
+        [str(python), "-c", "import fleetdrain.drill.aws.template as t; print(t.TEMPLATE)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    template = Path(where)
+    assert template.is_relative_to(purelib) and template.is_file() and not template.is_symlink()
+    run_dir = tmp_path / "elsewhere"
+    run_dir.mkdir()
+    drill = [str(venv / "bin" / "fleetdrain"), "drill", "--scenario", "stop-task"]
+    result = subprocess.run(
+        [*drill, "--json", "report.json", "--workdir", "work"],
+        cwd=run_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = DrillReport.read_json(run_dir / "report.json")
+    (scenario,) = report.scenarios
+    assert (scenario.name, scenario.ok, scenario.lost) == ("stop-task", True, 0), scenario.notes
+    assert scenario.passed >= 1

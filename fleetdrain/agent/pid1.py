@@ -239,10 +239,21 @@ class Supervisor:
                 self.deadline - self.clock(),
             )
             self.force("agent_stop")
-        await asyncio.sleep(max(0.0, self.deadline - FINAL_MARGIN - self.clock()))
-        log.error("worker still running %.1fs before SIGKILL: killing it and exiting", FINAL_MARGIN)
+        await asyncio.sleep(max(0.0, self._kill_at(self.clock()) - self.clock()))
+        log.error(
+            "worker still running %.1fs before SIGKILL: killing it and exiting",
+            max(0.0, self.deadline - self.clock()),
+        )
         self.worker.kill()
         self._exit_now(1)
+
+    def _kill_at(self, forced_at: float) -> float:
+        """When the last resort comes: :data:`FINAL_MARGIN` before the deadline, but never
+        less than that after the forced stop. A starved process's timer can fire the force
+        late; the worker then still has until the deadline itself to report (SIGKILL comes
+        then anyway), not a kill in the same instant."""
+        assert self.deadline is not None
+        return max(self.deadline - FINAL_MARGIN, min(self.deadline, forced_at + FINAL_MARGIN))
 
     def status(self) -> dict[str, Any]:
         """The PID-1 layer's part of /status."""

@@ -1,19 +1,32 @@
 """What a scenario showed, measured from the fleet once it is over: builds passed, retried and
 lost (the coordinator's record), drain and hook latencies (AWS's and the controller's record,
-drill seconds), heartbeat gaps, and the coordinator's events merged into the timeline."""
+drill seconds), heartbeat gaps, and the coordinator's events merged into the timeline; and the
+verdict (:func:`judge`).
+
+The verdict's rule: an "after" scenario fails when a build was lost, or when it showed what it
+must not (its notes) on a machine that kept up with it; a "before" case passes when it showed
+its loss. Anything else that went wrong on a machine too slow for the scenario (its process
+stalled for a good part of its tightest window, or the load was far above the cores:
+:func:`fleetdrain.drill.pace.too_slow`), and a scenario that ran out of time, is
+*inconclusive*, with the pace to retry at: never a pass, never a lost build.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fleetdrain.drill.pace import retry_scale, too_slow
 from fleetdrain.drill.world.fleet import HEARTBEAT_INTERVAL
 
 if TYPE_CHECKING:
+    from fleetdrain.drill.pace import Pace
+    from fleetdrain.drill.report.model import ScenarioReport
     from fleetdrain.drill.scenarios import Run
 
 
 def fill_report(run: Run) -> None:
-    """Fill ``run.report``'s counts, figures, verdict and timeline."""
+    """Fill ``run.report``'s counts, figures, notes and timeline (:func:`judge` gives the
+    verdict)."""
     fleet, report = run.fleet, run.report
     coord = fleet.coord
     for key in run.keys:
@@ -38,17 +51,78 @@ def fill_report(run: Run) -> None:
     gaps = [coord.heartbeat_gaps(a.id) for a in coord.agents() if a.connected_at is not None]
     if gaps:
         report.max_heartbeat_gap_intervals = round(max(gaps) / HEARTBEAT_INTERVAL, 2)
-    if report.kind == "after":
-        expected = len(run.keys) + len(units)
-        report.ok = (
-            expected > 0 and report.passed == expected and report.lost == 0
-        ) and not report.notes
-    else:
-        report.ok = report.lost > 0
-        if not report.ok:
-            report.notes.append("no build was lost: the drill could not see the failure")
+    run.expected = len(run.keys) + len(units)
     _merge_coordinator_events(run)
     report.timeline = fleet.timeline.sorted()
+
+
+def _machine(report: ScenarioReport, cores: int, window: float | None = None) -> str:
+    """``load 3.1 on 2 cores, stalls up to 0.84 s against a 1.00 s window``."""
+    text = f"load {report.load if report.load is not None else 0:.1f} on {cores} cores"
+    if report.max_stall_seconds is not None:
+        text += f", stalls up to {report.max_stall_seconds:.2f} s"
+        if window is not None:
+            text += f" against a {window:.2f} s window"
+    return text
+
+
+def out_of_time_cause(report: ScenarioReport, cores: int, wall: float) -> str:
+    """The cause of a scenario that ran out of time (its retry pace already set)."""
+    return (
+        f"machine too slow ({_machine(report, cores)}): out of time after {wall:.0f} s wall; "
+        f"retry with --time-scale {report.retry_time_scale:g}"
+    )
+
+
+def judge(
+    report: ScenarioReport,
+    *,
+    pace: Pace,
+    window: float,
+    timed_out: str | None = None,
+    expected: int | None = None,
+) -> None:
+    """The scenario's outcome and its cause (see the module docstring).
+
+    ``window``: the tightest wall-clock window the scenario gave (an agent's forced stop to
+    its SIGKILL); ``timed_out``: why, when it ran out of time; ``expected``: the builds (and
+    units) it ran, which must all pass in an "after" scenario."""
+    cores = pace.machine.cores
+    slow = too_slow(
+        stall=report.max_stall_seconds, load_seen=report.load, n_cores=cores, window=window
+    )
+    retry = retry_scale(pace.time_scale, stall=report.max_stall_seconds, window=window)
+    if timed_out:
+        report.notes.append(timed_out)
+
+    def inconclusive(what: str) -> None:
+        report.retry_time_scale = retry
+        report.judge(
+            "inconclusive",
+            f"machine too slow ({_machine(report, cores, window)}): {what}; "
+            f"retry with --time-scale {retry:g}",
+        )
+
+    if report.kind == "before":
+        if report.lost > 0:
+            report.judge("passed")
+        elif timed_out or slow:
+            inconclusive(timed_out or "no build was lost")
+        else:
+            report.notes.append("no build was lost: the drill could not see the failure")
+            report.judge("failed", "no build was lost: the drill could not see the failure")
+        return
+    if report.lost > 0:
+        what = f"{report.lost} build(s) lost"
+        report.judge("failed", what + (f"; {report.notes[0]}" if report.notes else ""))
+        return
+    clean = bool(expected) and report.passed == expected and not report.notes
+    if clean:
+        report.judge("passed")
+    elif timed_out or slow:
+        inconclusive(timed_out or (report.notes[0] if report.notes else "not every build passed"))
+    else:
+        report.judge("failed", report.notes[0] if report.notes else "not every build passed")
 
 
 def _longest_drain(run: Run) -> float | None:

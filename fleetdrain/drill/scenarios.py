@@ -7,6 +7,14 @@ deployed, the coordinator, the controller, real agent processes) and returns a
 
 "after" scenarios are fleetdrain as designed and must lose nothing; "before" scenarios are
 the anti-patterns and must show the loss (or the drill could not see one).
+
+Compression has a floor. The agents' cancel grace and drain margin are AWS durations too
+(10 s and 5 s: the forced stop comes 15 s before SIGKILL, and the worker has 14.5 s of it to
+report), but what the worker does in that window (handle a signal, stop its job, post the
+rest of its log and the finish) takes wall time, not AWS time. So the window is never scaled
+below :attr:`Run.force_window` wall seconds, what the machine can meet as the drill measured it
+(:mod:`fleetdrain.drill.pace`): on a loaded machine the forced stop comes earlier in AWS time,
+never closer to the SIGKILL than that.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleetdrain.agent.pid1 import FINAL_MARGIN
 from fleetdrain.drill.coordinator import Fault, RetryRule
+from fleetdrain.drill.pace import FORCE_WINDOW_FLOOR, WALL_PER_DRILL_SECOND
 from fleetdrain.drill.report.model import ScenarioKind, ScenarioReport
 from fleetdrain.drill.world.fleet import CLUSTER, LOST_AGENT_TIMEOUT, Fleet
 from fleetdrain.drill.world.queue_worker import UnitWatch, WorkQueue
@@ -72,6 +82,10 @@ class Run:
     tasks: list[RunningTask] = field(default_factory=list)
     #: The queue of a non-Buildkite worker scenario: its units count as its builds.
     work: WorkQueue | None = None
+    #: The shortest wall-clock window between an agent's forced stop and its SIGKILL.
+    force_window: float = FORCE_WINDOW_FLOOR
+    #: The builds and units the scenario ran (filled in by the report).
+    expected: int = 0
 
     # -- time
 
@@ -81,19 +95,39 @@ class Run:
     def sleep(self, drill_seconds: float) -> None:
         time.sleep(self.wall(drill_seconds))
 
+    @property
+    def time_scale(self) -> float:
+        """The pace (1.0: :data:`WALL_PER_DRILL_SECOND` per drill second): what wall-clock
+        waits that are not AWS durations are multiplied by."""
+        return 1.0 / (WALL_PER_DRILL_SECOND * self.fleet.clock.scale)
+
+    def margins(self) -> tuple[float, float]:
+        """The agents' cancel grace period and drain margin, wall seconds: AWS's 10 s and 5 s
+        at the drill's pace, stretched (both alike) where that would leave less than
+        :attr:`force_window` between the forced stop and the agent's own last-resort kill
+        (:data:`~fleetdrain.agent.pid1.FINAL_MARGIN` before the deadline)."""
+        grace, margin = self.wall(CANCEL_GRACE), self.wall(DRAIN_MARGIN)
+        need = self.force_window + FINAL_MARGIN
+        if grace + margin < need:
+            stretch = need / (grace + margin)
+            grace, margin = grace * stretch, margin * stretch
+        return grace, margin
+
+    def force_lead(self) -> float:
+        """Drill seconds before the deadline at which an agent forces its job (15 s on AWS;
+        more where :meth:`margins` stretched them)."""
+        grace, margin = self.margins()
+        return (grace + margin) * self.fleet.clock.scale
+
     # -- fleet
 
     def agent_definition(self, family: str = FAMILY, **kw: Any) -> TaskDefinition:
         """The agent's task definition: stopTimeout 120, the agent's own graces, scaled."""
+        grace, margin = self.margins()
         definition = TaskDefinition(
             family,
             kw.pop("stop_timeout", STOP_TIMEOUT),
-            (
-                "--cancel-grace-period",
-                f"{self.wall(CANCEL_GRACE):.3f}",
-                "--drain-margin",
-                f"{self.wall(DRAIN_MARGIN):.3f}",
-            ),
+            ("--cancel-grace-period", f"{grace:.3f}", "--drain-margin", f"{margin:.3f}"),
             **kw,
         )
         self.fleet.runtime.register(definition)
@@ -101,11 +135,13 @@ class Run:
 
     def wrap_environment(self) -> tuple[tuple[str, str], ...]:
         """wrap's settings in the container's environment (infra/wrap.Dockerfile's ``ENV``),
-        durations at the drill's pace; wrap's own /status on a port of its own."""
+        durations at the drill's pace (the grace and margin no shorter than :meth:`margins`
+        allows); wrap's own /status on a port of its own."""
+        grace, margin = self.margins()
         return (
             ("FLEETDRAIN_HEALTH_CHECK_ADDR", "127.0.0.1:{port:wrap}"),
-            ("BUILDKITE_CANCEL_GRACE_PERIOD", f"{self.wall(CANCEL_GRACE):.3f}"),
-            ("FLEETDRAIN_DRAIN_MARGIN", f"{self.wall(DRAIN_MARGIN):.3f}"),
+            ("BUILDKITE_CANCEL_GRACE_PERIOD", f"{grace:.3f}"),
+            ("FLEETDRAIN_DRAIN_MARGIN", f"{margin:.3f}"),
             ("FLEETDRAIN_IMDS_POLL_INTERVAL", f"{self.wall(IMDS_POLL):.3f}"),
             ("FLEETDRAIN_BUSY_INTERVAL", f"{self.wall(BUSY_INTERVAL):.3f}"),
         )
@@ -169,9 +205,18 @@ class Run:
         )
         return task
 
-    def job(self, key: str, seconds: float, *, first_attempt_only: bool = False) -> str:
+    def job(
+        self,
+        key: str,
+        seconds: float,
+        *,
+        first_attempt_only: bool = False,
+        instance: int | None = None,
+    ) -> str:
         """A build step of ``seconds`` (drill); ``first_attempt_only``: only the first attempt
-        takes that long (a retry elsewhere is quick and passes). Returns the job id."""
+        takes that long (a retry elsewhere is quick and passes); ``instance``: only agents on
+        the fleet's ``instance``-th instance may take it (their ``aws:instance-id`` tag).
+        Returns the job id."""
         sleep = f"{self.wall(seconds):.3f}"
         body = f'echo "step {key} on $BUILDKITE_AGENT_NAME"; '
         if first_attempt_only:
@@ -179,7 +224,8 @@ class Run:
         else:
             body += f"sleep {sleep}; "
         body += 'echo "built"'
-        job = self.fleet.coord.add_job(body, retry=RETRY, key=key)
+        rules = None if instance is None else [f"aws:instance-id={self.fleet.instances[instance]}"]
+        job = self.fleet.coord.add_job(body, retry=RETRY, key=key, agent_query_rules=rules)
         self.keys.append(key)
         return job.id
 
@@ -359,13 +405,14 @@ def explain_spot_race(run: Run, task: RunningTask, notice: float) -> None:
     rec = run.drain(0)
     if rec is None or rec.forced_at is None or task.sigterm_drill is None:
         return
-    own = task.sigterm_drill + STOP_TIMEOUT - CANCEL_GRACE - DRAIN_MARGIN
+    lead = run.force_lead()
+    own = task.sigterm_drill + STOP_TIMEOUT - lead
     margin = run.fleet.controller.settings.spot_margin
     run.note(
         f"the controller forced the drain {rec.forced_at - notice:.0f}s after the notice "
         f"(SpotMarginSeconds {margin:.0f}), before the agent's own deadline cancel at "
-        f"{own - notice:.0f}s (stopTimeout {STOP_TIMEOUT:.0f} - cancel grace "
-        f"{CANCEL_GRACE:.0f} - drain margin {DRAIN_MARGIN:.0f} after SIGTERM)"
+        f"{own - notice:.0f}s (stopTimeout {STOP_TIMEOUT:.0f} - cancel grace and drain margin "
+        f"{lead:.0f} after SIGTERM)"
     )
 
 
@@ -374,9 +421,11 @@ def rebalance(run: Run) -> None:
     (DRAINING, empty) with nothing lost and nothing forced."""
     run.agent_definition()
     busy = run.start(0, "rebalance-a1")
-    job = run.job("rebalance", 60)
-    run.running(job, on="rebalance-a1")
+    # Both agents up before the build starts: the build's 60 s are not spent starting the other
+    # (which takes wall time, seconds on a loaded machine, not AWS time).
     run.start(1, "rebalance-b1")
+    job = run.job("rebalance", 60, instance=0)
+    run.running(job, on="rebalance-a1")
     run.fleet.runtime.rebalance_recommendation(run.fleet.instances[0])
     run.outcomes(300)
     rec = run.wait_drain_done(0, 200)
@@ -406,7 +455,7 @@ def faults(run: Run) -> None:
     injected = [
         Fault("rest_agents", "status", status=503, count=2),
         Fault("rest_pause", "status", status=500, count=1),
-        Fault("rest_pause", "latency", seconds=0.5, count=2),
+        Fault("rest_pause", "latency", seconds=run.wall(5), count=2),  # 5 AWS seconds
         Fault("rest_agents", "status", status=401, count=1),
     ]
     # The agent API while the agents drain: heartbeat and chunk 5xx, a slow finish.
@@ -415,7 +464,7 @@ def faults(run: Run) -> None:
         injected += [
             Fault("heartbeat", "status", status=502, count=3, agent_id=aid, while_draining=True),
             Fault("chunks", "status", status=503, count=2, agent_id=aid),
-            Fault("finish", "latency", seconds=0.3, count=1, agent_id=aid),
+            Fault("finish", "latency", seconds=run.wall(3), count=1, agent_id=aid),
         ]
     for fault in injected:
         fleet.coord.faults.add(fault)
@@ -615,7 +664,9 @@ def expect_hook_continued(run: Run, instance: int) -> None:
     # wait for it, so the report's timeline never ends a scenario before its hook does.
     with contextlib.suppress(TimeoutError):
         run.fleet.wait(
-            lambda: instance_id in run.fleet.runtime.terminated, 5.0, "the instance to terminate"
+            lambda: instance_id in run.fleet.runtime.terminated,
+            5.0 * run.time_scale,
+            "the instance to terminate",
         )
     action = run.fleet.gaps.actions[instance_id]
     if action.result != "CONTINUE" or action.state != "completed":

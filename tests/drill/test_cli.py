@@ -41,9 +41,11 @@ def test_drill_reports_no_lost_builds(tmp_path: Path) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # the pace is calibrated: a busy machine runs it slower
         cwd=ROOT,
     )
+    if result.returncode == 3:  # inconclusive: this machine was too slow to tell
+        pytest.skip("the drill was inconclusive: " + result.stdout.strip().splitlines()[-1])
     assert result.returncode == 0, result.stdout + result.stderr
     report = DrillReport.read_json(report_path)
     assert report.mode == "local" and report.ok and report.pid_namespaces
@@ -54,7 +56,10 @@ def test_drill_reports_no_lost_builds(tmp_path: Path) -> None:
     assert stop.jobs_run >= stop.passed
     assert stop.longest_drain_seconds is not None and stop.longest_drain_seconds < 30
     assert stop.max_heartbeat_gap_intervals is not None
-    assert stop.max_heartbeat_gap_intervals < 1.5
+    assert stop.max_heartbeat_gap_intervals < 2.0
+    # The pace it chose is said, first thing, and kept in the report.
+    assert result.stdout.splitlines()[0].startswith("fleetdrain drill: stop-task")
+    assert "pace: " in result.stdout and report.pace.startswith("pace: ")
     # The terminal output piped to a log: the table, plain lines, no cursor tricks.
     assert "fleetdrain drill" in result.stdout and "stop-task" in result.stdout
     assert "\x1b[" not in result.stdout
@@ -66,14 +71,19 @@ def test_drill_reports_no_lost_builds(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ the command's logic
 
 
-def scenario(name: str, kind: str = "after", *, lost: int = 0, ok: bool = True) -> ScenarioReport:
+def scenario(
+    name: str, kind: str = "after", *, lost: int = 0, ok: bool = True, outcome: str | None = None
+) -> ScenarioReport:
     return ScenarioReport(
         name=name,
         description=f"{name} scenario",
-        kind=kind,
+        kind=kind,  # type: ignore[arg-type]
         jobs_run=1,
         lost=lost,
-        ok=ok,  # type: ignore[arg-type]
+        ok=ok,
+        outcome=outcome,  # type: ignore[arg-type]
+        cause="machine too slow (load 5.0 on 2 cores)" if outcome == "inconclusive" else None,
+        retry_time_scale=3.0 if outcome == "inconclusive" else None,
     )
 
 
@@ -99,9 +109,26 @@ def test_options_reach_the_drill_and_a_clean_report_exits_0(tmp_path: Path, caps
     ((names, kwargs),) = fake.calls
     assert names == ["stop-task"]
     assert kwargs["time_scale"] == 0.25 and kwargs["workdir"] == tmp_path
+    assert kwargs["concurrency"] is None
     out = capsys.readouterr().out
     assert "stop-task: running" in out  # the piped progress line
     assert out.rstrip().endswith("OK")
+
+
+@pytest.mark.parametrize(
+    ("argv", "time_scale", "concurrency"),
+    [
+        ([], None, None),  # calibrated
+        (["--time-scale", "auto"], None, None),
+        (["--time-scale", "AUTO", "--concurrency", "2"], None, 2),
+        (["--time-scale", "3"], 3.0, None),
+    ],
+)
+def test_the_pace_is_calibrated_unless_given(argv, time_scale, concurrency) -> None:
+    fake = FakeDrill(scenario("stop-task"))
+    assert main(["drill", *argv], run_local=fake) == 0
+    ((_names, kwargs),) = fake.calls
+    assert kwargs["time_scale"] == time_scale and kwargs["concurrency"] == concurrency
 
 
 @pytest.mark.parametrize(
@@ -110,12 +137,28 @@ def test_options_reach_the_drill_and_a_clean_report_exits_0(tmp_path: Path, caps
         ((scenario("stop-task", lost=1, ok=False),), 1),  # an "after" scenario lost a job
         ((scenario("stop-task"), scenario("shell-pid1", "before", ok=False)), 1),  # no loss seen
         ((scenario("stop-task"), scenario("shell-pid1", "before", lost=1)), 0),  # loss shown
+        # Out of time or too slow: inconclusive, 3: never 0 (a pass), never 1 (a loss)...
+        ((scenario("stop-task"), scenario("spot", ok=False, outcome="inconclusive")), 3),
+        # ...unless something else failed.
+        (
+            (
+                scenario("spot", ok=False, outcome="inconclusive"),
+                scenario("stop-task", lost=1, ok=False),
+            ),
+            1,
+        ),
     ],
 )
-def test_exit_status_follows_the_report(scenarios, code: int, tmp_path: Path) -> None:
+def test_exit_status_follows_the_report(scenarios, code: int, tmp_path: Path, capsys) -> None:
     out = tmp_path / "r.json"
     assert main(["drill", "--json", str(out)], run_local=FakeDrill(*scenarios)) == code
-    assert DrillReport.read_json(out).ok is (code == 0)
+    written = DrillReport.read_json(out)
+    assert written.ok is (code == 0) and written.exit_status == code
+    if code == 3:
+        text = capsys.readouterr().out
+        assert "inconclusive: machine too slow (load 5.0 on 2 cores)" in text
+        assert "retry with fleetdrain drill --scenario spot --time-scale 3" in text
+        assert text.rstrip().endswith("INCONCLUSIVE")
 
 
 @pytest.mark.parametrize(
@@ -124,6 +167,8 @@ def test_exit_status_follows_the_report(scenarios, code: int, tmp_path: Path) ->
         (["drill", "--time-scale", "0"], "must be a number > 0"),
         (["drill", "--time-scale", "fast"], "not a number"),
         (["drill", "--scenario", "nope"], "invalid choice"),
+        (["drill", "--concurrency", "0"], "must be at least 1"),
+        (["drill", "--concurrency", "two"], "not a whole number"),
     ],
 )
 def test_bad_options_are_refused_by_the_parser(argv, message: str, capsys) -> None:

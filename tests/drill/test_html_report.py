@@ -1,5 +1,7 @@
 """The drill's renderers, fed DrillReports built here: the terminal table, the progress view
-(live and piped) and the self-contained HTML timeline."""
+(live and piped) and the self-contained HTML timeline. One clock (issue 14): timelines and
+figures in AWS seconds, labelled, wall seconds beside them; an inconclusive verdict of its own,
+with its cause; a scenario that failed or ran out of time keeps its timeline."""
 
 from __future__ import annotations
 
@@ -10,11 +12,28 @@ from html.parser import HTMLParser
 
 from fleetdrain.drill.report.html import render_html, state_colour, timeline_svg, write_html
 from fleetdrain.drill.report.model import DrillReport, ScenarioReport, TimelineEvent
-from fleetdrain.drill.report.terminal import PIPED_WIDTH, ProgressView, make_console, print_report
+from fleetdrain.drill.report.terminal import (
+    PIPED_WIDTH,
+    ProgressView,
+    make_console,
+    print_report,
+    print_timeline,
+)
+
+#: The fixtures' pace: AWS seconds per wall second (the default 10x).
+SPEED = 10.0
 
 
 def ev(t: float, kind: str, subject: str, what: str, **detail: object) -> TimelineEvent:
-    return TimelineEvent(t=t, kind=kind, subject=subject, what=what, detail=dict(detail))  # type: ignore[arg-type]
+    """An event at ``t`` AWS seconds (its wall time beside it, at :data:`SPEED`)."""
+    return TimelineEvent(
+        t=t,
+        kind=kind,  # type: ignore[arg-type]
+        subject=subject,
+        what=what,
+        detail=dict(detail),
+        wall=round(t / SPEED, 3),
+    )
 
 
 def scale_in() -> ScenarioReport:
@@ -26,7 +45,8 @@ def scale_in() -> ScenarioReport:
         longest_drain_seconds=14.25,
         hook_completion_latency_seconds=0.41,
         max_heartbeat_gap_intervals=1.12,
-        wall_seconds=16.0,
+        wall_seconds=1.6,
+        aws_seconds=16.0,
         ok=True,
         timeline=[
             ev(0.0, "instance", "i-0abc", "InService"),
@@ -238,7 +258,9 @@ def test_timeline_has_a_lane_per_subject_bars_markers_and_the_deadline() -> None
     assert len(rects) == 8
     # The job's "running" bar spans from 0.1 s to its finish at 13.0 s.
     running = re.search(
-        r'<rect x="([\d.]+)" y="[\d.]+" width="([\d.]+)"[^>]*><title>t=0\.10s job', svg
+        r'<rect x="([\d.]+)" y="[\d.]+" width="([\d.]+)"[^>]*>'
+        r"<title>0\.10 AWS s \(wall 0\.01 s\) job",
+        svg,
     )
     assert running is not None
     x0, w = float(running[1]), float(running[2])
@@ -335,3 +357,103 @@ def test_ticks_are_round_and_evenly_spaced() -> None:
     # Every tick a multiple of the step (26, 28, 30 ..., never 26, 31, 36).
     assert all(t % step == 0 for t in ticks), ticks
     assert ticks[0] <= 26.5 and ticks[-1] >= 40
+
+
+# ------------------------------------------------------------------ one clock, three verdicts
+
+
+def out_of_time() -> ScenarioReport:
+    """A scenario that ran out of time: inconclusive, its timeline kept."""
+    return ScenarioReport(
+        name="wrapped-spot",
+        description="spot behind wrap",
+        jobs_run=1,
+        wall_seconds=200.0,
+        aws_seconds=130.0,
+        outcome="inconclusive",
+        cause="machine too slow (load 6.2 on 2 cores, stalls up to 0.80 s against a 1.00 s "
+        "window): ran out of time after 200s wall; retry with --time-scale 4",
+        retry_time_scale=4.0,
+        notes=["ran out of time after 200s wall"],
+        timeline=[
+            ev(10.0, "task", "wrapped-spot-a1", "RUNNING"),
+            ev(20.0, "instance", "i-1", "spot interruption notice"),
+            ev(140.0, "deadline", "i-1", "instance reclaimed (spot 120s)"),
+        ],
+    )
+
+
+def test_an_inconclusive_scenario_is_neither_passed_nor_failed() -> None:
+    s = out_of_time()
+    assert s.inconclusive and not s.ok and s.verdict == "inconclusive"
+    drill = report(scale_in(), s)
+    assert drill.verdict == "INCONCLUSIVE" and drill.exit_status == 3
+    assert drill.failed == [] and drill.inconclusive == [s]
+    # A report built from ``ok`` alone (the --aws game day's) gets its outcome from it.
+    assert ScenarioReport(name="x", description="d", ok=True).outcome == "passed"
+    assert ScenarioReport(name="x", description="d").outcome == "failed"
+
+
+def test_the_table_says_inconclusive_with_its_cause_and_the_pace_to_retry_at() -> None:
+    buf, console = piped_console()
+    drill = report(scale_in(), out_of_time())
+    drill.pace = "pace: 2x (load 4.0 on 2 cores, 0.50 of a core per process), 4 scenario(s) at once"
+    print_report(console, drill)  # type: ignore[arg-type]
+    out = buf.getvalue()
+    assert out.startswith("pace: 2x (load 4.0 on 2 cores")
+    row = next(line for line in out.splitlines() if line.lstrip("│ ").startswith("wrapped-spot"))
+    assert "inconclusive" in row and "FAILED" not in row and re.search(r"\b200\b", row)
+    assert "inconclusive: machine too slow (load 6.2 on 2 cores" in out
+    assert "wall s" in out and "seconds are AWS seconds" in out
+    *_, retry, last = out.rstrip().splitlines()
+    again = "fleetdrain drill --scenario wrapped-spot --time-scale 4"
+    assert retry == f"  inconclusive: retry with {again}"
+    assert "; 1 inconclusive;" in last and last.endswith("INCONCLUSIVE")
+    assert max(len(line) for line in out.splitlines()) <= PIPED_WIDTH
+
+
+def test_the_html_has_one_clock_labelled_and_wall_time_beside_it() -> None:
+    html = render_html(report(scale_in(), out_of_time()))
+    text = " ".join(parse(html).text)
+    assert "Times are wall-clock seconds" not in html
+    assert "Times and durations are AWS seconds" in text
+    assert "AWS seconds since the scenario started" in text  # the axis' title, per timeline
+    assert "16 AWS s, 1.6 s wall" in text  # each scenario: both
+    assert "0.10 AWS s (wall 0.01 s) job job-1: running" in html  # each event: both
+    assert "pace 0.1x" in text  # no pace line: the time scale alone
+    drill = report(scale_in())
+    drill.pace = "pace: 2x (load 4.0 on 2 cores, 0.50 of a core per process), 4 scenario(s) at once"
+    assert "· pace: 2x (load 4.0 on 2 cores" in render_html(drill)
+
+
+def test_a_scenario_that_ran_out_of_time_keeps_its_timeline_and_names_its_cause() -> None:
+    html = render_html(report(out_of_time()))
+    assert "no timeline recorded" not in html
+    assert html.count("<svg") == 1
+    doc = parse(html)
+    assert any(
+        t == "span" and a.get("class") == "inconclusive" and "INCONCLUSIVE" for t, a in doc.tags
+    )
+    text = " ".join(doc.text)
+    assert "inconclusive: machine too slow (load 6.2 on 2 cores" in text
+    assert "retry with --time-scale 4" in text
+    assert "spot interruption notice" in html
+
+
+def test_a_plain_timeline_is_on_the_aws_clock_with_wall_time_beside_it() -> None:
+    buf, console = piped_console()
+    print_timeline(console, out_of_time())  # type: ignore[arg-type]
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "timeline of wrapped-spot (AWS s, wall s beside)"
+    assert re.match(r"\s+20\.00 \[\s+2\.00\]\s+instance\s+i-1\s+spot interruption notice", lines[2])
+
+
+def test_progress_marks_an_inconclusive_scenario_as_ended() -> None:
+    buf = io.StringIO()
+    console = make_console(buf, force_terminal=True)
+    with ProgressView(console, ["spot"]) as view:
+        view.update("spot: inconclusive (out of time)")
+        rendered = io.StringIO()
+        make_console(rendered, force_terminal=False).print(view._renderable())
+    text = rendered.getvalue()
+    assert "?" in text and "✓" not in text and "✗" not in text

@@ -1,7 +1,13 @@
 """The drill's wrapped scenarios (issue 6): stop-task, scale-in and spot with every agent behind
 ``fleetdrain-agent wrap``, and scale-in under a queue worker that is not a Buildkite agent,
 judged by their reports. Plus the queue worker on its own behind wrap: a unit it is allowed to
-finish completes, a unit it is forced to abandon counts as lost."""
+finish completes, a unit it is forced to abandon counts as lost.
+
+The drill runs at a calibrated pace (twice the default on an idle machine, slower on a busy
+one), and the assertions are on the scenario's own clock (AWS seconds: the order of events,
+deadlines, margins in AWS seconds that scale with the pace); a scenario that was inconclusive
+skips its test, with the cause.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from fleetdrain.drill.runner import run_local_drill
 from fleetdrain.drill.world.processes import agent_command, pid_namespaces_available, spawn_agent
 from fleetdrain.drill.world.queue_worker import WorkQueue
 
-pytestmark = [pytest.mark.slow, pytest.mark.pid1, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.slow, pytest.mark.pid1, pytest.mark.timeout(900)]
 
 NAMES = ["wrapped-stop-task", "wrapped-scale-in", "wrapped-spot", "wrapped-worker-scale-in"]
 
@@ -34,12 +40,15 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> DrillReport:
     return run_local_drill(
         NAMES,
         workdir=tmp_path_factory.mktemp("wrapped"),
-        time_scale=0.5,  # twice the default pace: 20 drill seconds per wall second
+        base_time_scale=0.5,  # twice the default pace on an idle machine, calibrated from there
     )
 
 
 def by_name(report: DrillReport, name: str) -> ScenarioReport:
+    """The scenario's report; the test skips if it was inconclusive (it cannot tell)."""
     (scenario,) = [s for s in report.scenarios if s.name == name]
+    if scenario.inconclusive:
+        pytest.skip(f"{name} was inconclusive: {scenario.cause}")
     return scenario
 
 
@@ -54,7 +63,7 @@ def first_t(s: ScenarioReport, kind: str, subject: str, what: str) -> float:
 def test_every_wrapped_scenario_loses_nothing(report: DrillReport) -> None:
     assert [s.name for s in report.scenarios] == NAMES
     assert all(s.kind == "after" for s in report.scenarios)
-    assert report.ok, [(s.name, s.notes) for s in report.scenarios]
+    assert not report.failed, [(s.name, s.cause, s.notes) for s in report.failed]
     assert all(s.lost == 0 for s in report.scenarios)
 
 
@@ -116,9 +125,14 @@ def test_wrapped_spot_forces_agent_stop_before_the_notice_runs_out(report: Drill
     # cancelled and reported before the instance was reclaimed (by the controller's forced stop
     # or wrap's SIGQUIT: they are 5 s apart, and which is first is not the point here).
     assert "IMDS spot:terminate" in whats(s, "agent", doomed)
+    t_notice = next(e.t for e in s.timeline if e.what == "spot interruption notice")
     t_finish = first_t(s, "job", "wrapped-spot #1", "finished exit 143 (agent_stop)")
     t_reclaim = next(e.t for e in s.timeline if e.what.startswith("instance reclaimed"))
-    assert t_finish < t_reclaim
+    # On the scenario's clock: the reclaim two minutes after the notice, the build cancelled
+    # and reported before it (the controller forces at 100 s, wrap at the notice's time minus
+    # its cancel grace and drain margin: 15 s, more where the drill may not compress them).
+    assert t_reclaim - t_notice == pytest.approx(120, abs=1)
+    assert t_notice < t_finish < t_reclaim
     assert "SIGKILL" not in whats(s, "signal", doomed)
     assert "exited 0" in whats(s, "task", doomed)
 
@@ -137,8 +151,11 @@ def test_wrapped_worker_scale_in_sees_the_worker_busy_through_protection(
     t_scale_in = next(e.t for e in s.timeline if e.what == "Terminating:Wait")
     on = [e.t for e in s.timeline if (e.subject, e.what) == ("worker-a1", "protection on")]
     off = [e.t for e in s.timeline if (e.subject, e.what) == ("worker-a1", "protection off")]
-    assert any(t_claimed - 0.5 <= t < t_scale_in for t in on)
-    assert not [t for t in off if t_scale_in < t < t_done - 0.5], "protection dropped mid-unit"
+    # Margins in AWS seconds (wrap's busy poll is 1 s of it): wall margins that scale with the
+    # pace, 0.5 s at the tests' idle pace.
+    margin = 10.0
+    assert any(t_claimed - margin <= t < t_scale_in for t in on)
+    assert not [t for t in off if t_scale_in < t < t_done - margin], "protection dropped mid-unit"
     # The controller had no coordinator agent to ask: the soft phase held on protection alone,
     # and DRAINING came only after the unit had completed (the unit is 200 s, stopTimeout 120).
     drain = [e.what for e in s.timeline if e.subject.startswith("drain ")]

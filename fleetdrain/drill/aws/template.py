@@ -16,9 +16,11 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[3]
-#: The stack the drill deploys: the repository's own SAM template.
-TEMPLATE = ROOT / "template.yaml"
+#: The stack the drill deploys: the repository's own SAM template (``template.yaml`` at the
+#: root, where ``sam deploy`` wants it). It ships in the package beside this module: in a
+#: checkout ``fleetdrain/drill/aws/template.yaml`` is a symlink to the root's, which the wheel
+#: build copies in as a file (package data), so an installed drill has it too.
+TEMPLATE = Path(__file__).with_name("template.yaml")
 #: The drill's pseudo parameters: moto's default account, in the region the drill deploys to.
 ACCOUNT = "123456789012"
 REGION = "us-east-1"

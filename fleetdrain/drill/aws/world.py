@@ -48,7 +48,6 @@ from fleetdrain.drill.aws.rules import EventRule, event_rules, matches
 from fleetdrain.drill.aws.template import (
     ACCOUNT,
     REGION,
-    ROOT,
     TEMPLATE,
     conditions,
     load_template,
@@ -125,13 +124,16 @@ def code_artifact() -> bytes:
     zip.
 
     The dependencies are not in it: the drill runs the handlers in this process, with this
-    environment's packages (moto only stores the artifact).
+    environment's packages (moto only stores the artifact). The sources are this
+    ``fleetdrain``'s own, wherever it is imported from (a checkout or site-packages).
     """
+    import fleetdrain
+
+    package = Path(fleetdrain.__file__).resolve().parent
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        package = ROOT / "fleetdrain"
         for path in [package / "__init__.py", *sorted((package / "controller").rglob("*.py"))]:
-            zf.write(path, str(path.relative_to(ROOT)))
+            zf.write(path, str(path.relative_to(package.parent)))
     return buf.getvalue()
 
 

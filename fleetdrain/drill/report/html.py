@@ -4,8 +4,11 @@ The table of :mod:`fleetdrain.drill.report.terminal`, and per scenario a timelin
 SVG: one lane per subject (instance, task, agent, job, hook, controller), each state a bar until the
 subject's next state, signals, faults and hook completions as markers, and every SIGKILL deadline as
 a vertical line across all lanes, so that a person can see a drain beat (or miss) its deadline.
-No script, no stylesheet or font from the network: the file can be attached to a CI run and
-opened anywhere. Every piece of text that comes from the report is escaped.
+One clock: the axis, the table and every figure are AWS seconds (the drill's clock, on which a
+120 s ``stopTimeout`` is 120 whatever the pace); each event's wall-clock time is in its tooltip,
+and each scenario's wall seconds beside its AWS seconds. No script, no stylesheet or font from
+the network: the file can be attached to a CI run and opened anywhere. Every piece of text that
+comes from the report is escaped.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ RIGHT_PAD = 20
 LANE_H = 24
 DEADLINE_ROWS = 3
 TOP = 22 + 12 * DEADLINE_ROWS
-BOTTOM = 30
+BOTTOM = 44
+#: The axis' title: the one clock of the report.
+AXIS_TITLE = "AWS seconds since the scenario started"
 
 CSS = """
 body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px;
@@ -44,6 +49,8 @@ table.report th:first-child, table.report td:first-child,
 table.report td.kind, table.report td.verdict, table.report th.verdict { text-align: left; }
 .ok { color: #1a7f37; font-weight: 600; }
 .failed { color: #cf222e; font-weight: 700; }
+.inconclusive { color: #9a6700; font-weight: 700; }
+p.cause { margin: 4px 0; }
 .lost-after { color: #cf222e; font-weight: 700; }
 .lost-before { color: #9a6700; font-weight: 600; }
 .summary { margin-top: 8px; font-weight: 600; }
@@ -98,7 +105,8 @@ def _fmt(value: float | None, suffix: str = "") -> str:
 
 
 def _tooltip(event: TimelineEvent) -> str:
-    text = f"t={event.t:.2f}s {event.kind} {event.subject}: {event.what}"
+    wall = "" if event.wall is None else f" (wall {event.wall:.2f} s)"
+    text = f"{event.t:.2f} AWS s{wall} {event.kind} {event.subject}: {event.what}"
     if event.detail:
         text += "\n" + json.dumps(event.detail, default=str, sort_keys=True)
     return text
@@ -171,7 +179,12 @@ def timeline_svg(scenario: ScenarioReport) -> str:
         return ""
     lanes, deadlines = _lanes(scenario.timeline)
     happened = [e.t for e in scenario.timeline if e.kind != "deadline"] or [0.0]
-    seen_until = max([*happened, scenario.wall_seconds or 0.0])
+    # The scenario's own end, on the timeline's clock: AWS seconds (a game day's timeline has
+    # no wall times beside its own, which are AWS's).
+    covered = scenario.aws_seconds
+    if covered is None and all(e.wall is None for e in scenario.timeline):
+        covered = scenario.wall_seconds
+    seen_until = max([*happened, covered or 0.0])
     # A deadline far past everything that happened (a one-hour drain budget after a 4 s
     # drain) would squash the drain into a sliver: such deadlines are pinned to the right edge.
     near = [d.t for d in deadlines if d.t <= max(seen_until, 1e-3) * 1.5]
@@ -207,6 +220,10 @@ def timeline_svg(scenario: ScenarioReport) -> str:
     out.append(
         f'<line class="axis" x1="{LABEL_W}" y1="{axis_y}" x2="{LABEL_W + PLOT_W}" y2="{axis_y}" '
         'stroke="#8c959f"/>'
+    )
+    out.append(
+        f'<text class="axis-title" x="{LABEL_W + PLOT_W / 2:.1f}" y="{axis_y + 30}" '
+        f'text-anchor="middle" fill="#57606a">{_e(AXIS_TITLE)}</text>'
     )
     for i, lane in enumerate(lanes):
         y = TOP + i * LANE_H
@@ -343,6 +360,7 @@ def _table(report: DrillReport) -> str:
         "longest drain s",
         "hook latency s",
         "max hb gap",
+        "wall s",
         "verdict",
     )
     rows = [
@@ -361,11 +379,16 @@ def _table(report: DrillReport) -> str:
             f"<td>{_fmt(s.longest_drain_seconds)}</td>"
             f"<td>{_fmt(s.hook_completion_latency_seconds)}</td>"
             f"<td>{_fmt(s.max_heartbeat_gap_intervals, 'x')}</td>"
-            f"<td class='verdict {'ok' if s.ok else 'failed'}'>{_e(s.verdict)}</td>"
+            f"<td>{s.wall_seconds:.1f}</td>"
+            f"<td class='verdict {_verdict_class(s)}'>{_e(s.verdict)}</td>"
             "</tr>"
         )
     rows.append("</tbody></table>")
     return "".join(rows)
+
+
+def _verdict_class(s: ScenarioReport) -> str:
+    return "ok" if s.ok else "inconclusive" if s.inconclusive else "failed"
 
 
 def _legend() -> str:
@@ -388,14 +411,16 @@ def _legend() -> str:
 def render_html(report: DrillReport) -> str:
     """The whole report as one HTML document (a string)."""
     title = "fleetdrain drill" + (" --aws" if report.mode == "aws" else "")
-    verdict = "OK" if report.ok else "FAILED"
+    verdict = report.verdict
+    css = {"OK": "ok", "INCONCLUSIVE": "inconclusive"}.get(verdict, "failed")
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
         f"<title>{_e(title)}: {verdict}</title><style>{CSS}</style></head><body>",
-        f"<h1>{_e(title)}: <span class='{'ok' if report.ok else 'failed'}'>{verdict}</span></h1>",
-        f"<p class='meta'>started {_e(report.started_at)} · {report.wall_seconds:.1f}s wall · "
-        f"time scale {report.time_scale:g} · mode {_e(report.mode)}",
+        f"<h1>{_e(title)}: <span class='{css}'>{verdict}</span></h1>",
+        f"<p class='meta'>started {_e(report.started_at)} · {report.wall_seconds:.1f} s wall · "
+        + (_e(report.pace) if report.pace else f"pace {report.time_scale:g}x")
+        + f" · mode {_e(report.mode)}",
     ]
     if report.mode == "local":
         parts.append(
@@ -406,16 +431,25 @@ def render_html(report: DrillReport) -> str:
     parts.append("</p>")
     parts.append(_table(report))
     parts.append(
-        "<p class='meta'>Times are wall-clock seconds since each scenario started. 'after' "
-        "scenarios must lose nothing; 'before' cases must show their loss.</p>"
+        "<p class='meta'>Times and durations are AWS seconds, the drill's clock (a 120 s "
+        "stopTimeout is 120 whatever the pace), since each scenario started; an event's "
+        "wall-clock time is in its tooltip, and each scenario's wall seconds beside its AWS "
+        "seconds. 'after' scenarios must lose nothing; 'before' cases must show their loss; "
+        "an inconclusive scenario could not tell (out of time, or a machine too slow for "
+        "it) and says the pace to retry at.</p>"
     )
     parts.append(_legend())
     for s in report.scenarios:
+        took = f"{s.wall_seconds:.1f} s wall"
+        if s.aws_seconds is not None:
+            took = f"{s.aws_seconds:.0f} AWS s, {took}"
         parts.append(
             f"<h2 id='scenario-{_e(s.name)}'>{_e(s.name)} <small class='meta'>({_e(s.kind)}, "
-            f"{s.wall_seconds:.1f}s)</small> <span class='{'ok' if s.ok else 'failed'}'>"
+            f"{took})</small> <span class='{_verdict_class(s)}'>"
             f"{_e(s.verdict)}</span></h2><p class='desc'>{_e(s.description)}</p>"
         )
+        if s.cause and not s.ok:
+            parts.append(f"<p class='cause {_verdict_class(s)}'>{_e(s.verdict)}: {_e(s.cause)}</p>")
         if s.notes:
             parts.append(
                 "<ul class='notes'>" + "".join(f"<li>{_e(n)}</li>" for n in s.notes) + "</ul>"

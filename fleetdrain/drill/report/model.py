@@ -2,8 +2,17 @@
 
 This module is the contract between the parts of the drill: the scenarios fill it in, the
 terminal table, ``--json`` and ``--html`` render it, and ``fleetdrain drill --aws`` fills in the
-same shape from a real game day. Times on a timeline are seconds since the scenario started,
-wall-clock (not scaled by ``--time-scale``); ``time_scale`` says how much drill time each one is.
+same shape from a real game day.
+
+One clock: times on a timeline (``t``) and the report's durations are *AWS seconds* since the
+scenario started, the clock every deadline is on (a 120 s ``stopTimeout`` is 120 whatever the
+pace; on ``--aws`` they are wall seconds, which are AWS's). The local drill adds each event's
+wall-clock time beside it (``wall``), and each scenario's wall seconds.
+
+Outcomes: ``passed``, ``failed`` (a build was lost, or the scenario showed what it must not),
+and ``inconclusive``: the scenario ran out of time, or failed without losing a build while its
+machine was too slow for it (a ``cause`` says which, with the pace to retry at). Inconclusive
+is never a pass and never a loss; :attr:`DrillReport.exit_status` gives it a status of its own.
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 #: What a timeline entry is about; the HTML timeline draws one lane per ``subject``, coloured
 #: by ``kind``.
@@ -32,15 +41,27 @@ EventKind = Literal[
 #: run today, must show the loss (or the drill could not see one).
 ScenarioKind = Literal["after", "before"]
 
+#: What a scenario came to (see the module docstring).
+Outcome = Literal["passed", "failed", "inconclusive"]
+
+#: ``fleetdrain drill``'s exit statuses.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INCONCLUSIVE = 3
+
 
 class TimelineEvent(BaseModel):
     """One thing that happened during a scenario."""
 
-    t: float = Field(description="seconds since the scenario started (wall clock)")
+    t: float = Field(description="AWS seconds since the scenario started (the drill's clock)")
     kind: EventKind
     subject: str = Field(description="agent name, job id, task id, instance id or 'controller'")
     what: str = Field(description="short label, e.g. 'SIGTERM', 'finished exit 0', 'CONTINUE'")
     detail: dict[str, object] = Field(default_factory=dict)
+    wall: float | None = Field(
+        default=None, description="wall-clock seconds since the scenario started (local drill)"
+    )
 
 
 class ScenarioReport(BaseModel):
@@ -58,14 +79,50 @@ class ScenarioReport(BaseModel):
     max_heartbeat_gap_intervals: float | None = Field(
         default=None, description="longest time without a heartbeat, in heartbeat intervals"
     )
-    wall_seconds: float = 0.0
+    wall_seconds: float = Field(default=0.0, description="wall-clock seconds it took")
+    aws_seconds: float | None = Field(
+        default=None, description="AWS seconds it covered (its timeline's clock)"
+    )
     ok: bool = False
+    #: None when built from ``ok`` alone: filled in from it (``passed`` / ``failed``).
+    outcome: Outcome | None = None
+    cause: str | None = Field(
+        default=None, description="why it failed or is inconclusive, in one line"
+    )
+    load: float | None = Field(
+        default=None, description="the highest 1-minute load average seen while it ran"
+    )
+    max_stall_seconds: float | None = Field(
+        default=None, description="the longest its process was kept from running (wall s)"
+    )
+    retry_time_scale: float | None = Field(
+        default=None, description="inconclusive: the --time-scale to retry it at"
+    )
     notes: list[str] = Field(default_factory=list)
     timeline: list[TimelineEvent] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _outcome_from_ok(self) -> ScenarioReport:
+        if self.outcome is None:
+            self.outcome = "passed" if self.ok else "failed"
+        self.ok = self.outcome == "passed"
+        return self
+
+    def judge(self, outcome: Outcome, cause: str | None = None) -> None:
+        """Set the outcome (and ``ok`` with it) and its cause."""
+        self.outcome = outcome
+        self.ok = outcome == "passed"
+        self.cause = cause
+
+    @property
+    def inconclusive(self) -> bool:
+        return self.outcome == "inconclusive"
+
     @property
     def verdict(self) -> str:
-        """``ok`` / ``FAILED``, with what a ``before`` case means in words."""
+        """``ok`` / ``FAILED`` / ``inconclusive``, with what a ``before`` case means in words."""
+        if self.outcome == "inconclusive":
+            return "inconclusive"
         if self.kind == "before":
             return "loss shown" if self.ok else "FAILED: no loss seen"
         return "ok" if self.ok else "FAILED"
@@ -78,6 +135,10 @@ class DrillReport(BaseModel):
     started_at: str = Field(description="ISO 8601, UTC")
     wall_seconds: float = 0.0
     time_scale: float = 1.0
+    pace: str = Field(default="", description="how the pace was chosen, in one line")
+    cores: int | None = None
+    load: float | None = Field(default=None, description="the load average at the start")
+    concurrency: int | None = Field(default=None, description="scenarios run side by side")
     pid_namespaces: bool = False
     pid_namespaces_reason: str = ""
     scenarios: list[ScenarioReport] = Field(default_factory=list)
@@ -86,6 +147,28 @@ class DrillReport(BaseModel):
     def ok(self) -> bool:
         """True when every ``after`` scenario lost nothing and every ``before`` showed a loss."""
         return all(s.ok for s in self.scenarios)
+
+    @property
+    def failed(self) -> list[ScenarioReport]:
+        return [s for s in self.scenarios if s.outcome == "failed"]
+
+    @property
+    def inconclusive(self) -> list[ScenarioReport]:
+        return [s for s in self.scenarios if s.outcome == "inconclusive"]
+
+    @property
+    def verdict(self) -> str:
+        """``OK``, ``FAILED``, or ``INCONCLUSIVE`` (nothing failed, something could not tell)."""
+        if self.failed:
+            return "FAILED"
+        return "INCONCLUSIVE" if self.inconclusive else "OK"
+
+    @property
+    def exit_status(self) -> int:
+        """0 when OK, 1 when a scenario failed, 3 when none failed but one was inconclusive."""
+        if self.failed:
+            return EXIT_FAILED
+        return EXIT_INCONCLUSIVE if self.inconclusive else EXIT_OK
 
     def write_json(self, path: Path) -> None:
         """Write the report as JSON (the ``--json`` file)."""

@@ -36,9 +36,9 @@ LEGEND = (
 )
 #: The clock the seconds are on, per mode.
 UNITS = {
-    "local": "  seconds are drill seconds, AWS's clock (stopTimeout 120 s, spot notice 120 s),"
-    " whatever --time-scale",
-    "aws": "  seconds are wall-clock seconds",
+    "local": "  seconds are AWS seconds, the drill's clock (stopTimeout 120 s, spot notice 120 s),"
+    " whatever the pace; wall s: how long a scenario took here",
+    "aws": "  seconds are AWS seconds (wall-clock: a real deployment's)",
 }
 
 
@@ -65,7 +65,7 @@ def _gap(value: float | None) -> str:
 
 
 def _verdict(s: ScenarioReport) -> Text:
-    style = "green" if s.ok else "bold red"
+    style = "green" if s.ok else "bold yellow" if s.inconclusive else "bold red"
     return Text(s.verdict, style=style)
 
 
@@ -99,10 +99,12 @@ def report_table(report: DrillReport, width: int = PIPED_WIDTH) -> Table:
         "longest\ndrain s",
         "hook\nlatency s",
         "max hb\ngap",
+        "wall s",
         "verdict",
     ]
     if compact:
         columns.remove("kind")
+        columns.remove("wall s")
     for column in columns:
         table.add_column(
             column,
@@ -122,16 +124,20 @@ def report_table(report: DrillReport, width: int = PIPED_WIDTH) -> Table:
             _seconds(s.longest_drain_seconds),
             _seconds(s.hook_completion_latency_seconds),
             _gap(s.max_heartbeat_gap_intervals),
+            f"{s.wall_seconds:.0f}",
             _verdict(s),
         ]
         if compact:
+            del cells[9]
             del cells[1]
         table.add_row(*cells)
     return table
 
 
 def print_report(console: Console, report: DrillReport, *, extra: Iterable[str] = ()) -> None:
-    """The table, what each scenario is, its notes, and a one-line summary."""
+    """The pace, the table, what each scenario is, its cause and notes, a one-line summary."""
+    if report.pace:
+        console.print(report.pace, markup=False, highlight=False)
     if report.mode == "local" and not report.pid_namespaces:
         console.print(
             Text(
@@ -142,8 +148,10 @@ def print_report(console: Console, report: DrillReport, *, extra: Iterable[str] 
     console.print(report_table(report, console.width))
     for s in report.scenarios:
         console.print(Text.assemble("  ", (s.name, "bold"), f" ({s.kind}): {s.description}"))
+        if s.cause and not s.ok:
+            console.print(f"      {s.verdict}: {s.cause}", markup=False, highlight=False)
         for note in s.notes:
-            console.print(f"      note: {note}")
+            console.print(f"      note: {note}", markup=False, highlight=False)
     for line in (*LEGEND, UNITS[report.mode]):
         console.print(line)
     for line in extra:
@@ -157,8 +165,16 @@ def print_report(console: Console, report: DrillReport, *, extra: Iterable[str] 
     if before:
         shown = sum(1 for s in before if s.ok)
         summary += f"; {shown}/{len(before)} before case(s) showed their loss"
-    summary += f"; {report.wall_seconds:.1f}s; " + ("OK" if report.ok else "FAILED")
-    console.print(Text(summary, style="bold green" if report.ok else "bold red"))
+    unsure = report.inconclusive
+    if unsure:
+        summary += f"; {len(unsure)} inconclusive"
+        retry = max(s.retry_time_scale or 0 for s in unsure)
+        again = " ".join(f"--scenario {s.name}" for s in unsure)
+        pace = f" --time-scale {retry:g}" if retry else ""
+        console.print(f"  inconclusive: retry with fleetdrain drill {again}{pace}", markup=False)
+    summary += f"; {report.wall_seconds:.1f}s wall; {report.verdict}"
+    style = {"OK": "bold green", "INCONCLUSIVE": "bold yellow"}.get(report.verdict, "bold red")
+    console.print(Text(summary, style=style))
 
 
 @dataclass
@@ -228,7 +244,7 @@ class ProgressView:
             if row.started is None:
                 row.started = now
             row.message = text
-            if text in ("ok", "FAILED", "loss shown") or text.startswith("FAILED"):
+            if text in ("ok", "loss shown") or text.startswith(("FAILED", "inconclusive")):
                 row.status, row.ended = text, now
             else:
                 row.status = "running"
@@ -253,6 +269,8 @@ class ProgressView:
                 mark = Text("·", style="dim")
             elif row.status.startswith("FAILED"):
                 mark = Text("✗", style="bold red")
+            elif row.status.startswith("inconclusive"):
+                mark = Text("?", style="bold yellow")
             else:
                 mark = Text("✓", style="green")
             elapsed = ""
@@ -266,11 +284,13 @@ class ProgressView:
 
 
 def print_timeline(console: Console, scenario: ScenarioReport) -> None:
-    """The scenario's timeline as plain lines (``t  kind  subject  what``), oldest first."""
-    console.print(Text(f"timeline of {scenario.name}", style="bold"))
+    """The scenario's timeline as plain lines (``AWS s  [wall s]  kind  subject  what``),
+    oldest first."""
+    console.print(Text(f"timeline of {scenario.name} (AWS s, wall s beside)", style="bold"))
     if not scenario.timeline:
         console.print("  (no events recorded)")
         return
     for event in sorted(scenario.timeline, key=lambda e: e.t):
-        line = f"  {event.t:8.2f}s  {event.kind:<10} {event.subject:<28} {event.what}"
+        wall = "" if event.wall is None else f" [{event.wall:7.2f}]"
+        line = f"  {event.t:8.2f}{wall}  {event.kind:<10} {event.subject:<28} {event.what}"
         console.print(line, markup=False, highlight=False, overflow="fold")

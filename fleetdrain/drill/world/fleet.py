@@ -55,17 +55,34 @@ PING_INTERVAL = 0.3
 HEARTBEAT_INTERVAL = 0.5
 JOB_STATUS_INTERVAL = 0.3
 LOST_AGENT_TIMEOUT = 180.0
+#: Where a scenario's timeline goes as it is recorded (JSON lines, in its work directory).
+TIMELINE_FILE = "timeline.jsonl"
 
 
 class Timeline:
-    """Timeline events of one scenario, in wall seconds since it started (thread-safe)."""
+    """Timeline events of one scenario (thread-safe), on one clock: AWS seconds since it
+    started (``t``: wall seconds times ``scale``, the drill clock's drill seconds per wall
+    second), with the wall seconds beside them (``wall``).
 
-    def __init__(self, progress: Callable[[str], None] = lambda _m: None, prefix: str = "") -> None:
+    With a ``path`` every event is also appended to it as a JSON line the moment it is
+    recorded, so that a scenario stopped half-way (out of time, killed) leaves its evidence.
+    """
+
+    def __init__(
+        self,
+        progress: Callable[[str], None] = lambda _m: None,
+        prefix: str = "",
+        *,
+        scale: float = 1.0,
+        path: Path | None = None,
+    ) -> None:
         self.t0 = time.monotonic()
+        self.scale = scale
         self.events: list[TimelineEvent] = []
         self._lock = threading.Lock()
         self._progress = progress
         self._prefix = prefix
+        self._file = None if path is None else open(path, "w", buffering=1)  # noqa: SIM115
 
     def record(
         self,
@@ -76,16 +93,20 @@ class Timeline:
         at: float | None = None,
     ) -> None:
         """Add an event (``at``: a ``time.monotonic()`` stamp; default now)."""
-        t = (time.monotonic() if at is None else at) - self.t0
+        wall = max(0.0, (time.monotonic() if at is None else at) - self.t0)
         event = TimelineEvent(
-            t=round(max(0.0, t), 3),
+            t=round(wall * self.scale, 3),
             kind=_kind(kind),
             subject=subject,
             what=what,
             detail=dict(detail or {}),
+            wall=round(wall, 3),
         )
         with self._lock:
             self.events.append(event)
+            if self._file is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self._file.write(event.model_dump_json() + "\n")
         live = at is None  # merged afterwards (at=...): already past, no progress line
         if live and (
             kind in ("signal", "instance", "hook", "fault")
@@ -93,9 +114,33 @@ class Timeline:
         ):
             self._progress(f"{self._prefix}{subject}: {what}")
 
+    def aws(self, monotonic: float) -> float:
+        """AWS seconds since the start of a ``time.monotonic()`` stamp."""
+        return (monotonic - self.t0) * self.scale
+
     def sorted(self) -> list[TimelineEvent]:
         with self._lock:
             return sorted(self.events, key=lambda e: e.t)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                with contextlib.suppress(OSError):
+                    self._file.close()
+                self._file = None
+
+
+def read_timeline(path: Path) -> list[TimelineEvent]:
+    """The events a :class:`Timeline` appended to ``path`` (a line cut short is skipped)."""
+    events: list[TimelineEvent] = []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return events
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            events.append(TimelineEvent.model_validate_json(line))
+    return sorted(events, key=lambda e: e.t)
 
 
 def _kind(kind: str) -> EventKind:
@@ -123,10 +168,17 @@ class Fleet:
     lock: threading.RLock
     timeline: Timeline
     instances: list[str] = field(default_factory=list)
+    _clients: dict[str, Any] = field(default_factory=dict, repr=False)
+    _clients_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def client(self, service: str) -> Any:
-        """A boto3 client on the fleet's (moto) account."""
-        return self.session.client(service)
+        """A boto3 client on the fleet's (moto) account (one per service: making one costs
+        tens of milliseconds of CPU, and the scenarios ask in polling loops)."""
+        with self._clients_lock:
+            client = self._clients.get(service)
+            if client is None:
+                client = self._clients[service] = self.session.client(service)
+            return client
 
     def invocations(self) -> list[Invocation]:
         """Every handler invocation so far."""
@@ -277,7 +329,9 @@ def local_fleet(
     warnings.filterwarnings("ignore", message="No application metrics to publish")
     workdir.mkdir(parents=True, exist_ok=True)
     clock = DrillClock(time_scale)
-    timeline = Timeline(progress, prefix=f"{name}: ")
+    timeline = Timeline(
+        progress, prefix=f"{name}: ", scale=clock.scale, path=workdir / TIMELINE_FILE
+    )
     lock = threading.RLock()
     coord = Coordinator(
         org="fleetdrain",
@@ -290,11 +344,12 @@ def local_fleet(
     )
     with contextlib.ExitStack() as stack:
         stack.callback(_restore_env, saved)
+        stack.callback(timeline.close)
         stack.callback(restore_logs)
         stack.enter_context(mock_aws())
         gaps = stack.enter_context(AwsGaps(clock=clock, region=REGION))
         server = stack.enter_context(CoordinatorServer(coord))
-        session = boto3.session.Session(region_name=REGION)
+        session = boto3.session.Session(botocore_session=_botocore_session(), region_name=REGION)
         delays = ScaledDelays(clock)
         session.events.register("provide-client-params.sqs.SendMessage", delays)
         ids = _build_aws(session, instances)
@@ -403,6 +458,59 @@ def local_fleet(
             timeline=timeline,
             instances=ids,
         )
+
+
+#: The AWS services a fleet's clients (the drill's, the handlers', the deploy's) use.
+AWS_SERVICES = (
+    "autoscaling",
+    "cloudformation",
+    "dynamodb",
+    "ec2",
+    "ecs",
+    "events",
+    "iam",
+    "lambda",
+    "s3",
+    "secretsmanager",
+    "sqs",
+    "sts",
+)
+_loader: Any = None
+
+
+def preload_aws_models() -> None:
+    """Load the services' models once, into a loader every fleet's session shares: a fresh
+    session would read and parse them again (~2 CPU-seconds a fleet). Called before the
+    scenario processes are forked, so that each starts with them."""
+    global _loader
+    if _loader is not None:
+        return
+    import boto3
+    import botocore.session
+
+    session = boto3.session.Session(region_name=REGION)
+    for service in AWS_SERVICES:
+        session.client(
+            service, aws_access_key_id="drill", aws_secret_access_key="drill"
+        )  # loads its model, paginators, waiters' index, endpoint data
+    _loader = session._session.get_component("data_loader")
+    assert isinstance(session._session, botocore.session.Session)
+    # moto parses the same models for itself (its own cache, per process).
+    from moto.core.utils import get_service_model
+
+    for service in AWS_SERVICES:
+        with contextlib.suppress(Exception):
+            get_service_model(service)
+
+
+def _botocore_session() -> Any:
+    """A botocore session with the shared model loader (:func:`preload_aws_models`)."""
+    import botocore.session
+
+    preload_aws_models()
+    bsession = botocore.session.Session()
+    bsession.register_component("data_loader", _loader)
+    return bsession
 
 
 def _restore_env(saved: dict[str, str | None]) -> None:

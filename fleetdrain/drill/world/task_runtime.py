@@ -18,6 +18,9 @@ What the ECS container agent and EC2 do on a real host, done on this machine:
   lifecycle event; once the action is completed (or expires) the instance is terminated and
   whatever still runs on it is killed. :meth:`TaskRuntime.spot_interruption` emits the
   warning and kills the instance's processes when the two minutes are up.
+- No task process outlives the runtime's process: each is started by
+  :func:`~fleetdrain.drill.world.processes.spawn_agent` (it dies with this process, and its
+  PID namespace with it), and :meth:`TaskRuntime.close` kills every one, with its job.
 
 Durations of the task definition and of AWS (stopTimeout, the spot notice) are *drill*
 seconds; :class:`DrillClock` turns them into wall seconds by the time scale.
