@@ -57,8 +57,6 @@ from fleetdrain.drill.pace import WALL_PER_DRILL_SECOND, Pace, calibrate
 from fleetdrain.drill.report.model import DrillReport, ScenarioKind, ScenarioReport
 from fleetdrain.drill.world.processes import contained, die_with_parent, pid_namespaces_available
 
-__all__ = ["SCENARIOS", "WALL_PER_DRILL_SECOND", "run_local_drill", "run_scenario"]
-
 #: Scenario name -> (kind, one-line description), in the order they run by default.
 SCENARIOS: dict[str, tuple[ScenarioKind, str]] = {
     "stop-task": ("after", "ecs stop-task under a running build: it finishes there"),
