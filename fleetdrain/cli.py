@@ -73,7 +73,7 @@ def _positive_float(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from fleetdrain.drill.runner import SCENARIOS
+    from fleetdrain.drill.runner import ALL_SCENARIOS, SCENARIOS, SEQUENCE_SCENARIOS
 
     parser = argparse.ArgumentParser(
         prog="fleetdrain",
@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     scenario_list = "; ".join(
-        f"{name} ({kind}): {desc}" for name, (kind, desc) in SCENARIOS.items()
+        f"{name} ({kind}): {desc}" for name, (kind, desc) in ALL_SCENARIOS.items()
     )
     drill = sub.add_parser(
         "drill",
@@ -103,9 +103,13 @@ def _parser() -> argparse.ArgumentParser:
     drill.add_argument(
         "--scenario",
         action="append",
-        choices=list(SCENARIOS),
+        choices=list(ALL_SCENARIOS),
         metavar="NAME",
-        help="run only this scenario (repeatable; default: all): " + ", ".join(SCENARIOS),
+        help="run only this scenario (repeatable; default: all of "
+        + ", ".join(SCENARIOS)
+        + "; by name only, the event sequences "
+        + ", ".join(SEQUENCE_SCENARIOS)
+        + ")",
     )
     drill.add_argument(
         "--time-scale",

@@ -104,6 +104,33 @@ SCENARIOS: dict[str, tuple[ScenarioKind, str]] = {
     ),
 }
 
+#: Event sequences a real fleet produces (issue 11; bodies in
+#: :mod:`fleetdrain.drill.scenarios_sequences`): run by name (``--scenario``), not by default,
+#: so that the default drill stays about a minute.
+SEQUENCE_SCENARIOS: dict[str, tuple[ScenarioKind, str]] = {
+    "rebalance-then-spot": (
+        "after",
+        "rebalance on an idle instance, an agent placed there, then the spot warning: a new "
+        "drain, forced, agent_stop, retried",
+    ),
+    "rebalance-then-scale-in": (
+        "after",
+        "rebalance on an idle instance, then CapacityRebalance's scale-in under a build: soft "
+        "drain on its own budget, the build finishes, hook completes",
+    ),
+    "stopped-outside-the-group": (
+        "after",
+        "instance stopped from the console under a long build: forced at once, agent_stop, retried",
+    ),
+    "scheduled-change": (
+        "after",
+        "AWS Health instance retirement ahead: soft drain, the build finishes, instance retired",
+    ),
+}
+
+#: Every scenario a name can select.
+ALL_SCENARIOS: dict[str, tuple[ScenarioKind, str]] = {**SCENARIOS, **SEQUENCE_SCENARIOS}
+
 #: Wall seconds a scenario may take at ``time_scale`` 1.0 (scaled by it), from its own start,
 #: before it stops itself as inconclusive.
 SCENARIO_WALL_LIMIT = 100.0
@@ -253,7 +280,7 @@ def run_local_drill(
     ``base_time_scale`` on an idle machine); a number is used as it is. ``concurrency``: how
     many scenarios run side by side (default: what the machine has room for)."""
     names = list(scenarios or SCENARIOS)
-    unknown = [n for n in names if n not in SCENARIOS]
+    unknown = [n for n in names if n not in ALL_SCENARIOS]
     if unknown:
         raise ValueError(f"unknown scenario(s): {', '.join(unknown)}")
     if time_scale is not None and time_scale <= 0:
@@ -356,7 +383,7 @@ def _out_of_time(name: str, workdir: Path, pace: Pace, wall: float) -> ScenarioR
     from fleetdrain.drill.metrics import out_of_time_cause
     from fleetdrain.drill.pace import load, retry_scale
 
-    kind, description = SCENARIOS[name]
+    kind, description = ALL_SCENARIOS[name]
     report = ScenarioReport(name=name, description=description, kind=kind)
     _keep_timeline(report, workdir)
     report.wall_seconds = round(wall, 2)
@@ -477,7 +504,7 @@ def _log_tail(workdir: Path) -> str:
 
 
 def _failed(name: str, why: str) -> ScenarioReport:
-    kind, description = SCENARIOS[name]
+    kind, description = ALL_SCENARIOS[name]
     return ScenarioReport(name=name, description=description, kind=kind, ok=False, notes=[why])
 
 
@@ -591,14 +618,15 @@ def run_scenario(
     from fleetdrain.drill.metrics import fill_report, judge
     from fleetdrain.drill.pace import Watch, calibrate
     from fleetdrain.drill.scenarios import SPECS, Run
+    from fleetdrain.drill.scenarios_sequences import SPECS as SEQUENCE_SPECS
     from fleetdrain.drill.world.fleet import TIMELINE_FILE, local_fleet, read_timeline
 
     if pace is None and _PACE is not None:
         pace, limit = _PACE[0], (_PACE[1] if limit is None else limit)
     if pace is None:
         pace = calibrate(1.0 / (WALL_PER_DRILL_SECOND * speed), scenarios=1)
-    spec = SPECS[name]
-    kind, description = SCENARIOS[name]
+    spec = {**SPECS, **SEQUENCE_SPECS}[name]
+    kind, description = ALL_SCENARIOS[name]
     report = ScenarioReport(name=name, description=description, kind=kind)
     started = time.monotonic()
     timed_out: str | None = None

@@ -193,6 +193,10 @@ def test_the_cli_lists_exactly_the_scenarios_that_exist() -> None:
     # local_drill.SCENARIOS stays import-light for the CLI; it must not drift from the bodies.
     assert list(SCENARIOS) == list(SPECS)
     assert {n: (s.kind, s.description) for n, s in SPECS.items()} == SCENARIOS
+    from fleetdrain.drill.runner import SEQUENCE_SCENARIOS
+    from fleetdrain.drill.scenarios_sequences import SPECS as SEQUENCE_SPECS
+
+    assert {n: (s.kind, s.description) for n, s in SEQUENCE_SPECS.items()} == SEQUENCE_SCENARIOS
 
 
 # ------------------------------------------------------------------ the verdict's rules
