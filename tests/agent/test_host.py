@@ -23,25 +23,11 @@ import pytest
 from fleetdrain.agent import cli
 from fleetdrain.agent.host import Host, HostError, HostSettings
 from fleetdrain.agent.imds import Notice
-from fleetdrain.agent.reaper import Reaper
+from tests.agent.fakes import NoReaper
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class _NoReaper(Reaper):
-    """Reaps nothing: waitpid(-1) in the test process would take other tests' children."""
-
-    def install(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        pass
-
-    def uninstall(self) -> None:
-        pass
-
-    def reap(self) -> None:
-        pass
-
-    def has_children(self) -> bool:
-        return False
 
 
 class _Worker:
@@ -91,7 +77,7 @@ async def test_a_notice_drains_softly_then_the_host_holds_healthy_until_a_stop_s
     else:
         notice = Notice(kind="lifecycle-terminated", deadline=None, detail="Terminated")
     worker = _Worker()
-    host = Host(worker, _NoReaper(), HostSettings(), health=lambda: not worker.done.is_set())
+    host = Host(worker, NoReaper(), HostSettings(), health=lambda: not worker.done.is_set())
     running = asyncio.ensure_future(host.run())
     await asyncio.sleep(0.05)  # the supervisor is running the worker
     assert host.healthy() and not host.supervisor.holding
@@ -116,7 +102,7 @@ async def test_a_notice_drains_softly_then_the_host_holds_healthy_until_a_stop_s
 
 async def test_a_stop_signal_drain_does_not_hold():
     worker = _Worker()
-    host = Host(worker, _NoReaper(), HostSettings(stop_timeout=30), health=lambda: True)
+    host = Host(worker, NoReaper(), HostSettings(stop_timeout=30), health=lambda: True)
     running = asyncio.ensure_future(host.run())
     await asyncio.sleep(0.05)
     host.supervisor.on_signal(signal.SIGTERM)
@@ -130,7 +116,7 @@ async def test_a_health_address_in_use_is_one_host_error():
         taken.listen()
         addr = f"127.0.0.1:{taken.getsockname()[1]}"
         worker = _Worker()
-        host = Host(worker, _NoReaper(), HostSettings(health_check_addr=addr), health=lambda: True)
+        host = Host(worker, NoReaper(), HostSettings(health_check_addr=addr), health=lambda: True)
         with pytest.raises(HostError, match=f"--health-check-addr {addr}: "):
             await host.run()
     assert worker.deadline == "never asked", "nothing may start when the server cannot"

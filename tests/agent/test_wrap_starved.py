@@ -39,9 +39,9 @@ from pathlib import Path
 import pytest
 
 from fleetdrain.agent.pid1 import FINAL_MARGIN, Supervisor
-from fleetdrain.agent.reaper import Reaper
 from fleetdrain.drill.coordinator import RetryRule
 from fleetdrain.drill.world.processes import agent_command, spawn_agent
+from tests.agent.fakes import NoReaper
 from tests.agent.wrap_support import require_pid1, wrap_command
 
 #: AWS's (and the agent's) defaults: the force signal 15 s before SIGKILL.
@@ -213,20 +213,6 @@ def test_a_job_that_ignores_sigterm_is_still_reported_before_wraps_sigkill(make_
 # ------------------------------------------------------------------ a force that comes late
 
 
-class _NoReaper(Reaper):
-    """Reaps nothing: waitpid(-1) in the test process would take other tests' children."""
-
-    def install(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        pass
-
-    def uninstall(self) -> None:
-        pass
-
-    def reap(self) -> None:
-        pass
-
-    def has_children(self) -> bool:
-        return False
 
 
 class _BusyWorker:
@@ -269,7 +255,7 @@ async def test_a_late_force_still_leaves_the_worker_until_the_deadline(starved_f
     exits: list[tuple[int, float]] = []
     supervisor = Supervisor(
         worker,  # type: ignore[arg-type]
-        _NoReaper(),
+        NoReaper(),
         stop_timeout=2.0,
         cancel_grace_period=0.8,
         margin=0.4,
