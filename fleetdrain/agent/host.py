@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fleetdrain.agent.health import HealthServer
 from fleetdrain.agent.pid1 import Supervisor, freeze_startup_objects
@@ -76,6 +76,47 @@ class HostSettings:
     exit_grace: float = 2.0
     #: Seconds turning protection off may take on the way out; None: as long as the call takes.
     release_budget: float | None = None
+
+    @classmethod
+    def of(
+        cls,
+        settings: CommandSettings,
+        *,
+        exit_grace: float = 2.0,
+        release_budget: float | None = None,
+    ) -> HostSettings:
+        """The host's part of a command's settings (``start``'s or ``wrap``'s: same names)."""
+        return cls(
+            stop_timeout=settings.stop_timeout,
+            cancel_grace_period=settings.cancel_grace_period,
+            drain_margin=settings.drain_margin,
+            health_check_addr=settings.health_check_addr,
+            task_protection=settings.task_protection,
+            watch_imds=settings.watch_imds,
+            imds_poll_interval=settings.imds_poll_interval,
+            exit_grace=exit_grace,
+            release_budget=release_budget,
+        )
+
+
+class CommandSettings(Protocol):
+    """What :meth:`HostSettings.of` reads of a command's settings."""
+
+    # Read-only (properties), so that frozen dataclasses satisfy it.
+    @property
+    def stop_timeout(self) -> float: ...
+    @property
+    def cancel_grace_period(self) -> float: ...
+    @property
+    def drain_margin(self) -> float: ...
+    @property
+    def health_check_addr(self) -> str | None: ...
+    @property
+    def task_protection(self) -> bool: ...
+    @property
+    def watch_imds(self) -> bool: ...
+    @property
+    def imds_poll_interval(self) -> float: ...
 
 
 class HostError(Exception):

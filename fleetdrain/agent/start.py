@@ -68,19 +68,6 @@ async def gather_tags(settings: StartSettings, http: HttpClient) -> list[str]:
     return tags
 
 
-def host_settings(settings: StartSettings) -> HostSettings:
-    """The host's part of start's settings."""
-    return HostSettings(
-        stop_timeout=settings.stop_timeout,
-        cancel_grace_period=settings.cancel_grace_period,
-        drain_margin=settings.drain_margin,
-        health_check_addr=settings.health_check_addr,
-        task_protection=settings.task_protection,
-        watch_imds=settings.watch_imds,
-        imds_poll_interval=settings.imds_poll_interval,
-    )
-
-
 async def run_start(settings: StartSettings) -> int:
     """Run the agent until it has drained (and, after a soft drain, been stopped); the exit
     status. Raises :class:`fleetdrain.agent.host.HostError` if the health address is taken."""
@@ -122,7 +109,7 @@ async def run_start(settings: StartSettings) -> int:
             on_heartbeat=heartbeat_ok,
             on_busy_change=lambda busy: host.busy_changed(busy),
         )
-        host = Host(worker, reaper, host_settings(settings), health=health)
+        host = Host(worker, reaper, HostSettings.of(settings), health=health)
         return await host.run()
 
 

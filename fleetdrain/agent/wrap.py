@@ -59,21 +59,6 @@ DESCRIPTION = (
 )
 
 
-def host_settings(settings: WrapSettings) -> HostSettings:
-    """The host's part of wrap's settings, with wrap's exit timings."""
-    return HostSettings(
-        stop_timeout=settings.stop_timeout,
-        cancel_grace_period=settings.cancel_grace_period,
-        drain_margin=settings.drain_margin,
-        health_check_addr=settings.health_check_addr,
-        task_protection=settings.task_protection,
-        watch_imds=settings.watch_imds,
-        imds_poll_interval=settings.imds_poll_interval,
-        exit_grace=EXIT_GRACE,
-        release_budget=RELEASE_BUDGET,
-    )
-
-
 async def run_wrap(settings: WrapSettings) -> int:
     """Run the worker under the PID-1 layer; the exit status for this process."""
     reaper = Reaper()
@@ -96,7 +81,7 @@ async def run_wrap(settings: WrapSettings) -> int:
     host = Host(
         worker,
         reaper,
-        host_settings(settings),
+        HostSettings.of(settings, exit_grace=EXIT_GRACE, release_budget=RELEASE_BUDGET),
         health=lambda: worker.state == "starting" or worker.running(),
         forwarded=FORWARDED,
         forward=worker.forward,

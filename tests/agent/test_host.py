@@ -144,9 +144,7 @@ def test_start_watch_imds_flags_env_and_defaults(monkeypatch):
     assert (from_env.watch_imds, from_env.imds_poll_interval) == (True, 2.0)
     assert _start_settings("--no-watch-imds").watch_imds is False
 
-    from fleetdrain.agent.start import host_settings
-
-    host = host_settings(from_env)
+    host = HostSettings.of(from_env)
     assert (host.watch_imds, host.imds_poll_interval) == (True, 2.0)
 
 
