@@ -234,21 +234,26 @@ def _sns_lambda_event(*messages: str) -> dict[str, Any]:
     }
 
 
+class RecordingController:
+    """Stands in for the drain controller behind the handlers: records each signal, answers
+    ``outcome``, and fails instance ``i-throttled`` as a throttled (retryable) step would."""
+
+    def __init__(self, outcome: str) -> None:
+        self.outcome = outcome
+        self.seen: list[Any] = []
+
+    def handle(self, signal: Any) -> Any:
+        from fleetdrain.controller.drain.core import Result
+
+        self.seen.append(signal)
+        if signal.instance_id == "i-throttled":
+            raise Retryable("ECS ListTasks: throttled")
+        return Result(self.outcome, signal.instance_id, "d", "soft")
+
+
 def test_an_sns_to_lambda_event_is_handled_not_crashed_on() -> None:
     # Finding 5: Records[].Sns crashed in the batch processor (KeyError: 'messageId').
-    class Controller:
-        def __init__(self) -> None:
-            self.seen: list[Any] = []
-
-        def handle(self, signal: Any) -> Any:
-            from fleetdrain.controller.drain.core import Result
-
-            self.seen.append(signal)
-            if signal.instance_id == "i-throttled":
-                raise Retryable("throttled")
-            return Result("started", signal.instance_id, "d", "soft")
-
-    ctl = Controller()
+    ctl = RecordingController("started")
     runtime.set_controller(ctl)  # type: ignore[arg-type]
     try:
         body = (EVENTS / "asg-terminate-lifecycle-action.sqs-body.json").read_text()
@@ -383,19 +388,7 @@ def test_events_for_another_function_are_rejected(no_controller: None) -> None:
 
 
 def test_sqs_batch_drops_poison_and_fails_only_retryable_records() -> None:
-    class Controller:
-        def __init__(self) -> None:
-            self.seen: list[Any] = []
-
-        def handle(self, signal: Any) -> Any:
-            self.seen.append(signal)
-            if signal.instance_id == "i-throttled":
-                raise Retryable("ECS ListTasks: throttled")
-            from fleetdrain.controller.drain.core import Result
-
-            return Result("stepped", signal.instance_id, "d", "soft")
-
-    ctl = Controller()
+    ctl = RecordingController("stepped")
     runtime.set_controller(ctl)  # type: ignore[arg-type]
     try:
         records = [
