@@ -98,7 +98,8 @@ from fleetdrain.controller import drain_monitor, runtime  # noqa: E402
 from fleetdrain.controller.drain import core  # noqa: E402
 from fleetdrain.controller.drain.coordinator import CoordinatorClient  # noqa: E402
 from fleetdrain.controller.drain.ports import DrainRecord  # noqa: E402
-from fleetdrain.controller.drain.state import DynamoDrainStore  # noqa: E402
+from fleetdrain.controller.drain.shared_listing import SharedAgentListing  # noqa: E402
+from fleetdrain.controller.drain.state import DynamoDrainStore, DynamoListingCache  # noqa: E402
 from fleetdrain.drill.aws.gaps import AwsGaps  # noqa: E402
 from fleetdrain.drill.coordinator import Coordinator, CoordinatorServer  # noqa: E402
 from tests.controller.test_drains import (  # noqa: E402
@@ -198,8 +199,7 @@ class BenchWorld(World):
         return rec
 
     def coordinator_requests(self) -> int:
-        client = self.ctl.coordinator
-        return int(getattr(client, "requests", 0))
+        return int(self.rest.requests)
 
 
 @contextlib.contextmanager
@@ -591,7 +591,20 @@ def fleet_controller(w: DrivenWorld, calls: Calls, before: bool) -> CoordinatorC
         sleep=w.clock.advance,
         honour_rate_limit=not before,
     )
-    ctl.coordinator = client
+    w.rest = client
+    # As deployed: every drain shares one listing of the organization through the drain table
+    # (its reads counted); --before: each drain lists on its own.
+    ctl.coordinator = (
+        client
+        if before
+        else SharedAgentListing(
+            client,
+            DynamoListingCache(ctl.store._ddb, "drains", w.ctl.settings.cluster, w.clock, 3600),
+            w.ctl.settings.cluster,
+            w.clock,
+            sleep=w.clock.advance,
+        )
+    )
     if before and hasattr(ctl.fleet, "full_listing_every"):
         ctl.fleet.full_listing_every = 0.0  # both task listings every step
     w.drive(calls)

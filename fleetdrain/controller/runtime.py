@@ -86,7 +86,8 @@ def build_controller(
     from fleetdrain.controller.drain.coordinator import CoordinatorClient, SecretToken
     from fleetdrain.controller.drain.ecs_fleet import EcsFleet
     from fleetdrain.controller.drain.lifecycle import LifecycleActions
-    from fleetdrain.controller.drain.state import DynamoDrainStore
+    from fleetdrain.controller.drain.shared_listing import SharedAgentListing
+    from fleetdrain.controller.drain.state import DynamoDrainStore, DynamoListingCache
     from fleetdrain.controller.drain.ticks import SqsTicks
 
     config = Config(
@@ -95,6 +96,7 @@ def build_controller(
         read_timeout=10,
     )
     session = session or boto3.session.Session()
+    ddb = session.client("dynamodb", config=config)
     coordinator = None
     if settings.coordinator_url and settings.coordinator_org:
         token = SecretToken(
@@ -102,16 +104,25 @@ def build_controller(
             settings.coordinator_token_secret_arn,
             clock=time.monotonic,
         )
-        coordinator = CoordinatorClient(
-            settings.coordinator_url,
-            settings.coordinator_org,
-            token.get,
-            token.invalidate,
+        # Every drain shares one listing of the organization (its REST budget: see
+        # shared_listing), kept in the drain table.
+        coordinator = SharedAgentListing(
+            CoordinatorClient(
+                settings.coordinator_url,
+                settings.coordinator_org,
+                token.get,
+                token.invalidate,
+            ),
+            DynamoListingCache(
+                ddb, settings.table_name, settings.cluster, clock, settings.record_ttl
+            ),
+            settings.cluster,
+            clock,
         )
     return DrainController(
         settings,
         DynamoDrainStore(
-            session.client("dynamodb", config=config),
+            ddb,
             settings.table_name,
             clock,
             settings.record_ttl,

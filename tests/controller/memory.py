@@ -678,6 +678,9 @@ class _Coordinator:
         wanted = set(task_arns)
         return [self._view(a) for a in self.w.agents.values() if a.task in wanted and a.connected]
 
+    def listing_cost(self, known_pages: int) -> int:
+        return known_pages
+
     def agent(self, agent_id: str) -> AgentView | None:
         agent = self.w.agents.get(agent_id)
         return self._view(agent) if agent else None

@@ -456,9 +456,12 @@ def test_a_spot_drain_with_throttled_reads_is_still_forced_in_time(
     assert world.failures == 0 and sum(world.gaps.throttled.values()) > 0
 
 
-def test_a_spot_storm_that_spends_the_rest_budget_falls_back_without_hammering(
+def test_a_spot_storm_that_spends_the_rest_budget_waits_without_hammering(
     aws_env: None,
 ) -> None:
+    """Eight spot drains at once against a 12-a-minute limit: the pauses and listings they
+    cannot afford are held back (none sent into a spent window), the rate limit is not taken
+    for an outage (no fallback to ECS: DRAINING's SIGTERM does the rest), nothing is lost."""
     with mock_aws():
         clock = Clock()
         with AwsGaps(clock=clock) as gaps:
@@ -486,10 +489,11 @@ def test_a_spot_storm_that_spends_the_rest_budget_falls_back_without_hammering(
                     rest = w.ctl.coordinator
                     assert isinstance(rest, CoordinatorClient)
                     stats = coord.rest_rate.stats()
-                    assert stats.peak_allowed == 12, "the storm spent the organization's budget"
+                    assert stats.peak_allowed <= 12
                     assert rest.rate_refused >= 1, "later calls gave up without a request"
                     assert stats.limited == 0, "and none was sent into a spent window"
-                    assert w.metrics.counts.get(core.COORDINATOR_FALLBACKS, 0) >= 1
+                    assert w.metrics.counts.get(core.COORDINATOR_FALLBACKS, 0) == 0
+                    assert not any(w.record(i).fallback for i in ids)
                     assert all(w.gaps.actions.get(i) is None for i in ids)  # spot: no hook
                     assert all(w.record(i).outcome == "drained" for i in ids)
                     lost = [j for j in coord.jobs() if j.lost]
@@ -508,13 +512,10 @@ def test_registering_agents_does_not_spend_the_rest_budget(
     assert coord.rest_rate.stats().requests == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="left for the core: a step that fails on throttling gives its tick back to SQS, "
-    "which redelivers it after the queue's 360 s visibility timeout; with nothing else to wake "
-    "the drain, a 300 s lifecycle hook (infra/'s) expires first",
-)
 def test_a_throttled_step_does_not_let_a_300s_hook_expire(world: RedeliveringWorld) -> None:
+    """A step that fails on throttling gives its tick back to SQS, which redelivers it only
+    after the queue's 360 s visibility timeout: longer than a 300 s hook (infra/'s) waits for a
+    heartbeat. The failed step leaves a tick 30 s out (core.RETRY_TICK) that retries it."""
     (a,) = world.build(instances=1, hook_timeout=300)
     world.controller(heartbeat_interval=60, tick_interval=20)
     unretried(world)

@@ -13,11 +13,19 @@ together) and puts ``RateLimit-Remaining``, ``RateLimit-Limit`` and ``RateLimit-
 until the window resets) on every answer; beyond the limit it answers 429 until the reset
 (https://buildkite.com/docs/apis/rest-api/limits). The client keeps what the last answer said as
 a :class:`RateBudget` (:attr:`CoordinatorClient.budget`) so that a caller can decide whether to
-spend a request. A request that the budget says cannot be afforded now (nothing left, the window
-not reset yet), or that is answered 429, waits for the reset when that fits ``max_rate_wait``
-(the time budget of one call), and otherwise is :class:`CoordinatorUnavailable` at once, without
-spending more of the organization's requests (the core then falls back to ECS, as for any
-outage). A 429 without the headers is retried like a 5xx.
+spend a request.
+
+Every request has a priority, and the lower ones leave a reserve of the window for the higher
+(:data:`RESERVE`, a share of the limit): a forced stop (it cancels a job before its instance
+dies) may spend the last request of the window, a read (a listing, one agent) leaves a tenth of
+it, a pause (it only keeps new jobs away) leaves a quarter. The organization's other users spend
+from the same window, so the reserve is what keeps a spot storm's forced stops possible after
+its pauses. A request that its priority cannot afford now, or that is answered 429, waits for
+the reset when that fits ``max_rate_wait`` (the time budget of one call), and otherwise is
+:class:`~fleetdrain.controller.drain.errors.RateLimited` at once (with the seconds to the
+reset), without spending more of the organization's requests: the core waits for the window
+where it can, and falls back to ECS only where a deadline cannot wait. A 429 without the
+headers is retried like a 5xx.
 """
 
 from __future__ import annotations
@@ -28,13 +36,13 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from botocore.exceptions import BotoCoreError, ClientError
 
 from fleetdrain.controller.drain.aws_errors import reraise_retryable
-from fleetdrain.controller.drain.errors import CoordinatorUnavailable
+from fleetdrain.controller.drain.errors import CoordinatorUnavailable, RateLimited
 from fleetdrain.controller.drain.ports import AgentView
 
 MAX_PAGES = 100
@@ -42,6 +50,10 @@ MAX_PAGES = 100
 MAX_RATE_WAIT = 10.0
 #: 429s with rate-limit headers one call waits out before it gives up.
 MAX_RATE_RETRIES = 3
+#: What each priority leaves of the window for the higher ones (a share of the limit, rounded
+#: down: 20 and 50 of Buildkite's 200).
+RESERVE = {"force": 0.0, "read": 0.10, "pause": 0.25}
+Priority = Literal["force", "read", "pause"]
 
 
 @dataclass(frozen=True)
@@ -66,9 +78,10 @@ class RateBudget:
         """Seconds from ``now`` until the window resets (0 once it has)."""
         return max(0.0, self.reset_at - now)
 
-    def affords(self, requests: int, now: float) -> bool:
-        """Whether ``requests`` more fit in the budget at ``now``."""
-        return self.remaining_at(now) >= requests
+    def affords(self, requests: int, now: float, reserve: float = 0.0) -> bool:
+        """Whether ``requests`` more fit in the budget at ``now``, leaving ``reserve`` (a share
+        of the limit) unspent."""
+        return self.remaining_at(now) - requests >= int(self.limit * reserve)
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str], now: float) -> RateBudget | None:
@@ -189,14 +202,19 @@ class CoordinatorClient:
         self._http.close()
 
     def _request(
-        self, method: str, url: str, *, json_body: dict[str, Any] | None = None
+        self,
+        method: str,
+        url: str,
+        *,
+        json_body: dict[str, Any] | None = None,
+        priority: Priority = "read",
     ) -> httpx.Response:
         refreshed = False
         attempt = 0
         waited = 0.0
         limited = 0
         while True:
-            waited += self._await_budget(method, url, waited)
+            waited += self._await_budget(method, url, waited, priority)
             attempt += 1
             headers = {"Authorization": f"Bearer {self._token()}"}
             self.requests += 1
@@ -225,8 +243,9 @@ class CoordinatorClient:
                     # turn waits for it if this call can afford to, else gives up at once.
                     self.budget = dataclasses.replace(budget, remaining=0)
                     if limited > MAX_RATE_RETRIES:
-                        raise CoordinatorUnavailable(
-                            f"{method} {_path(url)}: HTTP 429 after {limited - 1} waits"
+                        raise RateLimited(
+                            f"{method} {_path(url)}: HTTP 429 after {limited - 1} waits",
+                            budget.reset_in(self._clock()),
                         )
                     attempt -= 1
                     continue
@@ -241,24 +260,25 @@ class CoordinatorClient:
                 raise CoordinatorUnavailable(f"{method} {_path(url)}: HTTP {response.status_code}")
             return response
 
-    def _await_budget(self, method: str, url: str, waited: float) -> float:
-        """Before a request: if the last answer said the organization's budget is spent and
-        its window has not reset, wait for the reset (when the wait fits what is left of
-        ``max_rate_wait`` for this call) or raise CoordinatorUnavailable without sending.
-        Returns the seconds waited."""
+    def _await_budget(self, method: str, url: str, waited: float, priority: Priority) -> float:
+        """Before a request: if the last answer said the organization's budget cannot afford
+        it at its priority (what is left is the higher priorities' reserve) and the window has
+        not reset, wait for the reset (when the wait fits what is left of ``max_rate_wait`` for
+        this call) or raise RateLimited without sending. Returns the seconds waited."""
         budget = self.budget
         if budget is None or not self.honour_rate_limit:
             return 0.0
         now = self._clock()
-        if budget.affords(1, now):
+        if budget.affords(1, now, RESERVE[priority]):
             return 0.0
         wait = budget.reset_in(now)
         if waited + wait > self.max_rate_wait:
             self.rate_refused += 1
-            raise CoordinatorUnavailable(
-                f"{method} {_path(url)}: rate limit spent ({budget.limit} a window), resets in "
-                f"{wait:.0f} s, more than the {self.max_rate_wait - waited:.0f} s this call may "
-                "wait"
+            raise RateLimited(
+                f"{method} {_path(url)} ({priority}): rate limit spent "
+                f"({budget.remaining_at(now)} of {budget.limit} left), resets in {wait:.0f} s, "
+                f"more than the {self.max_rate_wait - waited:.0f} s this call may wait",
+                wait,
             )
         self._sleep(wait)
         self.rate_waits += 1
@@ -270,6 +290,11 @@ class CoordinatorClient:
     def agents_for(self, task_arns: Iterable[str]) -> list[AgentView]:
         """Agents whose ``ecs:task-arn`` tag is one of ``task_arns`` (every page)."""
         wanted = set(task_arns)
+        return [view for view in self.list_agents() if view.task_arn in wanted]
+
+    def list_agents(self) -> list[AgentView]:
+        """Every agent of the organization that has an ``ecs:task-arn`` tag (every page; read
+        priority). :attr:`last_pages` says how many pages that took."""
         found: list[AgentView] = []
         url: str | None = f"{self._base}?per_page=100"
         pages = 0
@@ -284,13 +309,15 @@ class CoordinatorClient:
                 raise CoordinatorUnavailable("GET agents: not JSON") from exc
             if not isinstance(rows, list):
                 raise CoordinatorUnavailable("GET agents: not a list")
-            for row in rows:
-                view = _agent_view(row)
-                if view is not None and view.task_arn in wanted:
-                    found.append(view)
+            found.extend(view for row in rows if (view := _agent_view(row)) is not None)
             url = response.links.get("next", {}).get("url")
         self.last_pages = pages
         return found
+
+    def listing_cost(self, known_pages: int) -> int:
+        """Requests a listing of the organization would take now: ``known_pages`` (what the
+        drain's last listing took; this client shares no listing)."""
+        return known_pages
 
     def agent(self, agent_id: str) -> AgentView | None:
         """One agent by id (``GET .../agents/{id}``); None if the coordinator no longer knows
@@ -309,12 +336,19 @@ class CoordinatorClient:
     def pause(self, agent_id: str, note: str, timeout_minutes: int) -> bool:
         """Pause an agent; False when the coordinator says it cannot (not connected, unknown)."""
         body = {"note": note, "timeout_in_minutes": max(1, min(10080, timeout_minutes))}
-        response = self._request("PUT", f"{self._base}/{agent_id}/pause", json_body=body)
+        response = self._request(
+            "PUT", f"{self._base}/{agent_id}/pause", json_body=body, priority="pause"
+        )
         return self._done(response, "pause")
 
     def stop(self, agent_id: str, force: bool) -> bool:
         """Stop an agent (``force``: cancel its job, reported ``agent_stop``); False if it can't."""
-        response = self._request("PUT", f"{self._base}/{agent_id}/stop", json_body={"force": force})
+        response = self._request(
+            "PUT",
+            f"{self._base}/{agent_id}/stop",
+            json_body={"force": force},
+            priority="force" if force else "pause",
+        )
         return self._done(response, "stop")
 
     @staticmethod

@@ -60,6 +60,7 @@ from fleetdrain.controller.drain.errors import (
     Conflict,
     CoordinatorUnavailable,
     LifecycleGone,
+    RateLimited,
     Retryable,
 )
 from fleetdrain.controller.drain.merge import LOST_TICK_SLACK, Merge, merge
@@ -88,6 +89,8 @@ from fleetdrain.controller.drain.signals import (
 log = logging.getLogger("fleetdrain.drain")
 
 MAX_RACES = 5
+#: A step that failed on throttling is retried by a tick this many seconds later.
+RETRY_TICK = 30
 #: A step that finds the record held by another step looks again after this, doubling up
 #: to LEASE_POLL_MAX (a step takes well under a second; a long wait need not read 200 times).
 LEASE_POLL = 0.05
@@ -291,10 +294,14 @@ class DrainController:
         try:
             step.run()
             if rec.phase != "done":
-                self._schedule_tick(rec, now, step.coordinator_down_since)
+                self._schedule_tick(rec, now, step.coordinator_down_since, step.retry_at)
             if rec.container_instance_arn and step.linked:
                 # Before the save: a step that fails here is retried with steps == 1 again.
                 self.store.link(rec.container_instance_arn, rec.instance_id)
+        except Retryable as exc:
+            self._release(claimed, lg)
+            self._retry_soon(claimed, lg, exc)
+            raise
         except BaseException:
             self._release(claimed, lg)
             raise
@@ -309,7 +316,27 @@ class DrainController:
         except Exception as exc:
             lg.warning("could not release the drain record", extra={"error": str(exc)})
 
-    def _schedule_tick(self, rec: DrainRecord, now: float, down_since: float | None) -> None:
+    def _retry_soon(self, claimed: DrainRecord, lg: DrainLog, exc: Retryable) -> None:
+        """A step failed on something that passes (throttling): leave a tick that retries it in
+        :data:`RETRY_TICK` seconds. The event that failed comes back too, but an SQS tick only
+        after the queue's visibility timeout (360 s), longer than a 300 s lifecycle hook waits
+        for its heartbeat. Ticks of the drain are all alike, so an extra one costs a step."""
+        try:
+            self.ticks.schedule(
+                claimed.instance_id, claimed.drain_id, uuid.uuid4().hex[:12], RETRY_TICK
+            )
+        except Exception as tick_exc:
+            lg.warning(
+                "could not leave a retry tick", extra={"error": str(tick_exc), "cause": str(exc)}
+            )
+
+    def _schedule_tick(
+        self,
+        rec: DrainRecord,
+        now: float,
+        down_since: float | None,
+        retry_at: float | None = None,
+    ) -> None:
         s = self.settings
         due = now + s.tick_interval
         if rec.force_at is not None and rec.forced_at is None:
@@ -318,6 +345,9 @@ class DrainController:
             due = min(due, (rec.last_heartbeat_at or now) + s.heartbeat_interval)
         if down_since is not None:
             due = min(due, down_since + self.coordinator_grace)
+        if retry_at is not None:
+            # The rate limit's window resets then: come back for what it held back.
+            due = min(due, retry_at)
         delay = max(1, math.ceil(due - now))
         due = now + delay
         if (
@@ -374,6 +404,8 @@ class _Step:
         self.log = lg
         self.linked = False
         self.coordinator_down_since: float | None = None
+        #: The rate limit held a request back until then (the next tick comes no later).
+        self.retry_at: float | None = None
         #: A token AWS had accepted was refused in this step.
         self.lost_live_token = False
 
@@ -408,6 +440,9 @@ class _Step:
                 self.log.info("agents idle: hard drain")
         if rec.phase == "hard":
             if agents is not None and rec.forced_at is None:
+                # The SIGTERM that follows may never reach an agent (a shell as PID 1): the
+                # pause keeps it from new jobs. At the lowest priority: a tight window goes
+                # without it, and keeps its requests for forced stops.
                 self.pause(agents)
             self.hard(tasks)
         self.heartbeat(tasks, agents)
@@ -515,6 +550,9 @@ class _Step:
                 agents = ctl.coordinator.agents_for(t.arn for t in tasks)
                 rec.agent_ids.update({a.task_arn: a.id for a in agents if a.live})
                 rec.listing_pages = ctl.coordinator.last_pages
+        except RateLimited as exc:
+            self.rate_limited(str(exc), exc.retry_in)
+            return None
         except CoordinatorUnavailable as exc:
             self.coordinator_down(tasks, str(exc))
             return None
@@ -529,7 +567,7 @@ class _Step:
         or a known agent that is gone while its task runs (it may have re-registered)."""
         rec, coordinator = self.rec, self.ctl.coordinator
         assert coordinator is not None
-        if not tasks or len(tasks) >= rec.listing_pages:
+        if not tasks or len(tasks) >= coordinator.listing_cost(rec.listing_pages):
             return None
         if any(t.arn not in rec.agent_ids for t in tasks):
             return None
@@ -540,6 +578,14 @@ class _Step:
                 return None
             found.append(view)
         return found
+
+    def rate_limited(self, why: str, retry_in: float) -> None:
+        """The organization's rate limit held a request back: not an outage (the coordinator
+        answers), so no grace runs out and nothing falls back; the next tick comes when the
+        window resets."""
+        at = self.now + retry_in
+        self.retry_at = at if self.retry_at is None else min(self.retry_at, at)
+        self.log.info("coordinator rate limit: waiting for its window", extra={"error": why})
 
     def coordinator_down(self, tasks: list[TaskInfo], why: str) -> None:
         """The coordinator failed us. In the soft phase wait ``coordinator_grace`` first (a
@@ -575,15 +621,24 @@ class _Step:
             math.ceil((end - self.now) / 60) + 10 if end is not None else ctl.settings.pause_minutes
         )
         note = f"fleetdrain: draining {rec.instance_id} (drain {rec.drain_id})"
+        done = []
         for agent in todo:
             try:
                 if not agent.paused:
                     ctl.coordinator.pause(agent.id, note, max(1, minutes))
+            except RateLimited as exc:
+                # A pause only keeps new jobs away: it is the first request a tight window
+                # goes without (soft: the next tick pauses the rest; hard: DRAINING's SIGTERM
+                # stops the agents taking jobs anyway).
+                self.rate_limited(str(exc), exc.retry_in)
+                break
             except CoordinatorUnavailable as exc:
                 self.fallback_now(str(exc))
                 return
             rec.paused_agents.append(agent.id)
-        self.log.info("agents paused", extra={"agents": [a.id for a in todo]})
+            done.append(agent.id)
+        if done:
+            self.log.info("agents paused", extra={"agents": done})
 
     def fallback_now(self, why: str) -> None:
         # Signalling failed half-way: re-read the tasks so nothing is missed.
@@ -630,10 +685,10 @@ class _Step:
         ctl.metrics.count(DRAINS_FORCED)
         cancelled = 0
         covered: set[str] = set()
-        if agents is not None and ctl.coordinator is not None:
-            # Nothing new for them while they stop (an instance forced on its first step, a
-            # stopping one, has not paused them yet).
-            self.pause(agents)
+        if agents is None and ctl.coordinator is not None and not rec.fallback:
+            # The rate limit held the listing back: the agents an earlier step found are the
+            # ones to stop (a stop of one that has gone since is refused, harmlessly).
+            agents = self.known_by_id(tasks)
         if agents is not None and ctl.coordinator is not None and not rec.fallback:
             try:
                 for agent in agents:
@@ -644,6 +699,14 @@ class _Step:
                         cancelled += 1
                     rec.stopped_agents.append(agent.id)
                     covered.add(agent.task_arn)
+            except RateLimited as exc:
+                # The deadline cannot wait for the window: the agents not stopped yet get
+                # their SIGTERM from ECS (their own deadline cancels and reports the job).
+                self.log.warning(
+                    "forced stop held back by the rate limit: StopTask for the rest",
+                    extra={"error": str(exc), "stopped": len(covered)},
+                )
+                ctl.metrics.count(COORDINATOR_FALLBACKS)
             except CoordinatorUnavailable as exc:
                 self.log.warning(
                     "forced stop through the coordinator failed", extra={"error": str(exc)}
@@ -660,6 +723,23 @@ class _Step:
             "drain forced",
             extra={"jobs_force_cancelled": cancelled, "reasons": rec.reasons},
         )
+
+    def known_by_id(self, tasks: list[TaskInfo]) -> list[AgentView]:
+        """The agents an earlier step found for these tasks, by id only (their state unknown:
+        taken as idle, so a job they cancel is not counted)."""
+        return [
+            AgentView(
+                id=self.rec.agent_ids[t.arn],
+                name="",
+                task_arn=t.arn,
+                connection_state="connected",
+                job_id=None,
+                job_state=None,
+                paused=False,
+            )
+            for t in tasks
+            if t.arn in self.rec.agent_ids
+        ]
 
     def heartbeat(self, tasks: list[TaskInfo], agents: list[AgentView] | None) -> None:
         rec, ctl = self.rec, self.ctl

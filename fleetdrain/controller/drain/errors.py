@@ -18,3 +18,13 @@ class LifecycleGone(Exception):
 
 class CoordinatorUnavailable(Exception):
     """The coordinator could not be reached or refused us (after its own retries)."""
+
+
+class RateLimited(CoordinatorUnavailable):
+    """The organization's REST rate limit is spent for now: nothing may be sent for
+    ``retry_in`` seconds. Not an outage: the drain waits for the window (a tick at its reset)
+    rather than falling back to ECS, unless a deadline cannot wait."""
+
+    def __init__(self, message: str, retry_in: float) -> None:
+        super().__init__(message)
+        self.retry_in = max(0.0, retry_in)

@@ -290,13 +290,20 @@ class AgentView:
 
 class CoordinatorPort(Protocol):
     """The coordinator, as a drain uses it. Raises ``CoordinatorUnavailable`` when it cannot be
-    reached or refuses us (after its own retries)."""
+    reached or refuses us (after its own retries), and its ``RateLimited`` when the
+    organization's rate limit leaves nothing for the request now (a pause is refused before a
+    read, a read before a forced stop: see ``coordinator.RESERVE``)."""
 
     #: Pages the last ``agents_for`` read.
     last_pages: int
 
     def agents_for(self, task_arns: Iterable[str]) -> list[AgentView]:
         """The agents running in these tasks."""
+        ...
+
+    def listing_cost(self, known_pages: int) -> int:
+        """Requests :meth:`agents_for` would spend now, ``known_pages`` being what the drain's
+        last listing took (0 when a listing that every drain shares is fresh)."""
         ...
 
     def agent(self, agent_id: str) -> AgentView | None:

@@ -9,6 +9,10 @@ Items (one table, string key ``pk``):
 - ``ci#<container-instance-arn>``: points at the instance, so that an ECS task event (which
   names the container instance, not the EC2 instance) finds its drain with one strongly
   consistent read.
+- ``agents#<cluster>``: the cluster's agents as the last listing of the organization saw them,
+  shared by every drain (:class:`DynamoListingCache`, for ``shared_listing``): ``doc`` the
+  agents as compact JSON rows, ``fetched_at`` and ``pages``, and ``refresh_until`` while a
+  container refreshes it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,11 @@ from pydantic import TypeAdapter
 
 from fleetdrain.controller.drain.aws_errors import error_code, reraise_retryable
 from fleetdrain.controller.drain.errors import Conflict
-from fleetdrain.controller.drain.ports import DrainRecord
+from fleetdrain.controller.drain.ports import AgentView, DrainRecord
+from fleetdrain.controller.drain.shared_listing import AgentListing
+
+#: A listing bigger than this is not stored (DynamoDB's item limit is 400 KB).
+MAX_LISTING_BYTES = 350_000
 
 #: The record's JSON form (``doc``): pydantic validates what is read (types, phases; unknown
 #: fields are ignored, so an older controller reads a newer one's records).
@@ -142,6 +150,86 @@ class DynamoDrainStore:
             if "LastEvaluatedKey" not in out:
                 return records
             kwargs["ExclusiveStartKey"] = out["LastEvaluatedKey"]
+
+
+class DynamoListingCache:
+    """:class:`~fleetdrain.controller.drain.shared_listing.ListingCachePort` on the drain
+    table: the ``agents#<cluster>`` item."""
+
+    def __init__(
+        self, client: Any, table: str, cluster: str, clock: Callable[[], float], ttl: float
+    ) -> None:
+        self._store = DynamoDrainStore(client, table, clock, ttl)
+        self._ddb = client
+        self._key = {"pk": {"S": f"agents#{cluster}"}}
+        self._clock = clock
+        self._ttl = ttl
+
+    def get(self) -> AgentListing | None:
+        out = self._store._call("GetItem", self._ddb.get_item, Key=self._key, ConsistentRead=True)
+        item = out.get("Item")
+        if not item or "doc" not in item:
+            return None
+        try:
+            rows = json.loads(item["doc"]["S"])
+            agents = tuple(
+                AgentView(
+                    id=r[0],
+                    name=r[1],
+                    task_arn=r[2],
+                    connection_state=r[3],
+                    job_id=r[4],
+                    job_state=r[5],
+                    paused=bool(r[6]),
+                )
+                for r in rows
+            )
+            return AgentListing(agents, float(item["fetched_at"]["N"]), int(item["pages"]["N"]))
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None  # not one we wrote: the next refresh replaces it
+
+    def claim(self, now: float, until: float) -> bool:
+        try:
+            self._store._call(
+                "UpdateItem",
+                self._ddb.update_item,
+                Key=self._key,
+                UpdateExpression="SET refresh_until = :until, #ttl = :ttl",
+                ConditionExpression="attribute_not_exists(refresh_until) OR refresh_until < :now",
+                ExpressionAttributeNames={"#ttl": "ttl"},
+                ExpressionAttributeValues={
+                    ":until": {"N": repr(until)},
+                    ":now": {"N": repr(now)},
+                    ":ttl": {"N": str(int(self._clock() + self._ttl))},
+                },
+            )
+        except Conflict:
+            return False
+        return True
+
+    def put(self, listing: AgentListing) -> None:
+        rows = [
+            [a.id, a.name[:64], a.task_arn, a.connection_state, a.job_id, a.job_state, a.paused]
+            for a in listing.agents
+        ]
+        doc = json.dumps(rows, separators=(",", ":"))
+        if len(doc) > MAX_LISTING_BYTES:
+            raise ValueError(
+                f"{len(listing.agents)} agents ({len(doc)} bytes) do not fit in one item"
+            )
+        self._store._call(
+            "PutItem",
+            self._ddb.put_item,
+            Item={
+                **self._key,
+                "doc": {"S": doc},
+                "fetched_at": {"N": repr(listing.fetched_at)},
+                "pages": {"N": str(listing.pages)},
+                "ttl": {"N": str(int(self._clock() + self._ttl))},
+            },
+            ConditionExpression="attribute_not_exists(fetched_at) OR fetched_at < :f",
+            ExpressionAttributeValues={":f": {"N": repr(listing.fetched_at)}},
+        )
 
 
 def record_json(record: DrainRecord) -> dict[str, Any]:
