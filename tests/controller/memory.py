@@ -678,7 +678,7 @@ class _Coordinator:
         wanted = set(task_arns)
         return [self._view(a) for a in self.w.agents.values() if a.task in wanted and a.connected]
 
-    def listing_cost(self, known_pages: int) -> int:
+    def listing_cost(self, known_pages: int, asker: str = "") -> int:
         return known_pages
 
     def agent(self, agent_id: str) -> AgentView | None:

@@ -1064,7 +1064,7 @@ def test_more_than_100_tasks_on_one_instance(world: World) -> None:
     # forced stops, so the last few wait for the window (here the jobs end first, and DRAINING
     # stops the idle agents, paused or not).
     first = [x for x in agents if world.coord.agent(x.agent_id).paused]
-    assert 100 < len(first) < 150 and world.record(a).phase == "soft"
+    assert len(first) > 100 and world.record(a).phase == "soft"
     assert world.record(a).agent_ids == {x.task_arn: x.agent_id for x in agents}
     world.run_until(lambda: world.record(a).phase == "done", limit=60)
     assert world.record(a).outcome == "drained"

@@ -608,27 +608,19 @@ def test_dynamodb_and_sqs_throttling_is_retryable() -> None:
             SqsTicks(sqs, "https://q").schedule("i-1", "d", "t", 5)
 
 
-def test_find_container_instance_asks_with_the_filter_and_checks_the_answer() -> None:
+def test_find_container_instance_asks_with_the_filter_and_believes_its_one_answer() -> None:
     ecs = boto3.client("ecs", region_name="us-east-1")
     fleet = EcsFleet(ecs, "ci", lambda: 0.0)
     arn = "arn:aws:ecs:us-east-1:1:container-instance/ci/"
     filtered = {"cluster": "ci", "filter": "ec2InstanceId == i-c"}
     with Stubber(ecs) as stub:
+        # ECS's filter is exact: the one ARN it names is the instance, no describe needed.
         stub.add_response(
             "list_container_instances", {"containerInstanceArns": [arn + "c"]}, filtered
         )
-        stub.add_response(
-            "describe_container_instances",
-            {
-                "containerInstances": [
-                    {"containerInstanceArn": arn + "c", "ec2InstanceId": "i-c", "status": "ACTIVE"}
-                ]
-            },
-            {"cluster": "ci", "containerInstances": [arn + "c"]},
-        )
         found = fleet.find_container_instance("i-c")
         stub.assert_no_pending_responses()
-    assert found is not None and found.arn == arn + "c" and found.status == "ACTIVE"
+    assert found is not None and found.arn == arn + "c" and found.ec2_instance_id == "i-c"
 
 
 def test_an_instance_of_another_cluster_costs_one_call_not_a_scan() -> None:
@@ -644,13 +636,21 @@ def test_an_instance_of_another_cluster_costs_one_call_not_a_scan() -> None:
         )
         assert fleet.find_container_instance("i-elsewhere") is None
         stub.assert_no_pending_responses()  # and a second call would have failed: none left
-    # An answer that names another instance (a filter not honoured) is not believed.
-    arn = "arn:aws:ecs:us-east-1:1:container-instance/ci/a"
+    # An answer that names several (a filter not honoured) is described, and believed only
+    # where the instance id matches.
+    arn = "arn:aws:ecs:us-east-1:1:container-instance/ci/"
     with Stubber(ecs) as stub:
-        stub.add_response("list_container_instances", {"containerInstanceArns": [arn]})
+        stub.add_response(
+            "list_container_instances", {"containerInstanceArns": [arn + "a", arn + "c"]}
+        )
         stub.add_response(
             "describe_container_instances",
-            {"containerInstances": [{"containerInstanceArn": arn, "ec2InstanceId": "i-a"}]},
+            {
+                "containerInstances": [
+                    {"containerInstanceArn": arn + "a", "ec2InstanceId": "i-a"},
+                    {"containerInstanceArn": arn + "c", "ec2InstanceId": "i-c"},
+                ]
+            },
         )
         assert fleet.find_container_instance("i-b") is None
         stub.assert_no_pending_responses()

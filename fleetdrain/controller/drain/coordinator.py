@@ -314,7 +314,7 @@ class CoordinatorClient:
         self.last_pages = pages
         return found
 
-    def listing_cost(self, known_pages: int) -> int:
+    def listing_cost(self, known_pages: int, asker: str = "") -> int:
         """Requests a listing of the organization would take now: ``known_pages`` (what the
         drain's last listing took; this client shares no listing)."""
         return known_pages

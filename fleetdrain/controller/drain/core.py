@@ -567,7 +567,7 @@ class _Step:
         or a known agent that is gone while its task runs (it may have re-registered)."""
         rec, coordinator = self.rec, self.ctl.coordinator
         assert coordinator is not None
-        if not tasks or len(tasks) >= coordinator.listing_cost(rec.listing_pages):
+        if not tasks or len(tasks) >= coordinator.listing_cost(rec.listing_pages, rec.instance_id):
             return None
         if any(t.arn not in rec.agent_ids for t in tasks):
             return None

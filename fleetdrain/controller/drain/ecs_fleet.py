@@ -80,14 +80,16 @@ class EcsFleet:
         """The container instance on EC2 instance ``instance_id``, or None if not in the cluster.
 
         One ``ListContainerInstances`` with the filter ``ec2InstanceId == <id>`` (the cluster
-        query language), then ``DescribeContainerInstances`` of what it names, believed only
+        query language, exact in ECS): the one ARN it names is the answer (its status is not
+        read: nothing asks for it). Only if it names several is each described and believed
         where the instance id matches. No match: None, and nothing else is asked. An EC2 notice
         for an instance of another cluster (every spot warning of a shared account reaches us)
         costs that one call, never a listing of the cluster.
         """
-        return self._match(
-            self._list_instances(filter=f"ec2InstanceId == {instance_id}"), instance_id
-        )
+        arns = self._list_instances(filter=f"ec2InstanceId == {instance_id}")
+        if len(arns) == 1:
+            return ContainerInstance(arns[0], instance_id, "")
+        return self._match(arns, instance_id)
 
     def _list_instances(self, **kwargs: Any) -> list[str]:
         arns: list[str] = []
@@ -150,16 +152,20 @@ class EcsFleet:
         takes two listings. A step needs one: ``ListTasks(RUNNING)``, then one
         ``DescribeTasks`` (100 ARNs a call) of those and of the tasks that were live at this
         instance's last look (a task that has begun stopping since was RUNNING then).
-        ``ListTasks(STOPPED)`` is read too when this adapter has no look of the instance
-        younger than :attr:`full_listing_every` (a new Lambda container; or a task that was
-        placed and stopped between two looks), and whenever the answer would hold no live
-        task but daemons (the drain would end on it: that answer is always exact). Tasks seen
+        ``ListTasks(STOPPED)`` is read too when this adapter's last full look of the instance
+        is older than :attr:`full_listing_every` (a task that was placed and stopped between
+        two looks), and whenever the answer would hold no live task but daemons (the drain
+        would end on it: that answer is always exact). A first look (a new drain, a new Lambda
+        container) reads RUNNING only: a task that is stopping already is one the drain need
+        not pause or wait for, until it would end, and then the exact answer is read. Tasks seen
         STOPPED are never described again (STOPPED is final).
         """
         ci = container_instance_arn
         now = self._clock()
         seen = self._seen.pop(ci, None)
-        full = seen is None or now - seen.full_at >= self.full_listing_every
+        # A first look reads RUNNING only: a task stopping already is not waited for until the
+        # answer would end the drain, and then the STOPPED listing is always read (below).
+        full = seen is not None and now - seen.full_at >= self.full_listing_every
         known_stopped = set(seen.stopped) if seen else set()
         wanted = _unique(self._list_tasks(ci, "RUNNING"), seen.live if seen else ())
         if full:

@@ -301,9 +301,10 @@ class CoordinatorPort(Protocol):
         """The agents running in these tasks."""
         ...
 
-    def listing_cost(self, known_pages: int) -> int:
-        """Requests :meth:`agents_for` would spend now, ``known_pages`` being what the drain's
-        last listing took (0 when a listing that every drain shares is fresh)."""
+    def listing_cost(self, known_pages: int, asker: str) -> int:
+        """Requests :meth:`agents_for` would spend now for drain ``asker`` (its instance id),
+        ``known_pages`` being what its last listing took (0 when a listing that every drain
+        shares is fresh)."""
         ...
 
     def agent(self, agent_id: str) -> AgentView | None:

@@ -27,6 +27,7 @@ Everything else (one agent, pause, stop) goes straight to the wrapped client.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ REFRESH_WAIT = 3.0
 #: A claimed refresh not finished by then is taken as dead.
 CLAIM_SECONDS = 10.0
 POLL = 0.25
+#: The steps of this long (seconds) are the demand a refresh serves: a tick round and more.
+DEMAND_WINDOW = 60.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,8 @@ class SharedAgentListing:
         self.max_age = max_age
         self.refresh_wait = refresh_wait
         self._memo: AgentListing | None = None
+        #: Drain -> when it last asked what a listing costs (the demand a refresh serves).
+        self._asked: dict[str, float] = {}
         self.last_pages = 0
         #: Listings this container made, and those it took from the cache or its memory.
         self.refreshes = 0
@@ -131,12 +136,22 @@ class SharedAgentListing:
 
     # ------------------------------------------------------------------ the shared listing
 
-    def listing_cost(self, known_pages: int) -> int:
-        """0 while a fresh listing is shared, else what a refresh would take."""
-        listing = self._stored(self._clock())
-        if listing is not None and listing.fresh(self._clock(), self.max_age):
+    def listing_cost(self, known_pages: int, asker: str = "") -> int:
+        """What a listing costs the drain ``asker``: 0 while a fresh one is shared; else a
+        refresh's pages divided among the drains that will share it (those that asked in the
+        last :data:`DEMAND_WINDOW` seconds in this container, ``asker`` included), at least 1.
+        So a lone drain asks for its few agents one by one, and of a hundred that tick
+        together the first refreshes for all."""
+        now = self._clock()
+        self._asked[asker] = now
+        for who, when in list(self._asked.items()):
+            if when < now - DEMAND_WINDOW:
+                del self._asked[who]
+        listing = self._stored(now)
+        if listing is not None and listing.fresh(now, self.max_age):
             return 0
-        return max(known_pages, listing.pages if listing else 0)
+        pages = max(known_pages, listing.pages if listing else 0)
+        return max(1, math.ceil(pages / len(self._asked))) if pages else 0
 
     def agents_for(self, task_arns: Iterable[str]) -> list[AgentView]:
         """The agents of these tasks, from a listing at most ``max_age`` old."""

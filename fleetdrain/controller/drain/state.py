@@ -30,6 +30,8 @@ from fleetdrain.controller.drain.errors import Conflict
 from fleetdrain.controller.drain.ports import AgentView, DrainRecord
 from fleetdrain.controller.drain.shared_listing import AgentListing
 
+#: Container instance links one store remembers (the oldest is forgotten first).
+MAX_LINKS = 4096
 #: A listing bigger than this is not stored (DynamoDB's item limit is 400 KB).
 MAX_LISTING_BYTES = 350_000
 
@@ -66,6 +68,9 @@ class DynamoDrainStore:
         self._table = table
         self._clock = clock
         self._ttl = ttl_seconds
+        #: Links seen (a container instance is one EC2 instance for its whole life, so a link
+        #: never changes: every task event after the first costs no read in this container).
+        self._links: dict[str, str] = {}
 
     def _call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
         try:
@@ -116,7 +121,13 @@ class DynamoDrainStore:
         )
         return dataclasses.replace(record, version=record.version + 1)
 
+    def _remember_link(self, container_instance_arn: str, instance_id: str) -> None:
+        self._links[container_instance_arn] = instance_id
+        while len(self._links) > MAX_LINKS:
+            self._links.pop(next(iter(self._links)))
+
     def link(self, container_instance_arn: str, instance_id: str) -> None:
+        self._remember_link(container_instance_arn, instance_id)
         self._call(
             "PutItem",
             self._ddb.put_item,
@@ -128,6 +139,9 @@ class DynamoDrainStore:
         )
 
     def instance_for(self, container_instance_arn: str) -> str | None:
+        known = self._links.get(container_instance_arn)
+        if known is not None:
+            return known
         out = self._call(
             "GetItem",
             self._ddb.get_item,
@@ -135,7 +149,11 @@ class DynamoDrainStore:
             ConsistentRead=True,
         )
         item = out.get("Item")
-        return str(item["instance_id"]["S"]) if item else None
+        if not item:
+            return None  # not remembered: a link may come later
+        found = str(item["instance_id"]["S"])
+        self._remember_link(container_instance_arn, found)
+        return found
 
     def in_flight(self) -> list[DrainRecord]:
         """Drains not done yet (a scan: for ``fleetdrain status``, not for the hot path)."""

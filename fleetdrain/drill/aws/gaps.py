@@ -126,6 +126,7 @@ THROTTLE_SERVICES: dict[str, str] = {
     "DescribeTasks": "ecs",
     "ListTasks": "ecs",
     "DescribeContainerInstances": "ecs",
+    "ListContainerInstances": "ecs",
     "RecordLifecycleActionHeartbeat": "autoscaling",
 }
 THROTTLEABLE: frozenset[str] = frozenset(THROTTLE_SERVICES)
