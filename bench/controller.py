@@ -173,6 +173,10 @@ class BenchWorld(World):
         ctl.fleet._ecs = calls.attach(boto3.client("ecs", region_name=REGION))
         self.ecs_client = ctl.fleet._ecs
         ctl.store._ddb = calls.attach(boto3.client("dynamodb", region_name=REGION))
+        if isinstance(ctl.coordinator, SharedAgentListing):  # its table reads count too
+            ctl.coordinator._cache = DynamoListingCache(
+                ctl.store._ddb, "drains", ctl.settings.cluster, self.clock, 3600
+            )
         ctl.lifecycle._asg = calls.attach(boto3.client("autoscaling", region_name=REGION))
         self.token._sm = calls.attach(boto3.client("secretsmanager", region_name=REGION))
         # Ticks: a real SendMessage to a moto queue is counted; delivery follows the fake clock.
@@ -275,12 +279,16 @@ def bench_hook_latency(samples: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- 2. calls per drain
 
 
-def bench_calls(job_seconds: float, before: bool = False) -> dict[str, Any]:
+def bench_calls(
+    job_seconds: float, before: bool = False, max_tick: float = 0.0
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with world() as w:
         idle_i, busy_i = w.build_many(2)
         calls = Calls()
-        ctl: Any = w.counted_controller(calls, tick_interval=20, heartbeat_interval=60)
+        ctl: Any = w.counted_controller(
+            calls, tick_interval=20, heartbeat_interval=60, max_tick_interval=max_tick
+        )
         if before and hasattr(ctl.fleet, "full_listing_every"):
             ctl.fleet.full_listing_every = 0.0  # both task listings every step
         w.add_agent(idle_i)
@@ -842,6 +850,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"({what}; {f['steps']} steps, {f['ticks']} ticks sent)"
             )
             show_ops(f["by_op"])
+        if not args.before:
+            grown = bench_calls(300.0, max_tick=60.0)["busy"]
+            print(
+                f"   busy, the tick growing to 60 s (FLEETDRAIN_MAX_TICK_SECONDS=60): "
+                f"{grown['total']} AWS calls + {grown['coordinator']} coordinator requests "
+                f"({grown['steps']} steps)"
+            )
 
     if 3 in sections:
         imp = bench_import(3 if args.quick else 7)

@@ -338,7 +338,7 @@ class DrainController:
         retry_at: float | None = None,
     ) -> None:
         s = self.settings
-        due = now + s.tick_interval
+        due = now + wait_tick(rec, now, s)
         if rec.force_at is not None and rec.forced_at is None:
             due = min(due, rec.force_at)
         if rec.lifecycle_state == "pending":
@@ -378,6 +378,20 @@ class DrainController:
     @staticmethod
     def _log(rec: DrainRecord) -> DrainLog:
         return DrainLog(log, {"instance_id": rec.instance_id, "drain_id": rec.drain_id})
+
+
+def wait_tick(rec: DrainRecord, now: float, settings: Settings) -> float:
+    """The safety-net tick's interval: ``tick_interval``, growing to half of what the drain
+    has waited in its phase (since it began; since DRAINING once hard), up to
+    ``max_tick_interval`` (0, the default: no growth). A long job costs a step a minute, not
+    three; the drain notices its end up to that much later (an ended task sends an event at
+    once: only a paused agent's job end is found by a tick), and a step that dies half-way is
+    retried that much later too (the event's own retries aside)."""
+    since = rec.draining_at if rec.phase == "hard" and rec.draining_at is not None else None
+    waited = now - (since if since is not None else rec.started_at)
+    if settings.max_tick_interval <= settings.tick_interval:
+        return settings.tick_interval
+    return min(settings.max_tick_interval, max(settings.tick_interval, waited / 2))
 
 
 class DrainLog(logging.LoggerAdapter[logging.Logger]):
