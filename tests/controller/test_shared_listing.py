@@ -226,3 +226,25 @@ def test_the_tick_grows_with_the_wait_only_when_asked_to() -> None:
     assert [wait_tick(rec, t, growing) for t in (0, 40, 60, 90, 500)] == [20, 20, 30, 45, 60]
     rec.phase, rec.draining_at = "hard", 480.0
     assert wait_tick(rec, 500.0, growing) == 20.0, "hard: counted from DRAINING"
+
+
+def test_a_drain_alone_lists_for_itself_without_table_writes(ddb: Any) -> None:
+    clock = Clock()
+    lister = Lister([view(1)], pages=1)
+    listing = shared(ddb, lister, clock)
+    cache = DynamoListingCache(ddb, "drains", CLUSTER, clock, 3600)
+    listing.listing_cost(1, "i-1")
+    listing.agents_for([f"{TASK}1"])  # nothing stored yet: never alone, stored for others
+    first = cache.get()
+    assert first is not None and first.fetched_at == 1000.0
+    clock.advance(20)
+    listing.listing_cost(1, "i-1")
+    listing.agents_for([f"{TASK}1"])
+    assert lister.listings == 2 and listing.private is not None
+    assert cache.get() == first, "alone: no claim, no write"
+    # Another drain asks in this container: the next refresh is shared again.
+    clock.advance(20)
+    listing.listing_cost(1, "i-2")
+    listing.agents_for([f"{TASK}1"])
+    stored = cache.get()
+    assert stored is not None and stored.fetched_at == 1040.0

@@ -12,6 +12,8 @@ Invariants:
 
 - A listing older than ``max_age`` is never used: an agent's busy state in it is at most that
   old (the drain's tick is the same order, so a drain learns no later than it would have).
+- A drain alone (no other drain asked in this container lately, and no other container's
+  listing is recent) lists for itself only: no claim, no write.
 - One container refreshes at a time: it claims the refresh with a conditional write; the others
   wait up to ``refresh_wait`` for the new listing and then list on their own (a refresher that
   died does not hold every drain up).
@@ -129,6 +131,10 @@ class SharedAgentListing:
         self._memo: AgentListing | None = None
         #: Drain -> when it last asked what a listing costs (the demand a refresh serves).
         self._asked: dict[str, float] = {}
+        #: When the listings this container stored began (to tell them from others').
+        self._own: set[float] = set()
+        #: The last listing made for one drain alone (not stored, not shared).
+        self.private: AgentListing | None = None
         self.last_pages = 0
         #: Listings this container made, and those it took from the cache or its memory.
         self.refreshes = 0
@@ -179,6 +185,10 @@ class SharedAgentListing:
         if listing is not None and listing.fresh(now, self.max_age):
             self.shared += 1
             return listing
+        if self._alone(listing, now):
+            # Nobody to share with: a listing of our own, as a drain without the table would
+            # make (the claim and the write would only cost AWS calls).
+            return self._refresh(share=False)
         try:
             claimed = self._cache.claim(now, now + CLAIM_SECONDS)
         except Retryable as exc:
@@ -195,12 +205,26 @@ class SharedAgentListing:
                     return listing
         return self._refresh()
 
-    def _refresh(self) -> AgentListing:
+    def _alone(self, stored: AgentListing | None, now: float) -> bool:
+        """Whether a refresh now would serve this drain only: at most one drain asked in this
+        container in the last :data:`DEMAND_WINDOW`, and the stored listing is this
+        container's or older than that (no other container is sharing one). With nothing
+        stored (the first drain, or a storm's first second) it is never taken as alone."""
+        if len(self._asked) > 1 or stored is None:
+            return False
+        return stored.fetched_at in self._own or now - stored.fetched_at > DEMAND_WINDOW
+
+    def _refresh(self, share: bool = True) -> AgentListing:
         started = self._clock()
         agents = [a for a in self.client.list_agents() if in_cluster(a.task_arn, self._cluster)]
         listing = AgentListing(tuple(agents), started, self.client.last_pages)
         self.refreshes += 1
+        if not share:
+            # Kept apart from the memo: the stored listing stays the one others would see.
+            self.private = listing
+            return listing
         self._memo = listing
+        self._own = {*sorted(self._own)[-7:], listing.fetched_at}
         try:
             self._cache.put(listing)
         except Conflict:
