@@ -133,6 +133,8 @@ class SharedAgentListing:
         self._asked: dict[str, float] = {}
         #: When the listings this container stored began (to tell them from others').
         self._own: set[float] = set()
+        #: When the table's listing was last read.
+        self._read_at: float | None = None
         #: The last listing made for one drain alone (not stored, not shared).
         self.private: AgentListing | None = None
         self.last_pages = 0
@@ -170,6 +172,17 @@ class SharedAgentListing:
         """This container's listing while it is fresh, else the cache's (None if neither)."""
         if self._memo is not None and self._memo.fresh(now, self.max_age):
             return self._memo
+        if (
+            len(self._asked) <= 1
+            and self._memo is not None
+            and self._read_at is not None
+            and now - self._read_at < DEMAND_WINDOW
+            and self._alone(self._memo, now)
+        ):
+            # Alone: the table is looked at once a minute (for another container's listing),
+            # not at every step.
+            return self._memo
+        self._read_at = now
         try:
             stored = self._cache.get()
         except Retryable as exc:
