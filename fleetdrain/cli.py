@@ -73,7 +73,12 @@ def _positive_float(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from fleetdrain.drill.runner import ALL_SCENARIOS, SCENARIOS, SEQUENCE_SCENARIOS
+    from fleetdrain.drill.runner import (
+        ALL_SCENARIOS,
+        SCENARIOS,
+        SEQUENCE_SCENARIOS,
+        STORM_SCENARIOS,
+    )
 
     parser = argparse.ArgumentParser(
         prog="fleetdrain",
@@ -109,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
         + ", ".join(SCENARIOS)
         + "; by name only, the event sequences "
         + ", ".join(SEQUENCE_SCENARIOS)
+        + " and "
+        + ", ".join(STORM_SCENARIOS)
         + ")",
     )
     drill.add_argument(
@@ -138,6 +145,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     drill.add_argument(
         "--workdir", metavar="DIR", help="keep agent logs and builds here (default: a temp dir)"
+    )
+    drill.add_argument(
+        "--buildkite-agent",
+        metavar="PATH",
+        help="the Go buildkite-agent the wrapped scenarios run behind wrap (a path, or a name "
+        "on PATH; 'none': fleetdrain-agent start as its stand-in). Default: buildkite-agent "
+        "if it is on PATH, else the stand-in. The choice (and the binary's --version) is "
+        "printed at the start and kept in the report; every other scenario runs fleetdrain's "
+        "agent",
     )
     aws = drill.add_argument_group(
         "--aws: the game day against a real deployment",
@@ -288,6 +304,10 @@ def _drill(ns: argparse.Namespace, run_local: LocalRunner | None) -> int:
     if ns.aws:
         if ns.scenario:
             raise UsageError("--scenario is for the local drill; --aws runs one game day")
+        if ns.buildkite_agent is not None:
+            raise UsageError(
+                "--buildkite-agent is for the local drill; --aws runs against your own agents"
+            )
         from fleetdrain.ops.game_day import GameDayError, config_from_args, run_game_day
 
         try:
@@ -307,7 +327,12 @@ def _drill(ns: argparse.Namespace, run_local: LocalRunner | None) -> int:
 
             run_local = run_local_drill
         from fleetdrain.drill.runner import SCENARIOS
+        from fleetdrain.drill.wrapped_agent import AgentChoiceError, choose
 
+        try:
+            wrapped_agent = choose(ns.buildkite_agent)
+        except AgentChoiceError as exc:
+            raise UsageError(str(exc)) from None
         names = ns.scenario or list(SCENARIOS)
         workdir = Path(ns.workdir) if ns.workdir else None
         with ProgressView(console, scenarios=names) as view:
@@ -317,6 +342,7 @@ def _drill(ns: argparse.Namespace, run_local: LocalRunner | None) -> int:
                 time_scale=ns.time_scale,
                 concurrency=ns.concurrency,
                 progress=view.update,
+                wrapped_agent=wrapped_agent,
             )
         extra = [f"  agent logs and builds under {workdir}"] if workdir else []
     if ns.json:

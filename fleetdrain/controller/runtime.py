@@ -72,13 +72,19 @@ def controller() -> DrainController:
 
 
 def build_controller(
-    settings: Settings, session: Any = None, *, clock: Callable[[], float] = time.time
+    settings: Settings,
+    session: Any = None,
+    *,
+    clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> DrainController:
     """Real AWS clients (adaptive retries, short timeouts) behind the core's ports: the one place
     the adapters are wired into :class:`~fleetdrain.controller.drain.core.DrainController`.
 
-    ``clock`` (epoch seconds) is what every drain time is measured on: the wall clock in
-    Lambda; the drill passes its compressed clock, so the controller it runs is this one.
+    ``clock`` (epoch seconds) is what every drain time is measured on, the coordinator's
+    rate-limit budget included, and ``sleep`` how its waits pass: the wall clock in Lambda; the
+    drill passes its compressed clock (and a sleep on it), so the controller it runs is this
+    one.
     """
     import boto3
     from botocore.config import Config
@@ -112,12 +118,15 @@ def build_controller(
                 settings.coordinator_org,
                 token.get,
                 token.invalidate,
+                clock=clock,
+                sleep=sleep,
             ),
             DynamoListingCache(
                 ddb, settings.table_name, settings.cluster, clock, settings.record_ttl
             ),
             settings.cluster,
             clock,
+            sleep=sleep,
         )
     return DrainController(
         settings,
@@ -133,6 +142,7 @@ def build_controller(
         SqsTicks(session.client("sqs", config=config), settings.queue_url),
         PowertoolsMetrics(),
         clock,
+        sleep=sleep,
     )
 
 

@@ -8,7 +8,11 @@ must not (its notes) on a machine that kept up with it; a "before" case passes w
 its loss. Anything else that went wrong on a machine too slow for the scenario (its process
 stalled for a good part of its tightest window, or the load was far above the cores:
 :func:`fleetdrain.drill.pace.too_slow`), and a scenario that ran out of time, is
-*inconclusive*, with the pace to retry at: never a pass, never a lost build.
+*inconclusive*, with the pace to retry at: never a pass, never a lost build. A note that starts
+with :data:`FIGURES` is what a scenario measured (requests, peaks), not something it showed
+that it must not: it never fails a scenario. Background agents (the organization's padding,
+:data:`~fleetdrain.drill.world.fleet.BACKGROUND_TAG`) are left out of the timeline and the
+heartbeat figures.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fleetdrain.drill.pace import retry_scale, too_slow
-from fleetdrain.drill.world.fleet import HEARTBEAT_INTERVAL
+from fleetdrain.drill.world.fleet import HEARTBEAT_INTERVAL, is_background
 
 if TYPE_CHECKING:
     from fleetdrain.drill.pace import Pace
     from fleetdrain.drill.report.model import ScenarioReport
     from fleetdrain.drill.scenarios import Run
+
+#: The start of a note that gives a scenario's figures (informational: see the module docstring).
+FIGURES = "figures: "
 
 
 def fill_report(run: Run) -> None:
@@ -48,9 +55,15 @@ def fill_report(run: Run) -> None:
             report.notes.append(f"unit {unit.name}: {'lost' if unit.lost else 'never taken'}")
     report.longest_drain_seconds = _longest_drain(run)
     report.hook_completion_latency_seconds = _hook_latency(run)
-    gaps = [coord.heartbeat_gaps(a.id) for a in coord.agents() if a.connected_at is not None]
+    gaps = [
+        coord.heartbeat_gaps(a.id)
+        for a in coord.agents()
+        if a.connected_at is not None and not is_background(a)
+    ]
     if gaps:
-        report.max_heartbeat_gap_intervals = round(max(gaps) / HEARTBEAT_INTERVAL, 2)
+        # The interval the agents were given (whole seconds when a Go agent runs).
+        interval = coord.wire_seconds(HEARTBEAT_INTERVAL)
+        report.max_heartbeat_gap_intervals = round(max(gaps) / interval, 2)
     run.expected = len(run.keys) + len(units)
     _merge_coordinator_events(run)
     report.timeline = fleet.timeline.sorted()
@@ -112,17 +125,18 @@ def judge(
             report.notes.append("no build was lost: the drill could not see the failure")
             report.judge("failed", "no build was lost: the drill could not see the failure")
         return
+    shown = [n for n in report.notes if not n.startswith(FIGURES)]
     if report.lost > 0:
         what = f"{report.lost} build(s) lost"
-        report.judge("failed", what + (f"; {report.notes[0]}" if report.notes else ""))
+        report.judge("failed", what + (f"; {shown[0]}" if shown else ""))
         return
-    clean = bool(expected) and report.passed == expected and not report.notes
+    clean = bool(expected) and report.passed == expected and not shown
     if clean:
         report.judge("passed")
     elif timed_out or slow:
-        inconclusive(timed_out or (report.notes[0] if report.notes else "not every build passed"))
+        inconclusive(timed_out or (shown[0] if shown else "not every build passed"))
     else:
-        report.judge("failed", report.notes[0] if report.notes else "not every build passed")
+        report.judge("failed", shown[0] if shown else "not every build passed")
 
 
 def _longest_drain(run: Run) -> float | None:
@@ -165,15 +179,19 @@ _AGENT_EVENTS = {
 def _merge_coordinator_events(run: Run) -> None:
     fleet = run.fleet
     coord = fleet.coord
-    names = {a.id: a.name for a in coord.agents()}
+    agents = coord.agents()
+    names = {a.id: a.name for a in agents}
     jobs = {j.id: j for j in coord.jobs()}
 
     def job_label(job_id: str | None) -> str:
         job = jobs.get(job_id or "")
         return str(job_id) if job is None else f"{job.key} #{job.attempt}"
 
+    background = {a.id for a in agents if is_background(a)}
     record = fleet.timeline.record
     for e in coord.events:
+        if e.agent_id in background:
+            continue
         agent = names.get(e.agent_id or "", e.agent_id or "coordinator")
         d: dict[str, Any] = dict(e.detail)
         if e.kind in _AGENT_EVENTS and e.job_id is None:

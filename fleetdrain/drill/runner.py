@@ -14,6 +14,11 @@ twice as fast, 2: twice as slow). By default it is calibrated at the start from 
 measurement (:func:`fleetdrain.drill.pace.calibrate`). Timeline times and every figure of the
 report are AWS seconds (drill seconds); wall seconds are given beside them.
 
+The agent behind wrap in the wrapped scenarios is the drill's ``wrapped_agent``
+(:mod:`fleetdrain.drill.wrapped_agent`: the Go ``buildkite-agent``, or fleetdrain's agent as its
+stand-in): said in a progress line at the start, handed to every scenario process, and kept in
+the report.
+
 Verdicts: a scenario has :data:`SCENARIO_WALL_LIMIT` x the pace, from its own start. At the
 limit it stops itself and reports what it saw, its timeline included (if it cannot, its
 timeline is read from its work directory): *inconclusive*, with the machine's load and the pace
@@ -54,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetdrain.drill.pace import WALL_PER_DRILL_SECOND, Pace, calibrate
-from fleetdrain.drill.report.model import DrillReport, ScenarioKind, ScenarioReport
+from fleetdrain.drill.report.model import DrillReport, ScenarioKind, ScenarioReport, WrappedAgent
 from fleetdrain.drill.world.processes import contained, die_with_parent, pid_namespaces_available
 
 #: Scenario name -> (kind, one-line description), in the order they run by default.
@@ -128,8 +133,23 @@ SEQUENCE_SCENARIOS: dict[str, tuple[ScenarioKind, str]] = {
     ),
 }
 
+#: The spot storm (issue 12; body in :mod:`fleetdrain.drill.scenarios_storm`): by name only
+#: (it runs 4 agents a core at once, up to 20), so that the default drill stays about a minute.
+STORM_SCENARIOS: dict[str, tuple[ScenarioKind, str]] = {
+    "spot-storm": (
+        "after",
+        "spot storm: up to 20 instances (4 a core, half busy) interrupted in the same second in "
+        "a 1,000-agent org, REST limit enforced: every build cancelled, reported, retried; "
+        "every drain ends",
+    ),
+}
+
 #: Every scenario a name can select.
-ALL_SCENARIOS: dict[str, tuple[ScenarioKind, str]] = {**SCENARIOS, **SEQUENCE_SCENARIOS}
+ALL_SCENARIOS: dict[str, tuple[ScenarioKind, str]] = {
+    **SCENARIOS,
+    **SEQUENCE_SCENARIOS,
+    **STORM_SCENARIOS,
+}
 
 #: Wall seconds a scenario may take at ``time_scale`` 1.0 (scaled by it), from its own start,
 #: before it stops itself as inconclusive.
@@ -141,6 +161,7 @@ REPORT_GRACE = 20.0
 #: the longest start first, so that the last one to start is a short one.
 EXPECTED_WALL = {
     "shell-pid1": 36,
+    "spot-storm": 20,
     "scale-in": 28,
     "wrapped-scale-in": 27,
     "wrapped-worker-scale-in": 25,
@@ -273,12 +294,16 @@ def run_local_drill(
     concurrency: int | None = None,
     base_time_scale: float = 1.0,
     progress: Callable[[str], None] = lambda _msg: None,
+    wrapped_agent: WrappedAgent | None = None,
 ) -> DrillReport:
     """Run the named scenarios (all by default) on this machine; the report.
 
     ``time_scale``: None calibrates it (:func:`fleetdrain.drill.pace.calibrate`, from
     ``base_time_scale`` on an idle machine); a number is used as it is. ``concurrency``: how
-    many scenarios run side by side (default: what the machine has room for)."""
+    many scenarios run side by side (default: what the machine has room for).
+    ``wrapped_agent``: what the wrapped scenarios run behind wrap
+    (:func:`fleetdrain.drill.wrapped_agent.choose`; default: fleetdrain's agent as the
+    stand-in, ``fleetdrain drill`` looks for ``buildkite-agent`` on PATH)."""
     names = list(scenarios or SCENARIOS)
     unknown = [n for n in names if n not in ALL_SCENARIOS]
     if unknown:
@@ -293,6 +318,11 @@ def run_local_drill(
     if concurrency is not None:
         pace = dataclasses.replace(pace, slots=min(concurrency, len(names)))
     progress(pace.describe())
+    if wrapped_agent is None:
+        from fleetdrain.drill.wrapped_agent import DEFAULT, stand_in
+
+        wrapped_agent = stand_in(DEFAULT)
+    progress(wrapped_agent.sentence("run"))
     report = DrillReport(
         mode="local",
         started_at=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -303,6 +333,7 @@ def run_local_drill(
         concurrency=pace.slots,
         pid_namespaces=pid1,
         pid_namespaces_reason=reason,
+        wrapped_agent=wrapped_agent,
     )
     base = workdir or Path(tempfile.mkdtemp(prefix="fleetdrain-drill-"))
     base.mkdir(parents=True, exist_ok=True)
@@ -322,7 +353,7 @@ def run_local_drill(
             parent_end, child_end = ctx.Pipe(duplex=False)
             proc = ctx.Process(
                 target=_child,
-                args=(name, base / name, pace.speed, pid1, messages, child_end),
+                args=(name, base / name, pace.speed, pid1, messages, child_end, wrapped_agent),
                 name=f"drill-{name}",
             )
             proc.start()
@@ -448,6 +479,8 @@ PRELOAD = (
     "fleetdrain.controller.spot_interruption",
     "fleetdrain.controller.drain_monitor",
     "fleetdrain.drill.scenarios",
+    "fleetdrain.drill.scenarios_sequences",
+    "fleetdrain.drill.scenarios_storm",
     "fleetdrain.drill.metrics",
 )
 
@@ -509,7 +542,13 @@ def _failed(name: str, why: str) -> ScenarioReport:
 
 
 def _child(
-    name: str, workdir: Path, speed: float, pid1: bool, messages: Any, conn: Connection
+    name: str,
+    workdir: Path,
+    speed: float,
+    pid1: bool,
+    messages: Any,
+    conn: Connection,
+    wrapped_agent: WrappedAgent | None = None,
 ) -> None:
     """The scenario process: run it, send the report, exit (without the parent's atexit)."""
     # Die with the drill, even a SIGKILLed one (the agents die with this process in turn).
@@ -531,7 +570,9 @@ def _child(
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     code = 0
     try:
-        report = run_scenario(name, workdir, speed, pid1, lambda m: messages.put(m))
+        report = run_scenario(
+            name, workdir, speed, pid1, lambda m: messages.put(m), wrapped_agent=wrapped_agent
+        )
         conn.send(report.model_dump_json())
     except BaseException as exc:
         traceback.print_exc()
@@ -608,24 +649,27 @@ def run_scenario(
     *,
     pace: Pace | None = None,
     limit: float | None = None,
+    wrapped_agent: WrappedAgent | None = None,
 ) -> ScenarioReport:
     """Run one scenario on a fleet of its own, in this process; its report, judged.
 
     ``speed``: drill seconds per wall second. ``pace`` and ``limit`` (wall seconds) default to
-    the drill's that forked this process. At the limit the scenario stops where it is, and its
+    the drill's that forked this process. ``wrapped_agent``: the agent a wrapped scenario runs
+    behind wrap (default: the stand-in). At the limit the scenario stops where it is, and its
     report (counts, notes, the timeline so far) is made from what the fleet saw.
     """
     from fleetdrain.drill.metrics import fill_report, judge
     from fleetdrain.drill.pace import Watch, calibrate
     from fleetdrain.drill.scenarios import SPECS, Run
     from fleetdrain.drill.scenarios_sequences import SPECS as SEQUENCE_SPECS
+    from fleetdrain.drill.scenarios_storm import SPECS as STORM_SPECS
     from fleetdrain.drill.world.fleet import TIMELINE_FILE, local_fleet, read_timeline
 
     if pace is None and _PACE is not None:
         pace, limit = _PACE[0], (_PACE[1] if limit is None else limit)
     if pace is None:
         pace = calibrate(1.0 / (WALL_PER_DRILL_SECOND * speed), scenarios=1)
-    spec = {**SPECS, **SEQUENCE_SPECS}[name]
+    spec = {**SPECS, **SEQUENCE_SPECS, **STORM_SPECS}[name]
     kind, description = ALL_SCENARIOS[name]
     report = ScenarioReport(name=name, description=description, kind=kind)
     started = time.monotonic()
@@ -646,6 +690,8 @@ def run_scenario(
                 ) as fleet,
             ):
                 run = Run(fleet, report, force_window=pace.force_window)
+                if wrapped_agent is not None:
+                    run.wrapped_agent = wrapped_agent
                 fleet.timeline.t0 = started
                 # What the set-up built (moto's backends, the deployed template: a big heap) is
                 # never garbage: out of the collector's way, or every full collection stalls

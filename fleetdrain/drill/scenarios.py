@@ -8,6 +8,11 @@ deployed, the coordinator, the controller, real agent processes) and returns a
 "after" scenarios are fleetdrain as designed and must lose nothing; "before" scenarios are
 the anti-patterns and must show the loss (or the drill could not see one).
 
+The wrapped scenarios with a Buildkite agent (``wrapped-stop-task``, ``wrapped-scale-in``,
+``wrapped-spot``) run behind ``wrap`` the agent the drill was given (:attr:`Run.wrapped_agent`:
+the Go ``buildkite-agent``, or our agent as its stand-in: :mod:`fleetdrain.drill.wrapped_agent`)
+and say which in their report; every other scenario runs our agent.
+
 Compression has a floor. The agents' cancel grace and drain margin are AWS durations too
 (10 s and 5 s: the forced stop comes 15 s before SIGKILL, and the worker has 14.5 s of it to
 report), but what the worker does in that window (handle a signal, stop its job, post the
@@ -28,10 +33,11 @@ from typing import Any
 from fleetdrain.agent.pid1 import FINAL_MARGIN
 from fleetdrain.drill.coordinator import Fault, RetryRule
 from fleetdrain.drill.pace import FORCE_WINDOW_FLOOR, WALL_PER_DRILL_SECOND
-from fleetdrain.drill.report.model import ScenarioKind, ScenarioReport
+from fleetdrain.drill.report.model import ScenarioKind, ScenarioReport, WrappedAgent
 from fleetdrain.drill.world.fleet import CLUSTER, LOST_AGENT_TIMEOUT, Fleet
 from fleetdrain.drill.world.queue_worker import UnitWatch, WorkQueue
 from fleetdrain.drill.world.task_runtime import AGENT_PROGRAM, RunningTask, TaskDefinition
+from fleetdrain.drill.wrapped_agent import DEFAULT, stand_in, wrapped_command
 
 #: The pipeline's retry rules, as Buildkite recommends for agents that can go away.
 RETRY = [RetryRule(exit_status="-1", limit=2), RetryRule(signal_reason="agent_stop", limit=2)]
@@ -46,18 +52,6 @@ WORKER_FAMILY = "queue-workers"
 #: wrap as infra/wrap.Dockerfile has it, with the task definition's additions: PID 1, task
 #: protection while busy, IMDS notices.
 WRAP_ENTRYPOINT = (AGENT_PROGRAM, "wrap", "--task-protection", "--watch-imds", "--")
-#: Our agent in the Go agent's place behind wrap. The Go agent has no stop timeout of its own
-#: (wrap's deadline drives it, with SIGQUIT) and does no task protection (wrap's job): so
-#: neither does its stand-in. It tags itself from ECS and IMDS as infra/ configures it.
-GO_AGENT_STAND_IN = (
-    AGENT_PROGRAM,
-    "start",
-    "--tags-from-ecs-meta-data",
-    "--tags-from-ec2-meta-data",
-    "--no-task-protection",
-    "--stop-timeout",
-    "86400",
-)
 
 
 @dataclass
@@ -86,6 +80,8 @@ class Run:
     force_window: float = FORCE_WINDOW_FLOOR
     #: The builds and units the scenario ran (filled in by the report).
     expected: int = 0
+    #: What runs as the Buildkite agent behind wrap (:meth:`wrapped_definition`).
+    wrapped_agent: WrappedAgent = field(default_factory=lambda: stand_in(DEFAULT))
 
     # -- time
 
@@ -148,12 +144,25 @@ class Run:
 
     def wrapped_definition(self, family: str = WRAPPED_FAMILY) -> TaskDefinition:
         """The agent behind wrap: ``entryPoint`` wrap, ``command`` the agent (as a task
-        definition for infra/wrap.Dockerfile's image registers them)."""
+        definition for infra/wrap.Dockerfile's image registers them): :attr:`wrapped_agent`,
+        the Go agent or its stand-in (:func:`~fleetdrain.drill.wrapped_agent.wrapped_command`).
+
+        For the Go agent the coordinator's intervals go out as whole seconds from here on (it
+        cannot decode a fraction into its ``int`` fields and exits): set before any agent
+        registers, since they are handed out at register."""
+        agent = self.wrapped_agent
+        grace, _margin = self.margins()
+        command, agent_environment = wrapped_command(agent, grace)
+        if agent.go:
+            if self.fleet.coord.agents():
+                raise RuntimeError("the Go agent's integer intervals come before any agent")
+            self.fleet.coord.integer_intervals = True
+        self.report.agent = agent.label
         definition = TaskDefinition(
             family,
             STOP_TIMEOUT,
             entry_point=WRAP_ENTRYPOINT,
-            command=GO_AGENT_STAND_IN,
+            command=command,
             environment=(
                 *self.wrap_environment(),
                 ("BUILDKITE_AGENT_HEALTH_CHECK_ADDR", "127.0.0.1:{port:agent}"),
@@ -162,6 +171,7 @@ class Run:
                     if BUSY_PROBE_PATH is not None
                     else []
                 ),
+                *agent_environment,
             ),
             status_port="wrap",
         )
@@ -501,11 +511,12 @@ def faults(run: Run) -> None:
 # ---------------------------------------------------------------------------- wrapped
 
 #: What wrap's busy probe would ask the agent behind it; None: no probe, busy while the agent
-#: has a child process (it runs each job as one, and has none while idle). ``start``'s
-#: ``/status`` carries ``aggregate_status`` idle/busy as the Go agent's ``/status.json`` does,
-#: so "/status" works too, but a probe that does not answer yet counts as busy (issue 6), so
-#: protection would be on from the task's start until the agent serves: the child-process
-#: signal keeps the drill's protection timeline exact (tests/drill/test_wrapped_scenarios.py).
+#: has a child process (it runs each job as one, and has none while idle): the protection
+#: timeline tests/drill/test_wrapped_scenarios.py checks is that signal's. It holds for the Go
+#: agent too (each job's bootstrap is its child; none while idle), so either agent runs behind
+#: the same wrap. A probe would need a path per agent: ``start``'s ``/status`` carries
+#: ``aggregate_status`` as the Go agent's ``/status.json`` does, but the Go agent's ``/status``
+#: is an HTML page and ``start`` serves no ``/status.json``.
 BUSY_PROBE_PATH: str | None = None
 
 

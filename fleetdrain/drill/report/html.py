@@ -429,6 +429,8 @@ def render_html(report: DrillReport) -> str:
             else f" · agents without a PID namespace: {_e(report.pid_namespaces_reason)}"
         )
     parts.append("</p>")
+    if report.mode == "local" and report.wrapped_agent is not None:
+        parts.append(f"<p class='meta agent'>{_e(report.wrapped_agent.summary)}</p>")
     parts.append(_table(report))
     parts.append(
         "<p class='meta'>Times and durations are AWS seconds, the drill's clock (a 120 s "
@@ -443,6 +445,8 @@ def render_html(report: DrillReport) -> str:
         took = f"{s.wall_seconds:.1f} s wall"
         if s.aws_seconds is not None:
             took = f"{s.aws_seconds:.0f} AWS s, {took}"
+        if s.agent:
+            took += f", agent behind wrap: {_e(s.agent)}"
         parts.append(
             f"<h2 id='scenario-{_e(s.name)}'>{_e(s.name)} <small class='meta'>({_e(s.kind)}, "
             f"{took})</small> <span class='{_verdict_class(s)}'>"

@@ -13,6 +13,10 @@ Outcomes: ``passed``, ``failed`` (a build was lost, or the scenario showed what 
 and ``inconclusive``: the scenario ran out of time, or failed without losing a build while its
 machine was too slow for it (a ``cause`` says which, with the pace to retry at). Inconclusive
 is never a pass and never a loss; :attr:`DrillReport.exit_status` gives it a status of its own.
+
+Which agent ran: the local drill's wrapped scenarios run the Go ``buildkite-agent`` behind
+``wrap`` when one is installed, else fleetdrain's agent as its stand-in; the report says which
+(:attr:`DrillReport.wrapped_agent`, and each wrapped scenario's :attr:`ScenarioReport.agent`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, computed_field, model_validator
 
 #: What a timeline entry is about; the HTML timeline draws one lane per ``subject``, coloured
 #: by ``kind``.
@@ -98,6 +102,11 @@ class ScenarioReport(BaseModel):
     retry_time_scale: float | None = Field(
         default=None, description="inconclusive: the --time-scale to retry it at"
     )
+    agent: str | None = Field(
+        default=None,
+        description="the Buildkite agent behind wrap, in a wrapped scenario: "
+        "'buildkite-agent 3.135.0' or 'fleetdrain-agent start (stand-in)'",
+    )
     notes: list[str] = Field(default_factory=list)
     timeline: list[TimelineEvent] = Field(default_factory=list)
 
@@ -128,6 +137,61 @@ class ScenarioReport(BaseModel):
         return "ok" if self.ok else "FAILED"
 
 
+#: What a :class:`WrappedAgent` is: the Go agent, or fleetdrain's agent in its place.
+WrappedProgram = Literal["buildkite-agent", "fleetdrain-agent start"]
+
+
+class WrappedAgent(BaseModel):
+    """What the local drill's wrapped scenarios ran as the Buildkite agent behind ``wrap``
+    (:mod:`fleetdrain.drill.wrapped_agent` chooses it), and why."""
+
+    program: WrappedProgram
+    path: str | None = Field(default=None, description="the buildkite-agent binary run")
+    version: str | None = Field(
+        default=None, description="what its --version said (None: unknown, or the stand-in)"
+    )
+    why: str = Field(
+        description="how it was chosen, in words: 'found on PATH', '--buildkite-agent', "
+        "'none on PATH; --buildkite-agent PATH to use one', ..."
+    )
+    version_error: str | None = Field(
+        default=None, description="why the version is unknown (its --version failed)"
+    )
+
+    @property
+    def go(self) -> bool:
+        """Whether the Go agent runs (not the stand-in)."""
+        return self.program == "buildkite-agent"
+
+    @property
+    def label(self) -> str:
+        """``buildkite-agent 3.135.0``, ``buildkite-agent (version unknown)`` or
+        ``fleetdrain-agent start (stand-in)``: a scenario's :attr:`ScenarioReport.agent`."""
+        if not self.go:
+            return "fleetdrain-agent start (stand-in)"
+        return f"buildkite-agent {self.version or '(version unknown)'}"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def summary(self) -> str:
+        """The report's line: which agent the wrapped scenarios ran, and why."""
+        return self.sentence("ran")
+
+    def sentence(self, verb: str) -> str:
+        """``wrapped scenarios <verb> buildkite-agent 3.135.0 (/usr/local/bin/buildkite-agent,
+        found on PATH)``, or ``... fleetdrain-agent start as the stand-in for buildkite-agent
+        (none on PATH; ...)``."""
+        if not self.go:
+            return (
+                f"wrapped scenarios {verb} fleetdrain-agent start as the stand-in for "
+                f"buildkite-agent ({self.why})"
+            )
+        version = f" {self.version}" if self.version else ""
+        unknown = "" if self.version else f", version unknown: {self.version_error or '?'}"
+        where = f"{self.path}, {self.why}{unknown}"
+        return f"wrapped scenarios {verb} buildkite-agent{version} ({where})"
+
+
 class DrillReport(BaseModel):
     """A whole drill run (local or ``--aws``)."""
 
@@ -141,6 +205,9 @@ class DrillReport(BaseModel):
     concurrency: int | None = Field(default=None, description="scenarios run side by side")
     pid_namespaces: bool = False
     pid_namespaces_reason: str = ""
+    wrapped_agent: WrappedAgent | None = Field(
+        default=None, description="the Buildkite agent behind wrap (local drill)"
+    )
     scenarios: list[ScenarioReport] = Field(default_factory=list)
 
     @property

@@ -135,9 +135,12 @@ def report_table(report: DrillReport, width: int = PIPED_WIDTH) -> Table:
 
 
 def print_report(console: Console, report: DrillReport, *, extra: Iterable[str] = ()) -> None:
-    """The pace, the table, what each scenario is, its cause and notes, a one-line summary."""
+    """The pace, the agent behind wrap, the table, what each scenario is (and the agent it ran
+    behind wrap), its cause and notes, a one-line summary."""
     if report.pace:
         console.print(report.pace, markup=False, highlight=False)
+    if report.mode == "local" and report.wrapped_agent is not None:
+        console.print(report.wrapped_agent.summary, markup=False, highlight=False)
     if report.mode == "local" and not report.pid_namespaces:
         console.print(
             Text(
@@ -148,6 +151,8 @@ def print_report(console: Console, report: DrillReport, *, extra: Iterable[str] 
     console.print(report_table(report, console.width))
     for s in report.scenarios:
         console.print(Text.assemble("  ", (s.name, "bold"), f" ({s.kind}): {s.description}"))
+        if s.agent:
+            console.print(f"      agent behind wrap: {s.agent}", markup=False, highlight=False)
         if s.cause and not s.ok:
             console.print(f"      {s.verdict}: {s.cause}", markup=False, highlight=False)
         for note in s.notes:

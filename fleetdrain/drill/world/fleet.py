@@ -6,7 +6,8 @@ moto in this process (``mock_aws``), with :class:`~fleetdrain.drill.aws.gaps.Aws
 Scaling group, its termination lifecycle hook and the ECS cluster are what ``infra/`` makes;
 the controller is deployed from ``template.yaml`` (:mod:`fleetdrain.drill.aws.world`) with the
 template's default parameters, so its budgets, margins and heartbeats are the real ones, in
-drill seconds.
+drill seconds. The coordinator enforces Buildkite's REST limit (200 requests a minute for the
+organization, 429 beyond) on the drill clock too, so a minute of it is an AWS minute at any pace.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ from fleetdrain.drill.aws.world import (
     deploy_stack,
     stack_params,
 )
-from fleetdrain.drill.coordinator import Coordinator, CoordinatorServer
+from fleetdrain.drill.coordinator import Coordinator, CoordinatorServer, RestRateLimit
+from fleetdrain.drill.coordinator.rate_limit import (
+    DEFAULT_REST_RATE_LIMIT,
+    DEFAULT_REST_RATE_WINDOW,
+)
 from fleetdrain.drill.report.model import EventKind, TimelineEvent
 from fleetdrain.drill.world.task_runtime import DrillClock, TaskRuntime
 
@@ -57,6 +62,15 @@ JOB_STATUS_INTERVAL = 0.3
 LOST_AGENT_TIMEOUT = 180.0
 #: Where a scenario's timeline goes as it is recorded (JSON lines, in its work directory).
 TIMELINE_FILE = "timeline.jsonl"
+#: The meta-data tag of an organization's agent that runs nowhere in the fleet (registered in
+#: the coordinator without a process, to give the organization its size): no scenario's actor,
+#: so it is neither on the timeline nor in the heartbeat figures.
+BACKGROUND_TAG = "fleetdrain-drill:background=true"
+
+
+def is_background(agent: Any) -> bool:
+    """Whether a coordinator agent (an ``AgentRecord``) is a background agent."""
+    return BACKGROUND_TAG in getattr(agent, "meta_data", ())
 
 
 class Timeline:
@@ -342,6 +356,11 @@ def local_fleet(
         lost_agent_timeout=clock.wall(LOST_AGENT_TIMEOUT),
         chunks_interval_seconds=0.5,
     )
+    # Buildkite's REST limit (200 a minute for the organization) on AWS's clock, the one the
+    # drains are timed on (a 429's ``RateLimit-Reset`` sets their next tick): a minute is a
+    # drill minute whatever the pace. (The controller's REST client still keeps its own budget
+    # and waits on the wall clock: see fleetdrain.drill.scenarios_storm.ORG_TRAFFIC.)
+    coord.rest_rate = RestRateLimit(DEFAULT_REST_RATE_LIMIT, DEFAULT_REST_RATE_WINDOW, clock)
     with contextlib.ExitStack() as stack:
         stack.callback(_restore_env, saved)
         stack.callback(timeline.close)
@@ -377,7 +396,9 @@ def local_fleet(
         deployment = deploy_stack(params, session=session)
         logging.getLogger("moto").setLevel(logging.CRITICAL)  # deploy_stack sets its own
         settings = Settings.from_env(deployment.function("DrainMonitorFunction").environment)
-        controller = lambda_runtime.build_controller(settings, session, clock=clock)
+        controller = lambda_runtime.build_controller(
+            settings, session, clock=clock, sleep=lambda s: time.sleep(clock.wall(s))
+        )
         lambda_runtime.set_controller(controller)
         stack.callback(lambda_runtime.set_controller, None)
 
@@ -534,7 +555,7 @@ def _build_aws(session: Any, instances: int) -> list[str]:
         AutoScalingGroupName=ASG,
         LaunchTemplate={"LaunchTemplateName": ASG, "Version": "$Latest"},
         MinSize=0,
-        MaxSize=10,
+        MaxSize=max(10, instances),
         DesiredCapacity=instances,
         AvailabilityZones=[f"{REGION}a"],
     )

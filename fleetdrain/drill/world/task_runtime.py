@@ -102,6 +102,10 @@ class DrillClock:
 AGENT_PROGRAM = "fleetdrain-agent"
 #: ``{port:NAME}`` in a container's environment: a loopback port of the task's own.
 _PORT = re.compile(r"\{port:([a-z0-9_-]+)\}")
+#: ``{task:arn}`` and ``{task:instance-id}`` in a container's environment: the task's ARN and
+#: its instance (ECS has no such substitution: the drill's way of giving an agent what it would
+#: read from task metadata, e.g. the Go agent's tags, see :mod:`fleetdrain.drill.wrapped_agent`).
+_TASK = re.compile(r"\{task:(arn|instance-id)\}")
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,8 @@ class TaskDefinition:
     command: tuple[str, ...] = ()
     #: The container's ``environment``. ``{port:NAME}`` in a value becomes a loopback port of
     #: the task's own: on ECS each task has its own network namespace and can use fixed ports
-    #: (3901, 3902); here the tasks share one, as with dynamic host ports.
+    #: (3901, 3902); here the tasks share one, as with dynamic host ports. ``{task:arn}`` and
+    #: ``{task:instance-id}`` become the task's ARN and instance id.
     environment: tuple[tuple[str, str], ...] = ()
     #: Which ``{port:NAME}`` serves the task's PID 1 ``/status`` (the drill's timeline).
     status_port: str = "agent"
@@ -378,6 +383,11 @@ class TaskRuntime:
         def port(match: re.Match[str]) -> str:
             return str(ports.setdefault(match.group(1), _free_port()))
 
+        known = {"arn": self.standin.task(task_id).task_arn, "instance-id": instance_id}
+
+        def task_value(match: re.Match[str]) -> str:
+            return known[match.group(1)]
+
         env = {
             **self.agent_env,
             **self.standin.env_for(task_id),
@@ -392,7 +402,7 @@ class TaskRuntime:
         if self.imds is not None:
             env["FLEETDRAIN_IMDS_ENDPOINT"] = self.imds.base_url_for(instance_id)
         for key, value in definition.environment:
-            env[key] = _PORT.sub(port, value)
+            env[key] = _TASK.sub(task_value, _PORT.sub(port, value))
         return env, ports
 
     def _spawn_container(
