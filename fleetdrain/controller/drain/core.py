@@ -131,11 +131,12 @@ class Result:
 
 
 class _Leased(Exception):
-    """The drain record is held by another step (until ``until``)."""
+    """The drain record of ``drain_id`` is held by another step (until ``until``)."""
 
-    def __init__(self, until: float) -> None:
+    def __init__(self, until: float, drain_id: str) -> None:
         super().__init__(until)
         self.until = until
+        self.drain_id = drain_id
 
 
 class DrainController:
@@ -215,6 +216,7 @@ class DrainController:
                 # Another step holds the record: it is short (a few API calls), so wait for
                 # it here rather than hand the event back to a retry that comes much later.
                 if waited >= self.lease_wait:
+                    self._tick_after_lease(instance_id, leased)
                     raise Retryable(
                         f"drain record of {instance_id} held by another step "
                         f"(lease until {leased.until:.0f})"
@@ -242,7 +244,7 @@ class DrainController:
         step = merged.step and record.phase != "done"
         if current is not None and current.leased(now) and (merged.changed or step):
             # Only the lease holder writes while it steps; we merge again once it is done.
-            raise _Leased(current.lease_until or now)
+            raise _Leased(current.lease_until or now, current.drain_id)
         if step:
             # Claim the record in the same conditional write that merges the event: of two
             # steps that race, one claims and acts, the other waits and then sees its work.
@@ -315,6 +317,20 @@ class DrainController:
             self.store.save(dataclasses.replace(claimed, lease_id=None, lease_until=None))
         except Exception as exc:
             lg.warning("could not release the drain record", extra={"error": str(exc)})
+
+    def _tick_after_lease(self, instance_id: str, leased: _Leased) -> None:
+        """We give up waiting for another step's lease: leave a tick for just after it ends. If
+        that step died (its function timed out) nothing else would wake the drain before the
+        event's own redelivery (an SQS tick's: after the queue's 360 s visibility timeout),
+        however near its deadline."""
+        delay = max(1, math.ceil(leased.until - self.clock()) + 1)
+        try:
+            self.ticks.schedule(instance_id, leased.drain_id, uuid.uuid4().hex[:12], delay)
+        except Exception as exc:
+            log.warning(
+                "could not leave a tick after the lease",
+                extra={"instance_id": instance_id, "error": str(exc)},
+            )
 
     def _retry_soon(self, claimed: DrainRecord, lg: DrainLog, exc: Retryable) -> None:
         """A step failed on something that passes (throttling): leave a tick that retries it in
