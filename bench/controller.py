@@ -453,6 +453,8 @@ class DrivenWorld(BenchWorld):
         self.calls = calls
         self.charged_aws: Counter[str] = Counter()
         self.charged_rest: Counter[str] = Counter()
+        #: Instance -> its AWS calls by operation (for the breakdown of idle and busy drains).
+        self.charged_ops: dict[str, Counter[str]] = {}
         self.iid_of_ci = {arn: iid for iid, arn in self.ci_arn.items()}
         self.later: list[tuple[float, dict[str, Any], int]] = []
         self.failures = 0
@@ -478,12 +480,15 @@ class DrivenWorld(BenchWorld):
 
     def charged(self, iid: str | None, fn: Any) -> Any:
         aws, rest = self.calls.total, self.coordinator_requests()
+        ops = self.calls.snapshot() if iid is not None else None
         try:
             return fn()
         finally:
-            if iid is not None:
+            if iid is not None and ops is not None:
                 self.charged_aws[iid] += self.calls.total - aws
                 self.charged_rest[iid] += self.coordinator_requests() - rest
+                mine = self.charged_ops.setdefault(iid, Counter())
+                mine.update(delta(self.calls.snapshot(), ops))
 
     def route(self, event: dict[str, Any], tries: int = 0) -> list[dict[str, Any]]:
         out = []
@@ -645,6 +650,8 @@ def fleet_figures(
         "rest_per_instance": stats.requests / max(1, len(ids)),
         "aws_idle": statistics.mean(w.charged_aws[i] for i in idle) if idle else 0.0,
         "aws_busy": statistics.mean(w.charged_aws[i] for i in busy) if busy else 0.0,
+        "ops_idle": mean_ops([w.charged_ops.get(i, Counter()) for i in idle]),
+        "ops_busy": mean_ops([w.charged_ops.get(i, Counter()) for i in busy]),
         "rest_idle": statistics.mean(w.charged_rest[i] for i in idle) if idle else 0.0,
         "rest_busy": statistics.mean(w.charged_rest[i] for i in busy) if busy else 0.0,
         "failures": w.failures,
@@ -734,6 +741,19 @@ def bench_storm(instances: int, org_agents: int, before: bool) -> dict[str, Any]
         return out
 
 
+def mean_ops(counters: list[Counter[str]]) -> dict[str, float]:
+    """The mean count of each operation over these instances."""
+    total: Counter[str] = Counter()
+    for c in counters:
+        total.update(c)
+    n = max(1, len(counters))
+    return {op: v / n for op, v in total.items()}
+
+
+def show_mean_ops(ops: dict[str, float], indent: str) -> None:
+    print(indent + ", ".join(f"{op} {v:.1f}" for op, v in sorted(ops.items(), key=lambda kv: -kv[1])))
+
+
 def show_fleet(f: dict[str, Any], indent: str = "   ") -> list[str]:
     """Print a fleet's figures; the goals it missed."""
     g = FLEET_GOALS
@@ -751,6 +771,11 @@ def show_fleet(f: dict[str, Any], indent: str = "   ") -> list[str]:
         f"{g['coordinator_per_instance']}); AWS calls idle {f['aws_idle']:.1f} (goal <= "
         f"{g['aws_idle']}), busy {f['aws_busy']:.1f} (goal <= {g['aws_busy']})"
     )
+    print(f"{indent}  idle, by operation:", end=" ")
+    show_mean_ops(f["ops_idle"], "")
+    if f["busy"]:
+        print(f"{indent}  busy, by operation:", end=" ")
+        show_mean_ops(f["ops_busy"], "")
     print(
         f"{indent}drains done {f['done']}/{f['instances']} "
         f"({', '.join(f'{k} {v}' for k, v in sorted(f['outcomes'].items()))}); "

@@ -25,9 +25,11 @@ never closer to the SIGKILL than that.
 from __future__ import annotations
 
 import contextlib
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fleetdrain.agent.pid1 import FINAL_MARGIN
@@ -222,13 +224,18 @@ class Run:
         *,
         first_attempt_only: bool = False,
         instance: int | None = None,
+        gate: Path | None = None,
     ) -> str:
         """A build step of ``seconds`` (drill); ``first_attempt_only``: only the first attempt
         takes that long (a retry elsewhere is quick and passes); ``instance``: only agents on
-        the fleet's ``instance``-th instance may take it (their ``aws:instance-id`` tag).
-        Returns the job id."""
+        the fleet's ``instance``-th instance may take it (their ``aws:instance-id`` tag);
+        ``gate``: its ``seconds`` count from when that file appears (it runs, waiting, until
+        then), so that they count from a moment of the scenario's rather than from the start
+        of a job that a busy machine may have started long before. Returns the job id."""
         sleep = f"{self.wall(seconds):.3f}"
         body = f'echo "step {key} on $BUILDKITE_AGENT_NAME"; '
+        if gate is not None:
+            body += f"while [ ! -e {shlex.quote(str(gate))} ]; do sleep 0.05; done; "
         if first_attempt_only:
             body += f'if [ "$BUILDKITE_RETRY_COUNT" = 0 ]; then sleep {sleep}; else sleep 0.5; fi; '
         else:
@@ -367,11 +374,16 @@ def scale_in(run: Run, name: str = "scale-in", family: str = FAMILY) -> None:
     if family == FAMILY:
         run.agent_definition()
     busy = run.start(0, f"{name}-a1", family)
-    job = run.job(name, 200)
+    # The build's 200 s count from the scale-in: the agents started after it may take a while
+    # on a busy machine, and the build must still outlast stopTimeout (120 s) once the drain
+    # begins, or the scenario would not show what only the soft phase makes possible.
+    gate = run.fleet.workdir / f"{name}.scale-in-begun"
+    job = run.job(name, 200, gate=gate)
     run.running(job, on=f"{name}-a1")
     idle = run.start(0, f"{name}-a2", family)
     run.start(1, f"{name}-b1", family)
     run.fleet.runtime.scale_in(run.fleet.instances[0])
+    gate.touch()
     run.outcomes(400)
     rec = run.wait_drain_done(0, 200)
     run.fleet.runtime.wait_stopped([busy, idle], run.wall(60))

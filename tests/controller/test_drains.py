@@ -1130,7 +1130,7 @@ def test_two_steps_racing_on_one_drain_record_act_once(world: World) -> None:
         t.join(timeout=30)
     assert not errors, errors
     assert len(results) == 2
-    assert slow.most_inside == 1, "two steps looked at the instance at the same time"
+    # Both may look at once (a step claims the record only to act); only one acts.
     assert world.gaps.calls["CompleteLifecycleAction"] == 1, "the hook was completed once"
     assert world.gaps.actions[a].result == "CONTINUE"
     rec = world.record(a)
@@ -1141,22 +1141,61 @@ def test_two_steps_racing_on_one_drain_record_act_once(world: World) -> None:
     assert sorted(r["status"] for r in results) in (["ignored", "stepped"], ["stepped", "stepped"])
 
 
-def test_a_step_that_fails_releases_the_record(world: World) -> None:
+def test_a_look_that_fails_claims_nothing_and_leaves_a_retry_tick(world: World) -> None:
     (a,) = world.build(instances=1)
     world.controller()
     world.add_agent(a, job_seconds=30)
     world.emit(world.gaps.begin_termination(a))
     version = world.record(a).version
     tick = tick_body(a, world.record(a).drain_id, "t-fail")
+    world.clock.advance(core.TASKS_LOOK_EVERY)  # the look reads ECS again
     with Stubber(world.ecs_client) as stub:
         stub.add_client_error("list_tasks", service_error_code="ThrottlingException")
         response = drain_monitor.handler(sqs_event(tick), Ctx())
     assert len(response["batchItemFailures"]) == 1
     rec = world.record(a)
-    assert rec.lease_id is None and rec.version == version + 2, "claimed, then given back"
-    # The redelivered tick steps at once: nobody waits for a lease.
+    assert rec.lease_id is None and rec.version == version + 1, "no claim: the merge is kept"
+    assert world.clock() + core.RETRY_TICK in [due for due, _ in world.ticks.pending]
+    # The redelivered tick steps at once.
     assert drain_monitor.handler(sqs_event(tick), Ctx()) == {"batchItemFailures": []}
     assert world.record(a).steps == rec.steps + 1
+
+
+class DrainingFails:
+    """The fleet whose ``set_draining`` is throttled (what the retries gave up on)."""
+
+    def __init__(self, fleet: Any) -> None:
+        self._fleet = fleet
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fleet, name)
+
+    def set_draining(self, arn: str) -> None:
+        raise Retryable("ECS UpdateContainerInstancesState: ThrottlingException")
+
+
+def test_a_step_that_fails_releases_the_record(world: World) -> None:
+    (a,) = world.build(instances=1)
+    world.controller()
+    world.add_agent(a, job_seconds=30)
+    world.emit(world.gaps.begin_termination(a))
+    assert world.record(a).phase == "soft"
+    world.clock.advance(31)
+    world._run_agents()  # the job ends; no tick has looked yet
+    version = world.record(a).version
+    tick = tick_body(a, world.record(a).drain_id, "t-fail")
+    fleet = world.ctl.fleet
+    world.ctl.fleet = DrainingFails(fleet)  # type: ignore[assignment]
+    response = drain_monitor.handler(sqs_event(tick), Ctx())
+    assert len(response["batchItemFailures"]) == 1
+    rec = world.record(a)
+    assert rec.lease_id is None and rec.version == version + 2, "claimed, then given back"
+    assert rec.phase == "soft" and rec.draining_at is None
+    # The redelivered tick steps at once: nobody waits for a lease.
+    world.ctl.fleet = fleet
+    assert drain_monitor.handler(sqs_event(tick), Ctx()) == {"batchItemFailures": []}
+    assert world.record(a).steps == rec.steps + 1
+    assert world.record(a).draining_at is not None
 
 
 def test_a_crashed_steps_lease_expires(world: World) -> None:

@@ -24,7 +24,7 @@ from fleetdrain.controller.drain.ports import DrainRecord
 from fleetdrain.controller.drain.state import record_from_doc, record_from_item, record_to_doc
 
 DRAIN = Path(__file__).resolve().parents[2] / "fleetdrain" / "controller" / "drain"
-PURE = ("core", "merge", "signals", "ports", "errors", "config")
+PURE = ("core", "look", "merge", "signals", "ports", "errors", "config")
 FORBIDDEN = ("botocore", "boto3", "httpx", "pydantic", "pydantic_core", "aws_lambda_powertools")
 ADAPTERS = ("events", "state", "ecs_fleet", "coordinator", "lifecycle", "ticks", "aws_errors")
 
@@ -87,7 +87,9 @@ STORED = (
 #: old form is a prefix of the new and each controller reads the other's records.
 ADDED = (
     ',"episode":1,"lifecycle_verified":false,"token_sent_at":null,"other_tokens":[],'
-    '"dead_tokens":[],"maintenance_at":null,"history":[]}'
+    '"dead_tokens":[],"maintenance_at":null,"history":[],'
+    # issue 12
+    '"looked_tasks":[],"looked_at":null}'
 )
 
 

@@ -63,6 +63,7 @@ from fleetdrain.controller.drain.errors import (
     RateLimited,
     Retryable,
 )
+from fleetdrain.controller.drain.look import LookedCoordinator, LookedFleet
 from fleetdrain.controller.drain.merge import LOST_TICK_SLACK, Merge, merge
 from fleetdrain.controller.drain.ports import (
     AgentView,
@@ -91,6 +92,11 @@ log = logging.getLogger("fleetdrain.drain")
 MAX_RACES = 5
 #: A step that failed on throttling is retried by a tick this many seconds later.
 RETRY_TICK = 30
+#: A soft drain's look reads the instance's tasks from ECS at least this often (seconds); in
+#: between, a look whose agents are all as the last read left them (each connected, in its
+#: task) takes the tasks as they were: a task that ends sends its own event, and a task placed
+#: on the instance meanwhile is found (and its agent paused) this much later at most.
+TASKS_LOOK_EVERY = 120.0
 #: A step that finds the record held by another step looks again after this, doubling up
 #: to LEASE_POLL_MAX (a step takes well under a second; a long wait need not read 200 times).
 LEASE_POLL = 0.05
@@ -128,6 +134,10 @@ class Result:
     drain_id: str | None = None
     phase: str | None = None
     detail: str = ""
+
+
+class _MustAct(Exception):
+    """A look found something to do: claim the record, then act (see ``DrainController._step``)."""
 
 
 class _Leased(Exception):
@@ -245,15 +255,16 @@ class DrainController:
         if current is not None and current.leased(now) and (merged.changed or step):
             # Only the lease holder writes while it steps; we merge again once it is done.
             raise _Leased(current.lease_until or now, current.drain_id)
-        if step:
+        # A step of a drain under way looks before it claims (most only wait, and save once);
+        # a new drain or episode claims in the write that creates it.
+        look_first = step and current is not None and merged.action != "started"
+        if step and not look_first:
             # Claim the record in the same conditional write that merges the event: of two
             # steps that race, one claims and acts, the other waits and then sees its work.
-            record = copy.deepcopy(record)
-            record.lease_id = uuid.uuid4().hex[:12]
-            record.lease_until = now + self.settings.step_lease
+            record = self._claimed(record, now)
         if current is None:
             record = self.store.create(record)
-        elif merged.changed or step:
+        elif (merged.changed or step) and not look_first:
             record = self.store.save(record)
         if merged.action == "started":
             self.metrics.count(DRAINS_STARTED)
@@ -266,8 +277,15 @@ class DrainController:
                 },
             )
         if step:
-            record = self._step(record)
+            record = self._step(record, claimed=not look_first)
         return Result(merged.action, instance_id, record.drain_id, record.phase, merged.detail)
+
+    def _claimed(self, record: DrainRecord, now: float) -> DrainRecord:
+        """``record`` holding a new lease (to be written, conditional on its version)."""
+        record = copy.deepcopy(record)
+        record.lease_id = uuid.uuid4().hex[:12]
+        record.lease_until = now + self.settings.step_lease
+        return record
 
     # ------------------------------------------------------------------ merging
 
@@ -285,34 +303,73 @@ class DrainController:
 
     # ------------------------------------------------------------------ the step
 
-    def _step(self, claimed: DrainRecord) -> DrainRecord:
-        """Advance the drain as far as the world allows now; save (releasing the lease the
-        caller claimed); return the saved record."""
-        rec = copy.deepcopy(claimed)
+    def _step(self, record: DrainRecord, claimed: bool) -> DrainRecord:
+        """Advance the drain as far as the world allows now; save (releasing the lease, if
+        any); return the saved record.
+
+        ``claimed``: the caller wrote ``record`` with a lease. If not, the step first only
+        looks (reads, a due heartbeat): one that finds nothing to do saves once, conditional
+        on the version read (a step that raced it makes that a ``Conflict``: ``handle`` reads
+        again). One that must act claims the record as read and then acts on what it looked
+        at (its reads are not asked again)."""
+        lg = self._log(record)
+        looked = (
+            LookedFleet(self.fleet),
+            LookedCoordinator(self.coordinator) if self.coordinator is not None else None,
+        )
+        if not claimed:
+            held = _HeldLog(log, dict(lg.extra or {}))
+            saved = self._run_step(record, held, looked, acting=False)
+            if saved is not None:
+                held.release(lg)
+                return saved
+            record = self.store.save(self._claimed(record, self.clock()))
+        saved = self._run_step(record, lg, looked, acting=True)
+        assert saved is not None
+        return saved
+
+    def _run_step(
+        self,
+        record: DrainRecord,
+        lg: DrainLog,
+        looked: tuple[LookedFleet, LookedCoordinator | None],
+        acting: bool,
+    ) -> DrainRecord | None:
+        """One run of a step on ``record`` (claimed when ``acting``): the saved record, or
+        None when a look (not ``acting``) found something to do."""
+        rec = copy.deepcopy(record)
         rec.steps += 1
         now = self.clock()
-        lg = self._log(rec)
-        step = _Step(self, rec, now, lg)
+        step = _Step(self, rec, now, lg, looked, acting)
         try:
             step.run()
-            if rec.phase != "done":
-                self._schedule_tick(rec, now, step.coordinator_down_since, step.retry_at)
             if rec.container_instance_arn and step.linked:
                 # Before the save: a step that fails here is retried with steps == 1 again.
+                step.act()
                 self.store.link(rec.container_instance_arn, rec.instance_id)
+            if rec.phase != "done":
+                self._schedule_tick(rec, now, step.coordinator_down_since, step.retry_at)
+        except _MustAct:
+            if acting:
+                raise AssertionError("a claimed step cannot stop to claim") from None
+            return None
         except Retryable as exc:
-            self._release(claimed, lg)
-            self._retry_soon(claimed, lg, exc)
+            # Released even after a look: the merge (a tick it used up) is kept; the retry
+            # tick is not recorded as pending, so the failed event steps when it comes back.
+            self._release(record, lg)
+            self._retry_soon(record, lg, exc)
             raise
         except BaseException:
-            self._release(claimed, lg)
+            if acting:
+                self._release(record, lg)
             raise
         rec.lease_id = rec.lease_until = None
         return self.store.save(rec)
 
     def _release(self, claimed: DrainRecord, lg: DrainLog) -> None:
-        """A step failed: give the record back as it was claimed, so the retry need not wait
-        for the lease to expire (if this write fails too, the lease expires on its own)."""
+        """A step failed: give the record back as it was claimed (or merged, for a look), so
+        the retry need not wait for the lease to expire and the event's merge (a tick it used
+        up) is kept (if this write fails too, the lease expires on its own)."""
         try:
             self.store.save(dataclasses.replace(claimed, lease_id=None, lease_until=None))
         except Exception as exc:
@@ -418,6 +475,24 @@ class DrainLog(logging.LoggerAdapter[logging.Logger]):
         return msg, kwargs
 
 
+class _HeldLog(DrainLog):
+    """A look's lines, held until the look is saved: a look that goes on to act is run again
+    claimed, and that run says the same things once."""
+
+    def __init__(self, logger: logging.Logger, extra: dict[str, Any]) -> None:
+        super().__init__(logger, extra)
+        self.held: list[tuple[int, Any, tuple[Any, ...], dict[str, Any]]] = []
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        self.held.append((level, msg, args, kwargs))
+
+    def release(self, to: DrainLog) -> None:
+        """Say the held lines through ``to``."""
+        for level, msg, args, kwargs in self.held:
+            to.log(level, msg, *args, **kwargs)
+        self.held.clear()
+
+
 class _Step:
     """One step of one drain (a fresh object each time: no state survives between steps)."""
 
@@ -427,11 +502,23 @@ class _Step:
         rec: DrainRecord,
         now: float,
         lg: DrainLog,
+        looked: tuple[LookedFleet, LookedCoordinator | None] | None = None,
+        acting: bool = True,
     ) -> None:
         self.ctl = ctl
         self.rec = rec
         self.now = now
         self.log = lg
+        fleet, coordinator = looked or (
+            LookedFleet(ctl.fleet),
+            LookedCoordinator(ctl.coordinator) if ctl.coordinator is not None else None,
+        )
+        #: The ports as this step sees them: each read asked once (kept for the claimed run
+        #: that follows a look), every action passed through.
+        self.fleet: EcsPort = fleet
+        self.coordinator: CoordinatorPort | None = coordinator
+        #: False while the step only looks (the record not claimed): see :meth:`act`.
+        self.acting = acting
         self.linked = False
         self.coordinator_down_since: float | None = None
         #: The rate limit held a request back until then (the next tick comes no later).
@@ -439,33 +526,45 @@ class _Step:
         #: A token AWS had accepted was refused in this step.
         self.lost_live_token = False
 
+    def act(self) -> None:
+        """The step is about to change the world (or the drain's course): a look that has not
+        claimed the record stops here, and the step goes on claimed."""
+        if not self.acting:
+            raise _MustAct
+
     def run(self) -> None:
         rec, ctl = self.rec, self.ctl
         if not self.probe_tokens():
             return
         if rec.container_instance_arn is None:
-            ci = ctl.fleet.find_container_instance(rec.instance_id)
+            ci = self.fleet.find_container_instance(rec.instance_id)
             if ci is None:
                 self.finish("not_in_cluster", f"not a container instance of {ctl.settings.cluster}")
                 return
             rec.container_instance_arn = ci.arn
         self.linked = rec.steps == 1
-        tasks = [t for t in ctl.fleet.tasks_on(rec.container_instance_arn) if not t.daemon]
+        tasks = self.remembered_tasks()
+        agents = self.agents(tasks, known_only=True) if tasks is not None else None
+        if tasks is None or agents is None:
+            tasks = [t for t in self.fleet.tasks_on(rec.container_instance_arn) if not t.daemon]
+            rec.looked_tasks, rec.looked_at = [t.arn for t in tasks], self.now
+            agents = self.agents(tasks) if tasks else None
         if not tasks:
+            self.act()
             drained = rec.draining_at is not None or bool(rec.paused_agents)
             if rec.going and rec.draining_at is None:
                 # Nothing runs, but the instance goes: nothing may be placed on it meanwhile.
-                ctl.fleet.set_draining(rec.container_instance_arn)
+                self.fleet.set_draining(rec.container_instance_arn)
                 rec.draining_at = self.now
                 self.log.info("container instance DRAINING (no task on it)")
             self.finish("drained" if drained else "no_tasks", "no task left on the instance")
             return
-        agents = self.agents(tasks)
         if rec.force_at is not None and self.now >= rec.force_at and rec.forced_at is None:
             self.force(tasks, agents)
         if rec.phase == "soft" and agents is not None:
             self.pause(agents)
             if agents is not None and not self.busy(tasks, agents):
+                self.act()
                 rec.phase = "hard"
                 self.log.info("agents idle: hard drain")
         if rec.phase == "hard":
@@ -538,6 +637,8 @@ class _Step:
         """Heartbeat (``how``: ``heartbeat``) or complete a token; False when AWS refuses it
         (it is then spent). A token accepted for the first time starts its budget."""
         rec, ctl = self.rec, self.ctl
+        if how != "heartbeat":
+            self.act()
         try:
             if how == "heartbeat":
                 ctl.lifecycle.heartbeat(ref.asg_name, ref.hook_name, ref.token, rec.instance_id)
@@ -546,6 +647,9 @@ class _Step:
                     ref.asg_name, ref.hook_name, ref.token, rec.instance_id, "CONTINUE"
                 )
         except LifecycleGone as exc:
+            # A heartbeat is a look (another step may send one too: harmless); what a refusal
+            # leads to is acting.
+            self.act()
             rec.bury(ref.token)
             if ref.verified:
                 self.lost_live_token = True
@@ -566,20 +670,63 @@ class _Step:
 
     # ------------------------------------------------------------------ pieces
 
-    def agents(self, tasks: list[TaskInfo]) -> list[AgentView] | None:
-        """Live agents of these tasks; None once the drain has fallen back to ECS."""
-        rec, ctl = self.rec, self.ctl
+    def remembered_tasks(self) -> list[TaskInfo] | None:
+        """The tasks as the last ECS read left them, when a look may take them so (a soft
+        drain that only waits, read less than :data:`TASKS_LOOK_EVERY` ago, an agent known
+        for every task); None: read ECS. What a look acts on is read afresh: the claimed run
+        that follows asks ECS."""
+        rec = self.rec
+        if (
+            self.acting
+            or rec.phase != "soft"
+            or rec.fallback
+            or rec.coordinator_down_at is not None
+            or rec.looked_at is None
+            or self.now - rec.looked_at >= TASKS_LOOK_EVERY
+            or not rec.looked_tasks
+            or any(arn not in rec.agent_ids for arn in rec.looked_tasks)
+            or (rec.force_at is not None and self.now >= rec.force_at)
+        ):
+            return None
+        return [
+            TaskInfo(arn, group="", last_status="RUNNING", desired_status="RUNNING", daemon=False)
+            for arn in rec.looked_tasks
+        ]
+
+    def agents(self, tasks: list[TaskInfo], known_only: bool = False) -> list[AgentView] | None:
+        """Live agents of these tasks; None once the drain has fallen back to ECS
+        (``known_only``: None too when the agents known for them cannot be asked one by one as
+        they were, and nothing else is tried)."""
+        rec = self.rec
+        if known_only:
+            if rec.fallback or self.coordinator is None:
+                return None
+            try:
+                known = self.known_agents(tasks)
+                if known is not None:
+                    return known
+                # The listing is cheaper (or shared and fresh): it answers for every task.
+                found = {a.task_arn: a for a in self.coordinator.agents_for(t.arn for t in tasks)}
+            except CoordinatorUnavailable:
+                return None  # rate limit or outage: the full look says which, and acts on it
+            views = [found.get(t.arn) for t in tasks]
+            if any(
+                v is None or not v.live or v.id != rec.agent_ids[t.arn]
+                for v, t in zip(views, tasks, strict=True)
+            ):
+                return None
+            return [v for v in views if v is not None]
         if rec.fallback:
             return None
-        if ctl.coordinator is None:
+        if self.coordinator is None:
             self.fallback(tasks, "no coordinator configured")
             return None
         try:
             agents = self.known_agents(tasks)
             if agents is None:
-                agents = ctl.coordinator.agents_for(t.arn for t in tasks)
+                agents = self.coordinator.agents_for(t.arn for t in tasks)
                 rec.agent_ids.update({a.task_arn: a.id for a in agents if a.live})
-                rec.listing_pages = ctl.coordinator.last_pages
+                rec.listing_pages = self.coordinator.last_pages
         except RateLimited as exc:
             self.rate_limited(str(exc), exc.retry_in)
             return None
@@ -595,7 +742,7 @@ class _Step:
         agent, instead of every page of the organization); None when the listing is cheaper or
         what we know cannot be trusted: a task with no known agent (new, or a wrapped worker),
         or a known agent that is gone while its task runs (it may have re-registered)."""
-        rec, coordinator = self.rec, self.ctl.coordinator
+        rec, coordinator = self.rec, self.coordinator
         assert coordinator is not None
         if not tasks or len(tasks) >= coordinator.listing_cost(rec.listing_pages, rec.instance_id):
             return None
@@ -631,6 +778,7 @@ class _Step:
         self.fallback(tasks, why)
 
     def fallback(self, tasks: list[TaskInfo], why: str) -> None:
+        self.act()
         rec, ctl = self.rec, self.ctl
         rec.fallback = True
         rec.phase = "hard"
@@ -641,11 +789,13 @@ class _Step:
         self.stop_tasks(tasks, "the coordinator is unavailable")
 
     def pause(self, agents: list[AgentView]) -> None:
-        rec, ctl = self.rec, self.ctl
-        assert ctl.coordinator is not None
+        rec, ctl, coordinator = self.rec, self.ctl, self.coordinator
+        assert coordinator is not None
         todo = [a for a in agents if a.id not in rec.paused_agents]
         if not todo:
             return
+        if any(not a.paused for a in todo):
+            self.act()
         end = rec.force_at if rec.force_at is not None else None
         minutes = (
             math.ceil((end - self.now) / 60) + 10 if end is not None else ctl.settings.pause_minutes
@@ -655,7 +805,7 @@ class _Step:
         for agent in todo:
             try:
                 if not agent.paused:
-                    ctl.coordinator.pause(agent.id, note, max(1, minutes))
+                    coordinator.pause(agent.id, note, max(1, minutes))
             except RateLimited as exc:
                 # A pause only keeps new jobs away: it is the first request a tight window
                 # goes without (soft: the next tick pauses the rest; hard: DRAINING's SIGTERM
@@ -683,13 +833,14 @@ class _Step:
             return True
         with_agent = {a.task_arn for a in agents}
         others = [t.arn for t in tasks if t.arn not in with_agent]
-        return bool(others) and bool(self.ctl.fleet.protected(others))
+        return bool(others) and bool(self.fleet.protected(others))
 
     def hard(self, tasks: list[TaskInfo]) -> None:
-        rec, ctl = self.rec, self.ctl
+        rec = self.rec
         assert rec.container_instance_arn is not None
         if rec.draining_at is None:
-            ctl.fleet.set_draining(rec.container_instance_arn)
+            self.act()
+            self.fleet.set_draining(rec.container_instance_arn)
             rec.draining_at = self.now
             self.log.info("container instance DRAINING")
         # DRAINING stops service tasks; a task no service owns needs its own SIGTERM.
@@ -698,34 +849,38 @@ class _Step:
             self.stop_tasks(loose, "the instance is draining")
 
     def stop_tasks(self, tasks: list[TaskInfo], why: str) -> None:
-        rec, ctl = self.rec, self.ctl
-        for task in tasks:
-            if task.arn in rec.stopped_tasks or task.desired_status == "STOPPED":
-                continue
-            ctl.fleet.stop_task(task.arn, f"fleetdrain: {why} ({rec.instance_id})")
+        rec = self.rec
+        todo = [
+            t for t in tasks if t.arn not in rec.stopped_tasks and t.desired_status != "STOPPED"
+        ]
+        if todo or rec.draining_at is None:
+            self.act()
+        for task in todo:
+            self.fleet.stop_task(task.arn, f"fleetdrain: {why} ({rec.instance_id})")
             rec.stopped_tasks.append(task.arn)
         if rec.draining_at is None and rec.container_instance_arn is not None:
-            ctl.fleet.set_draining(rec.container_instance_arn)
+            self.fleet.set_draining(rec.container_instance_arn)
             rec.draining_at = self.now
 
     def force(self, tasks: list[TaskInfo], agents: list[AgentView] | None) -> None:
-        rec, ctl = self.rec, self.ctl
+        self.act()
+        rec, ctl, coordinator = self.rec, self.ctl, self.coordinator
         rec.forced_at = self.now
         rec.phase = "hard"
         ctl.metrics.count(DRAINS_FORCED)
         cancelled = 0
         covered: set[str] = set()
-        if agents is None and ctl.coordinator is not None and not rec.fallback:
+        if agents is None and coordinator is not None and not rec.fallback:
             # The rate limit held the listing back: the agents an earlier step found are the
             # ones to stop (a stop of one that has gone since is refused, harmlessly).
             agents = self.known_by_id(tasks)
-        if agents is not None and ctl.coordinator is not None and not rec.fallback:
+        if agents is not None and coordinator is not None and not rec.fallback:
             try:
                 for agent in agents:
                     if agent.id in rec.stopped_agents:
                         covered.add(agent.task_arn)
                         continue
-                    if ctl.coordinator.stop(agent.id, force=True) and agent.busy:
+                    if coordinator.stop(agent.id, force=True) and agent.busy:
                         cancelled += 1
                     rec.stopped_agents.append(agent.id)
                     covered.add(agent.task_arn)
@@ -787,6 +942,7 @@ class _Step:
         self.finish("lifecycle_gone", "the lifecycle action expired or was completed elsewhere")
 
     def finish(self, outcome: str, reason: str) -> None:
+        self.act()
         rec, ctl = self.rec, self.ctl
         refs = rec.other_tokens
         if rec.lifecycle_state == "pending" and rec.lifecycle_token:

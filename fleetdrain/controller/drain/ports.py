@@ -147,6 +147,12 @@ class DrainRecord:
     #: AWS Health scheduled change of the instance: its start (epoch seconds).
     maintenance_at: float | None = None
     history: list[PastEpisode] = field(default_factory=list)
+    # ---- issue 12
+    #: The instance's tasks (not daemons) at the last step that read them from ECS, and when:
+    #: a soft drain's look that finds every one's agent as before need not read them again
+    #: for a while (see ``core.TASKS_LOOK_EVERY``).
+    looked_tasks: list[str] = field(default_factory=list)
+    looked_at: float | None = None
 
     def leased(self, now: float) -> bool:
         """Whether a step holds the record at ``now``."""
