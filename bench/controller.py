@@ -751,7 +751,8 @@ def mean_ops(counters: list[Counter[str]]) -> dict[str, float]:
 
 
 def show_mean_ops(ops: dict[str, float], indent: str) -> None:
-    print(indent + ", ".join(f"{op} {v:.1f}" for op, v in sorted(ops.items(), key=lambda kv: -kv[1])))
+    ranked = sorted(ops.items(), key=lambda kv: -kv[1])
+    print(indent + ", ".join(f"{op} {v:.1f}" for op, v in ranked))
 
 
 def show_fleet(f: dict[str, Any], indent: str = "   ") -> list[str]:

@@ -83,7 +83,7 @@ def test_a_task_placed_during_a_soft_drain_is_found_and_paused(world: World) -> 
     found = world.clock() - placed
     assert found <= core.TASKS_LOOK_EVERY + 20
     rec = world.record(a)
-    assert late.task_arn in rec.looked_tasks and rec.phase == "soft"
+    assert late.task_arn in [row[0] for row in rec.looked_tasks] and rec.phase == "soft"
 
 
 def test_a_look_that_finds_the_job_done_acts_on_a_fresh_read_of_ecs(world: World) -> None:
@@ -102,3 +102,34 @@ def test_a_look_that_finds_the_job_done_acts_on_a_fresh_read_of_ecs(world: World
     assert rec.draining_at is not None and rec.draining_at - began < core.TASKS_LOOK_EVERY
     assert fleet.task_reads and fleet.task_reads[-1] == rec.looked_at
     assert world.coord.job(busy.job_id).state == "finished"
+
+
+def test_a_hard_drain_waits_on_what_it_read_after_draining_and_reads_ecs_on_task_events(
+    world: World,
+) -> None:
+    (a,) = world.build(instances=1)
+    world.controller(tick_interval=20)
+    busy = world.add_agent(a, job_seconds=900, ignores_sigterm=True)  # drains until forced
+    idle = world.add_agent(a)
+    world.emit(world.gaps.spot_interruption(a))
+    rec = world.record(a)
+    assert rec.phase == "hard" and rec.draining_at is not None
+    assert rec.looked_at is not None and rec.looked_at >= rec.draining_at
+    # The idle agent exits on its SIGTERM: its task's STOPPED event makes a step read ECS
+    # (what the last read left, both tasks, would not have shown it gone).
+    world.run_until(lambda: idle.exited, limit=30)
+    world.pump()
+    assert [row[0] for row in world.record(a).looked_tasks] == [busy.task_arn]
+    fleet = CountingFleet(world.ctl.fleet)
+    world.ctl.fleet = fleet  # type: ignore[assignment]
+    # Then only ticks, until the force: they take the tasks as that read left them.
+    steps = world.record(a).steps
+    force_at = world.record(a).force_at
+    assert force_at is not None
+    world.advance(force_at - world.clock() - 1)
+    assert world.record(a).steps >= steps + 2
+    assert fleet.task_reads == [], "the ticks read no tasks"
+    # The force acts: on tasks read afresh.
+    world.advance(2)
+    forced_at = world.record(a).forced_at
+    assert forced_at is not None and fleet.task_reads[0] == forced_at

@@ -85,6 +85,7 @@ from fleetdrain.controller.drain.signals import (
     LifecycleSignal,
     Signal,
     TaskStoppedSignal,
+    TickSignal,
 )
 
 log = logging.getLogger("fleetdrain.drain")
@@ -277,7 +278,9 @@ class DrainController:
                 },
             )
         if step:
-            record = self._step(record, claimed=not look_first)
+            # Only a tick may take the tasks as the last read left them: any other event is
+            # news of the instance (a task stopped, DRAINING, a notice), read afresh.
+            record = self._step(record, claimed=not look_first, tick=isinstance(signal, TickSignal))
         return Result(merged.action, instance_id, record.drain_id, record.phase, merged.detail)
 
     def _claimed(self, record: DrainRecord, now: float) -> DrainRecord:
@@ -303,7 +306,7 @@ class DrainController:
 
     # ------------------------------------------------------------------ the step
 
-    def _step(self, record: DrainRecord, claimed: bool) -> DrainRecord:
+    def _step(self, record: DrainRecord, claimed: bool, tick: bool = False) -> DrainRecord:
         """Advance the drain as far as the world allows now; save (releasing the lease, if
         any); return the saved record.
 
@@ -319,7 +322,7 @@ class DrainController:
         )
         if not claimed:
             held = _HeldLog(log, dict(lg.extra or {}))
-            saved = self._run_step(record, held, looked, acting=False)
+            saved = self._run_step(record, held, looked, acting=False, tick=tick)
             if saved is not None:
                 held.release(lg)
                 return saved
@@ -334,6 +337,7 @@ class DrainController:
         lg: DrainLog,
         looked: tuple[LookedFleet, LookedCoordinator | None],
         acting: bool,
+        tick: bool = False,
     ) -> DrainRecord | None:
         """One run of a step on ``record`` (claimed when ``acting``): the saved record, or
         None when a look (not ``acting``) found something to do."""
@@ -341,6 +345,7 @@ class DrainController:
         rec.steps += 1
         now = self.clock()
         step = _Step(self, rec, now, lg, looked, acting)
+        step.tick = tick
         try:
             step.run()
             if rec.container_instance_arn and step.linked:
@@ -519,6 +524,8 @@ class _Step:
         self.coordinator: CoordinatorPort | None = coordinator
         #: False while the step only looks (the record not claimed): see :meth:`act`.
         self.acting = acting
+        #: A tick woke the step (nothing new of the instance): see :meth:`remembered_tasks`.
+        self.tick = False
         self.linked = False
         self.coordinator_down_since: float | None = None
         #: The rate limit held a request back until then (the next tick comes no later).
@@ -547,7 +554,8 @@ class _Step:
         agents = self.agents(tasks, known_only=True) if tasks is not None else None
         if tasks is None or agents is None:
             tasks = [t for t in self.fleet.tasks_on(rec.container_instance_arn) if not t.daemon]
-            rec.looked_tasks, rec.looked_at = [t.arn for t in tasks], self.now
+            rec.looked_tasks = [[t.arn, t.group, t.desired_status] for t in tasks]
+            rec.looked_at = self.now
             agents = self.agents(tasks) if tasks else None
         if not tasks:
             self.act()
@@ -671,26 +679,29 @@ class _Step:
     # ------------------------------------------------------------------ pieces
 
     def remembered_tasks(self) -> list[TaskInfo] | None:
-        """The tasks as the last ECS read left them, when a look may take them so (a soft
-        drain that only waits, read less than :data:`TASKS_LOOK_EVERY` ago, an agent known
-        for every task); None: read ECS. What a look acts on is read afresh: the claimed run
-        that follows asks ECS."""
+        """The tasks as the last ECS read left them, when a look may take them so (a drain
+        that only waits, read less than :data:`TASKS_LOOK_EVERY` ago, an agent known for every
+        task; hard: read since DRAINING, when ECS places nothing there any more); None: read
+        ECS. What a look acts on is read afresh: the claimed run that follows asks ECS."""
         rec = self.rec
         if (
             self.acting
-            or rec.phase != "soft"
+            or not self.tick
+            or rec.phase == "done"
+            or (rec.phase == "hard" and (rec.draining_at is None or rec.looked_at is None))
+            or (rec.draining_at is not None and (rec.looked_at or 0.0) < rec.draining_at)
             or rec.fallback
             or rec.coordinator_down_at is not None
             or rec.looked_at is None
             or self.now - rec.looked_at >= TASKS_LOOK_EVERY
             or not rec.looked_tasks
-            or any(arn not in rec.agent_ids for arn in rec.looked_tasks)
+            or any(len(row) != 3 or row[0] not in rec.agent_ids for row in rec.looked_tasks)
             or (rec.force_at is not None and self.now >= rec.force_at)
         ):
             return None
         return [
-            TaskInfo(arn, group="", last_status="RUNNING", desired_status="RUNNING", daemon=False)
-            for arn in rec.looked_tasks
+            TaskInfo(arn, group=group, last_status="", desired_status=desired, daemon=False)
+            for arn, group, desired in rec.looked_tasks
         ]
 
     def agents(self, tasks: list[TaskInfo], known_only: bool = False) -> list[AgentView] | None:

@@ -148,10 +148,10 @@ class DrainRecord:
     maintenance_at: float | None = None
     history: list[PastEpisode] = field(default_factory=list)
     # ---- issue 12
-    #: The instance's tasks (not daemons) at the last step that read them from ECS, and when:
-    #: a soft drain's look that finds every one's agent as before need not read them again
-    #: for a while (see ``core.TASKS_LOOK_EVERY``).
-    looked_tasks: list[str] = field(default_factory=list)
+    #: The instance's tasks (not daemons) at the last step that read them from ECS (each
+    #: ``[arn, group, desired status]``), and when: a look that finds every one's agent as
+    #: before need not read them again for a while (see ``core.TASKS_LOOK_EVERY``).
+    looked_tasks: list[list[str]] = field(default_factory=list)
     looked_at: float | None = None
 
     def leased(self, now: float) -> bool:
