@@ -5,15 +5,72 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fleetdrain.agent.logs import DEFAULT_LOG_LEVEL
 from fleetdrain.agent.reaper import parse_signal
 
 DEFAULT_ENDPOINT = "https://agent.buildkite.com/v3"
+#: The Go agent's default for --wait-for-ecs-meta-data-timeout and
+#: --wait-for-ec2-meta-data-timeout (clicommand/agent_start.go).
+DEFAULT_METADATA_WAIT = "10s"
+
+#: Seconds per unit of a Go duration (time.ParseDuration); both spellings of micro.
+_GO_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "\u00b5s": 1e-6,
+    "\u03bcs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_GO_PART = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+
+
+def parse_go_duration(text: str) -> float:
+    """Seconds in a Go duration string (``10s``, ``1m30s``, ``500ms``, ``1.5h``; ``0``), as
+    ``time.ParseDuration`` reads it, so a value the Go agent takes means the same here.
+
+    Raises ``ValueError`` for anything else: a bare number other than 0 (Go wants a unit), an
+    unknown unit, an empty string, or a negative duration (the Go agent's retrier panics on a
+    negative wait, so it is an error here too).
+    """
+    value = text.strip()
+    if value in ("0", "+0", "-0"):
+        return 0.0
+    body = value[1:] if value[:1] in ("+", "-") else value
+    seconds = 0.0
+    pos = 0
+    while pos < len(body):
+        match = _GO_PART.match(body, pos)
+        if match is None:
+            break
+        seconds += float(match.group(1)) * _GO_UNITS[match.group(2)]
+        pos = match.end()
+    if not body or pos != len(body):
+        hint = " (missing unit: write e.g. 10s)" if re.fullmatch(r"[0-9.]+", body) else ""
+        raise ValueError(
+            f"{text!r} is not a Go duration{hint}: a number with a unit (ns, us, ms, s, m, h), "
+            "as 10s, 1m30s or 500ms"
+        )
+    if value.startswith("-") and seconds > 0:
+        raise ValueError(f"{text!r} is negative: a wait cannot be")
+    return seconds
 
 
 class StartSettings(BaseModel):
@@ -37,6 +94,11 @@ class StartSettings(BaseModel):
     drain_margin: float = Field(default=5.0, ge=0)
     tags_from_ecs_meta_data: bool = False
     tags_from_ec2_meta_data: bool = False
+    #: Seconds to keep trying the ECS task metadata (5 attempts, this / 5 apart), as the Go
+    #: agent's --wait-for-ecs-meta-data-timeout; a Go duration string or seconds.
+    wait_for_ecs_meta_data_timeout: float = 10.0
+    #: The same for EC2 instance metadata (--wait-for-ec2-meta-data-timeout).
+    wait_for_ec2_meta_data_timeout: float = 10.0
     task_protection: bool = False
     watch_imds: bool = False
     imds_poll_interval: float = Field(default=5.0, gt=0)
@@ -47,6 +109,23 @@ class StartSettings(BaseModel):
     @classmethod
     def _known_signal(cls, value: str) -> str:
         return parse_signal(value).name
+
+    @field_validator(
+        "wait_for_ecs_meta_data_timeout", "wait_for_ec2_meta_data_timeout", mode="before"
+    )
+    @classmethod
+    def _go_duration(cls, value: Any, info: ValidationInfo) -> Any:
+        # Strings are Go durations (what the flags and variables give); numbers are seconds.
+        flag = "--" + str(info.field_name).replace("_", "-")
+        env = "$BUILDKITE_AGENT_" + str(info.field_name).upper()
+        if isinstance(value, str):
+            try:
+                return parse_go_duration(value)
+            except ValueError as exc:
+                raise ValueError(f"{flag} [{env}]: {exc}") from None
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"{flag} [{env}]: {value} is negative: a wait cannot be")
+        return value
 
     @field_validator("endpoint")
     @classmethod
@@ -183,6 +262,21 @@ def add_start_arguments(parser: argparse.ArgumentParser) -> None:
         default=_env_bool("BUILDKITE_AGENT_TAGS_FROM_EC2_META_DATA"),
         help="add aws:* tags from EC2 instance metadata [$BUILDKITE_AGENT_TAGS_FROM_EC2_META_DATA]",
     )
+    # Go durations, as the Go agent's flags (cli.DurationFlag: an empty variable is unset).
+    a(
+        "--wait-for-ecs-meta-data-timeout",
+        default=_env("BUILDKITE_AGENT_WAIT_FOR_ECS_META_DATA_TIMEOUT") or DEFAULT_METADATA_WAIT,
+        help="how long to keep trying the ECS task metadata (5 attempts, a fifth of this apart) "
+        "before registering without ecs:* tags; a Go duration "
+        "[$BUILDKITE_AGENT_WAIT_FOR_ECS_META_DATA_TIMEOUT] (default %(default)s)",
+    )
+    a(
+        "--wait-for-ec2-meta-data-timeout",
+        default=_env("BUILDKITE_AGENT_WAIT_FOR_EC2_META_DATA_TIMEOUT") or DEFAULT_METADATA_WAIT,
+        help="how long to keep trying EC2 instance metadata (5 attempts, a fifth of this "
+        "apart) before registering without aws:* tags; a Go duration "
+        "[$BUILDKITE_AGENT_WAIT_FOR_EC2_META_DATA_TIMEOUT] (default %(default)s)",
+    )
     protection_default = os.environ.get("FLEETDRAIN_TASK_PROTECTION")
     a(
         "--task-protection",
@@ -260,6 +354,8 @@ def settings_from_args(ns: argparse.Namespace) -> StartSettings:
         drain_margin=ns.drain_margin,
         tags_from_ecs_meta_data=ns.tags_from_ecs_meta_data,
         tags_from_ec2_meta_data=ns.tags_from_ec2_meta_data,
+        wait_for_ecs_meta_data_timeout=ns.wait_for_ecs_meta_data_timeout,
+        wait_for_ec2_meta_data_timeout=ns.wait_for_ec2_meta_data_timeout,
         task_protection=ns.task_protection,
         watch_imds=ns.watch_imds,
         imds_poll_interval=ns.imds_poll_interval,

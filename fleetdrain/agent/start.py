@@ -19,9 +19,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from fleetdrain.agent.buildkite.api import AgentApi, new_http_client
@@ -39,11 +40,67 @@ log = logging.getLogger("fleetdrain.agent")
 T = TypeVar("T")
 
 
+#: Tries per metadata source, as the Go agent (agent/tags.go): 5, a constant wait of
+#: ``--wait-for-*-meta-data-timeout`` / 5 between them.
+METADATA_ATTEMPTS = 5
+#: What one attempt may take (the single look-up's old timeout). Bounded by what is left of the
+#: wait, but never below :data:`METADATA_MIN_ATTEMPT`, so that every attempt is a real one.
+METADATA_ATTEMPT_TIMEOUT = 2.0
+METADATA_MIN_ATTEMPT = 0.5
+#: Up to this fraction of the wait is added at random, so that a fleet started together does
+#: not retry in lock-step.
+METADATA_JITTER = 0.1
+
+
+async def _metadata_with_retries(
+    what: str,
+    fetch: Callable[[float], Awaitable[dict[str, str]]],
+    errors: tuple[type[Exception], ...],
+    wait_timeout: float,
+) -> tuple[dict[str, str] | None, str]:
+    """Up to :data:`METADATA_ATTEMPTS` calls of ``fetch(attempt_timeout)``, ``wait_timeout`` /
+    attempts apart (plus jitter); the tags, or None and the last error.
+
+    Each failed attempt is a warning that counts it; a success after retries is logged once.
+    The waits are ``asyncio.sleep``: cancelling (SIGTERM during start-up) ends this at once.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_timeout
+    interval = wait_timeout / METADATA_ATTEMPTS
+    error = ""
+    for attempt in range(1, METADATA_ATTEMPTS + 1):
+        limit = min(METADATA_ATTEMPT_TIMEOUT, max(deadline - loop.time(), METADATA_MIN_ATTEMPT))
+        try:
+            # The fetch bounds its own requests by ``limit``; this bounds the whole attempt
+            # (IMDS is several requests), a little later so the request's own error wins.
+            async with asyncio.timeout(limit + 0.25):
+                tags = await fetch(limit)
+        except TimeoutError:
+            error = f"{what}: no answer within {limit:.2f}s"
+        except errors as exc:
+            error = str(exc) if str(exc).startswith(what) else f"{what}: {exc}"
+        else:
+            if attempt > 1:
+                log.info("%s: read at attempt %d/%d", what, attempt, METADATA_ATTEMPTS)
+            return tags, ""
+        if attempt == METADATA_ATTEMPTS:
+            break
+        pause = interval + random.uniform(0, interval * METADATA_JITTER)
+        log.warning(
+            "%s (attempt %d/%d; retrying in %.2fs)", error, attempt, METADATA_ATTEMPTS, pause
+        )
+        await asyncio.sleep(pause)
+    return None, error
+
+
 async def gather_tags(settings: StartSettings, http: HttpClient) -> list[str]:
     """The configured tags plus those from ECS task metadata and EC2 metadata, if asked for.
 
-    Metadata that cannot be read is logged and skipped: an agent without ``ecs:*`` tags can
-    still run jobs (the controller then falls back to StopTask for it).
+    Each source is tried as the Go agent does (:func:`_metadata_with_retries`, for
+    ``--wait-for-ecs-meta-data-timeout`` / ``--wait-for-ec2-meta-data-timeout``). A source that
+    still cannot be read is logged as an error and skipped: an agent without ``ecs:*`` tags can
+    still run jobs (the controller then falls back to StopTask for it). There is no
+    ``--fail-on-missing-tags``.
     """
     tags = list(settings.tags)
     if settings.tags_from_ecs_meta_data:
@@ -53,18 +110,53 @@ async def gather_tags(settings: StartSettings, http: HttpClient) -> list[str]:
         if not uri:
             log.warning("--tags-from-ecs-meta-data: $ECS_CONTAINER_METADATA_URI_V4 is not set")
         else:
-            try:
-                tags += [f"{k}={v}" for k, v in (await ecs_task_tags(http, uri)).items()]
-            except MetadataError as exc:
-                log.warning("ECS task metadata: %s", exc)
+            ecs_uri = uri
+
+            async def ecs_fetch(timeout: float) -> dict[str, str]:
+                return await ecs_task_tags(http, ecs_uri, http_timeout=timeout)
+
+            found, error = await _metadata_with_retries(
+                "ECS task metadata",
+                ecs_fetch,
+                (MetadataError,),
+                settings.wait_for_ecs_meta_data_timeout,
+            )
+            if found is None:
+                log.error(
+                    "%s (attempt %d/%d): registering without ecs:* tags: the drain controller "
+                    "cannot find this agent's task",
+                    error,
+                    METADATA_ATTEMPTS,
+                    METADATA_ATTEMPTS,
+                )
+            else:
+                tags += [f"{k}={v}" for k, v in found.items()]
     if settings.tags_from_ec2_meta_data:
         from fleetdrain.agent.imds import ImdsClient, ImdsError
 
-        try:
-            imds = ImdsClient(http, base_url=os.environ.get("FLEETDRAIN_IMDS_ENDPOINT"))
-            tags += [f"{k}={v}" for k, v in (await imds.ec2_tags()).items()]
-        except ImdsError as exc:
-            log.warning("EC2 instance metadata: %s", exc)
+        base_url = os.environ.get("FLEETDRAIN_IMDS_ENDPOINT")
+
+        async def ec2_fetch(timeout: float) -> dict[str, str]:
+            # A fresh client per attempt: its timeout is this attempt's (halved: a token, then
+            # the reads), and a token that a failed attempt got may be what went wrong.
+            imds = ImdsClient(http, base_url=base_url, timeout=timeout / 2)
+            return await imds.ec2_tags()
+
+        found, error = await _metadata_with_retries(
+            "EC2 instance metadata",
+            ec2_fetch,
+            (ImdsError,),
+            settings.wait_for_ec2_meta_data_timeout,
+        )
+        if found is None:
+            log.error(
+                "%s (attempt %d/%d): registering without aws:* tags",
+                error,
+                METADATA_ATTEMPTS,
+                METADATA_ATTEMPTS,
+            )
+        else:
+            tags += [f"{k}={v}" for k, v in found.items()]
     return tags
 
 
