@@ -101,18 +101,23 @@ def test_tags_protection_and_health_on_ecs(make_fleet):
         assert proc.wait(timeout=10) == 0
 
 
-def test_protection_failures_do_not_stop_the_job(make_fleet):
+def test_protection_failures_do_not_stop_the_job(make_fleet, tmp_path):
     fleet = make_fleet()
     ecs = EcsAgentStandIn()
+    gate = tmp_path / "protected"
     with ecs.serve():
         ecs.add_task("task-2")
         ecs.fail_next(2, 500, task_id="task-2")
         proc, name, _ = fleet.agent(env=ecs.env_for("task-2"))  # protection on: ECS_AGENT_URI
         fleet.agent_id(name)
-        job = fleet.coord.add_job("echo ok; sleep 1.5")
+        # The job runs until the test has seen protection on: the order is what is judged,
+        # not how fast a loaded machine retries.
+        job = fleet.coord.add_job(f"echo ok; while [ ! -e {gate} ]; do sleep 0.05; done")
         fleet.wait_job_state(job.id, ("running",))
-        # Two failed PUTs, then retried within a second: the short job is still protected.
-        assert fleet.coord.wait_for(lambda _c: ecs.protection("task-2").enabled, 3)
+        # Two failed PUTs, then retried: the job, still running, is protected.
+        assert fleet.coord.wait_for(lambda _c: ecs.protection("task-2").enabled, 30)
+        assert fleet.coord.job(job.id).state == "running"
+        gate.touch()
         fleet.wait_job_state(job.id, ("finished",))
         assert fleet.coord.job(job.id).exit_status == "0"
         proc.send(signal.SIGTERM)
