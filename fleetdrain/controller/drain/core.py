@@ -51,7 +51,7 @@ import dataclasses
 import logging
 import math
 import uuid
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -344,8 +344,7 @@ class DrainController:
         rec = copy.deepcopy(record)
         rec.steps += 1
         now = self.clock()
-        step = _Step(self, rec, now, lg, looked, acting)
-        step.tick = tick
+        step = _Step(self, rec, now, lg, looked, acting=acting, tick=tick)
         try:
             step.run()
             if rec.container_instance_arn and step.linked:
@@ -507,25 +506,23 @@ class _Step:
         rec: DrainRecord,
         now: float,
         lg: DrainLog,
-        looked: tuple[LookedFleet, LookedCoordinator | None] | None = None,
-        acting: bool = True,
+        looked: tuple[LookedFleet, LookedCoordinator | None],
+        *,
+        acting: bool,
+        tick: bool,
     ) -> None:
         self.ctl = ctl
         self.rec = rec
         self.now = now
         self.log = lg
-        fleet, coordinator = looked or (
-            LookedFleet(ctl.fleet),
-            LookedCoordinator(ctl.coordinator) if ctl.coordinator is not None else None,
-        )
         #: The ports as this step sees them: each read asked once (kept for the claimed run
         #: that follows a look), every action passed through.
-        self.fleet: EcsPort = fleet
-        self.coordinator: CoordinatorPort | None = coordinator
+        self.fleet: EcsPort = looked[0]
+        self.coordinator: CoordinatorPort | None = looked[1]
         #: False while the step only looks (the record not claimed): see :meth:`act`.
         self.acting = acting
         #: A tick woke the step (nothing new of the instance): see :meth:`remembered_tasks`.
-        self.tick = False
+        self.tick = tick
         self.linked = False
         self.coordinator_down_since: float | None = None
         #: The rate limit held a request back until then (the next tick comes no later).
@@ -688,12 +685,12 @@ class _Step:
             self.acting
             or not self.tick
             or rec.phase == "done"
-            or (rec.phase == "hard" and (rec.draining_at is None or rec.looked_at is None))
-            or (rec.draining_at is not None and (rec.looked_at or 0.0) < rec.draining_at)
             or rec.fallback
             or rec.coordinator_down_at is not None
             or rec.looked_at is None
             or self.now - rec.looked_at >= TASKS_LOOK_EVERY
+            or (rec.phase == "hard" and rec.draining_at is None)
+            or (rec.draining_at is not None and rec.looked_at < rec.draining_at)
             or not rec.looked_tasks
             or any(len(row) != 3 or row[0] not in rec.agent_ids for row in rec.looked_tasks)
             or (rec.force_at is not None and self.now >= rec.force_at)
@@ -717,16 +714,10 @@ class _Step:
                 if known is not None:
                     return known
                 # The listing is cheaper (or shared and fresh): it answers for every task.
-                found = {a.task_arn: a for a in self.coordinator.agents_for(t.arn for t in tasks)}
+                listed = self.coordinator.agents_for(t.arn for t in tasks)
             except CoordinatorUnavailable:
                 return None  # rate limit or outage: the full look says which, and acts on it
-            views = [found.get(t.arn) for t in tasks]
-            if any(
-                v is None or not v.live or v.id != rec.agent_ids[t.arn]
-                for v, t in zip(views, tasks, strict=True)
-            ):
-                return None
-            return [v for v in views if v is not None]
+            return self.as_known(tasks, {a.id: a for a in listed}.get)
         if rec.fallback:
             return None
         if self.coordinator is None:
@@ -759,9 +750,17 @@ class _Step:
             return None
         if any(t.arn not in rec.agent_ids for t in tasks):
             return None
+        return self.as_known(tasks, coordinator.agent)
+
+    def as_known(
+        self, tasks: list[TaskInfo], lookup: Callable[[str], AgentView | None]
+    ) -> list[AgentView] | None:
+        """The agents known for these tasks (each has one in ``agent_ids``) as ``lookup``
+        (agent id -> view) shows them, asked in order; None at the first that is gone, not
+        live, or in another task."""
         found = []
         for task in tasks:
-            view = coordinator.agent(rec.agent_ids[task.arn])
+            view = lookup(self.rec.agent_ids[task.arn])
             if view is None or not view.live or view.task_arn != task.arn:
                 return None
             found.append(view)
