@@ -57,11 +57,13 @@ async def _metadata_with_retries(
     fetch: Callable[[float], Awaitable[dict[str, str]]],
     errors: tuple[type[Exception], ...],
     wait_timeout: float,
-) -> tuple[dict[str, str] | None, str]:
+    without: str,
+) -> list[str]:
     """Up to :data:`METADATA_ATTEMPTS` calls of ``fetch(attempt_timeout)``, ``wait_timeout`` /
-    attempts apart (plus jitter); the tags, or None and the last error.
+    attempts apart (plus jitter); the tags as ``key=value``, or none.
 
-    Each failed attempt is a warning that counts it; a success after retries is logged once.
+    Each failed attempt is a warning that counts it; a success after retries is logged once;
+    giving up is an error that ends with ``without`` (what registering without them means).
     The waits are ``asyncio.sleep``: cancelling (SIGTERM during start-up) ends this at once.
     """
     loop = asyncio.get_running_loop()
@@ -82,7 +84,7 @@ async def _metadata_with_retries(
         else:
             if attempt > 1:
                 log.info("%s: read at attempt %d/%d", what, attempt, METADATA_ATTEMPTS)
-            return tags, ""
+            return [f"{k}={v}" for k, v in tags.items()]
         if attempt == METADATA_ATTEMPTS:
             break
         pause = interval + random.uniform(0, interval * METADATA_JITTER)
@@ -90,7 +92,8 @@ async def _metadata_with_retries(
             "%s (attempt %d/%d; retrying in %.2fs)", error, attempt, METADATA_ATTEMPTS, pause
         )
         await asyncio.sleep(pause)
-    return None, error
+    log.error("%s (attempt %d/%d): %s", error, METADATA_ATTEMPTS, METADATA_ATTEMPTS, without)
+    return []
 
 
 async def gather_tags(settings: StartSettings, http: HttpClient) -> list[str]:
@@ -115,22 +118,14 @@ async def gather_tags(settings: StartSettings, http: HttpClient) -> list[str]:
             async def ecs_fetch(timeout: float) -> dict[str, str]:
                 return await ecs_task_tags(http, ecs_uri, http_timeout=timeout)
 
-            found, error = await _metadata_with_retries(
+            tags += await _metadata_with_retries(
                 "ECS task metadata",
                 ecs_fetch,
                 (MetadataError,),
                 settings.wait_for_ecs_meta_data_timeout,
+                "registering without ecs:* tags: the drain controller cannot find this "
+                "agent's task",
             )
-            if found is None:
-                log.error(
-                    "%s (attempt %d/%d): registering without ecs:* tags: the drain controller "
-                    "cannot find this agent's task",
-                    error,
-                    METADATA_ATTEMPTS,
-                    METADATA_ATTEMPTS,
-                )
-            else:
-                tags += [f"{k}={v}" for k, v in found.items()]
     if settings.tags_from_ec2_meta_data:
         from fleetdrain.agent.imds import ImdsClient, ImdsError
 
@@ -142,21 +137,13 @@ async def gather_tags(settings: StartSettings, http: HttpClient) -> list[str]:
             imds = ImdsClient(http, base_url=base_url, timeout=timeout / 2)
             return await imds.ec2_tags()
 
-        found, error = await _metadata_with_retries(
+        tags += await _metadata_with_retries(
             "EC2 instance metadata",
             ec2_fetch,
             (ImdsError,),
             settings.wait_for_ec2_meta_data_timeout,
+            "registering without aws:* tags",
         )
-        if found is None:
-            log.error(
-                "%s (attempt %d/%d): registering without aws:* tags",
-                error,
-                METADATA_ATTEMPTS,
-                METADATA_ATTEMPTS,
-            )
-        else:
-            tags += [f"{k}={v}" for k, v in found.items()]
     return tags
 
 
