@@ -116,16 +116,15 @@ class MemoryStore:
         self.records[record.instance_id] = copy.deepcopy(saved)
         return saved
 
-    def save(self, record: DrainRecord) -> DrainRecord:
+    def save(self, record: DrainRecord, link: str | None = None) -> DrainRecord:
         current = self.records.get(record.instance_id)
         if current is None or current.version != record.version:
             raise Conflict("PutItem")
         saved = dataclasses.replace(copy.deepcopy(record), version=record.version + 1)
         self.records[record.instance_id] = copy.deepcopy(saved)
+        if link is not None:
+            self.links[link] = record.instance_id
         return saved
-
-    def link(self, container_instance_arn: str, instance_id: str) -> None:
-        self.links[container_instance_arn] = instance_id
 
     def instance_for(self, container_instance_arn: str) -> str | None:
         return self.links.get(container_instance_arn)

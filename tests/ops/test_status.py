@@ -56,7 +56,9 @@ def seed(client) -> DynamoDrainStore:
             paused_agents=["a-1", "a-2"],
         )
     )
-    store.link("arn:aws:ecs:us-east-1:123456789012:container-instance/ci/abc", "i-0scalein")
+    scale_in = store.save(
+        scale_in, link="arn:aws:ecs:us-east-1:123456789012:container-instance/ci/abc"
+    )
     store.create(
         DrainRecord(
             instance_id="i-0spot",
@@ -83,7 +85,7 @@ def seed(client) -> DynamoDrainStore:
         )
     )
     store.save(dataclasses.replace(done, phase="done", completed_at=NOW - 400))
-    assert scale_in.version == 1
+    assert scale_in.version == 2, "the link went with the save, one write"
     return store
 
 

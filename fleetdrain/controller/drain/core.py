@@ -83,12 +83,19 @@ from fleetdrain.controller.drain.signals import (
     Ignored,
     InstanceDrainingSignal,
     LifecycleSignal,
+    MaintenanceSignal,
+    RebalanceSignal,
     Signal,
+    SpotSignal,
     TaskStoppedSignal,
     TickSignal,
 )
 
 log = logging.getLogger("fleetdrain.drain")
+
+#: Events that begin a drain (a stopping instance is left out: it is most often one whose drain
+#: just ended, and its record is there).
+_STARTS = (LifecycleSignal, SpotSignal, RebalanceSignal, MaintenanceSignal)
 
 MAX_RACES = 5
 #: A step that failed on throttling is retried by a tick this many seconds later.
@@ -102,6 +109,12 @@ TASKS_LOOK_EVERY = 120.0
 #: to LEASE_POLL_MAX (a step takes well under a second; a long wait need not read 200 times).
 LEASE_POLL = 0.05
 LEASE_POLL_MAX = 1.0
+#: What one controller (one Lambda container) remembers of the drains it saw, at most this
+#: many of each: the drains that ended (a tick of one needs no read: a drain id is never
+#: reused, every episode has its own), the lifecycle tokens it completed (a step that lost
+#: the race to save after completing one knows it was not refused elsewhere), and the
+#: instances whose record it has seen (a first event of any other is written without a read).
+MAX_REMEMBERED = 4096
 
 # Metric names (EMF, namespace set by the handler layer).
 DRAINS_STARTED = "DrainsStarted"
@@ -182,6 +195,9 @@ class DrainController:
         self.metrics: MetricsPort = metrics or NullMetrics()
         self.clock = clock or time.time
         self.coordinator_grace = coordinator_grace
+        self._ended: dict[str, str] = {}
+        self._completed: dict[str, None] = {}
+        self._seen: dict[str, None] = {}
 
     # ------------------------------------------------------------------ entry point
 
@@ -212,12 +228,21 @@ class DrainController:
                     "lifecycle action ignored", extra={"instance_id": instance_id, "reason": why}
                 )
                 return Result("ignored", instance_id, detail=why)
+        if isinstance(signal, TickSignal) and self._ended.get(instance_id) == signal.drain_id:
+            return Result("ignored", instance_id, signal.drain_id, "done", "the drain ended")
+        # An instance this controller has not seen a record of is most often one whose first
+        # event this is: write its drain without reading first (a record that is there after
+        # all makes that write a Conflict, and then it is read as usual).
+        guess_new = isinstance(signal, _STARTS) and instance_id not in self._seen
         races = polls = 0
         waited = 0.0
         while True:
             try:
-                return self._handle_once(instance_id, signal)
+                return self._handle_once(instance_id, signal, guess_new)
             except Conflict:
+                if guess_new:
+                    guess_new = False
+                    continue
                 races += 1
                 if races >= MAX_RACES:
                     raise Retryable(
@@ -245,12 +270,18 @@ class DrainController:
             return f"lifecycle action of hook {s.hook_name!r}, not ours ({want_hook!r})"
         return ""
 
-    def _handle_once(self, instance_id: str, signal: Signal) -> Result:
+    def _handle_once(self, instance_id: str, signal: Signal, guess_new: bool = False) -> Result:
         now = self.clock()
-        current = self.store.get(instance_id)
+        current = None if guess_new else self.store.get(instance_id)
+        if current is not None:
+            self._remember(current)
         merged = self._merge(current, signal, now)
         record = merged.record
         if record is None:
+            if guess_new and self.store.get(instance_id) is not None:
+                # What the record makes of it can differ (a notice for a drain in flight on an
+                # instance ECS no longer lists): merge it with the record, read.
+                raise Conflict("guessed")
             return Result(merged.action, instance_id, detail=merged.detail)
         step = merged.step and record.phase != "done"
         if current is not None and current.leased(now) and (merged.changed or step):
@@ -265,6 +296,7 @@ class DrainController:
             record = self._claimed(record, now)
         if current is None:
             record = self.store.create(record)
+            self._remember(record)
         elif (merged.changed or step) and not look_first:
             record = self.store.save(record)
         if merged.action == "started":
@@ -281,7 +313,14 @@ class DrainController:
             # Only a tick may take the tasks as the last read left them: any other event is
             # news of the instance (a task stopped, DRAINING, a notice), read afresh.
             record = self._step(record, claimed=not look_first, tick=isinstance(signal, TickSignal))
+            self._remember(record)
         return Result(merged.action, instance_id, record.drain_id, record.phase, merged.detail)
+
+    def _remember(self, record: DrainRecord) -> None:
+        """Note that ``record`` exists (and, when it is done, that its drain ended)."""
+        _bounded_put(self._seen, record.instance_id, None)
+        if record.phase == "done":
+            _bounded_put(self._ended, record.instance_id, record.drain_id)
 
     def _claimed(self, record: DrainRecord, now: float) -> DrainRecord:
         """``record`` holding a new lease (to be written, conditional on its version)."""
@@ -321,13 +360,14 @@ class DrainController:
             LookedCoordinator(self.coordinator) if self.coordinator is not None else None,
         )
         if not claimed:
-            held = _HeldLog(log, dict(lg.extra or {}))
-            saved = self._run_step(record, held, looked, acting=False, tick=tick)
+            held, metrics = _HeldLog(log, dict(lg.extra or {})), _HeldMetrics()
+            saved = self._run_step(record, held, looked, acting=False, tick=tick, metrics=metrics)
             if saved is not None:
                 held.release(lg)
+                metrics.release(self.metrics)
                 return saved
             record = self.store.save(self._claimed(record, self.clock()))
-        saved = self._run_step(record, lg, looked, acting=True)
+        saved = self._run_step(record, lg, looked, acting=True, metrics=self.metrics)
         assert saved is not None
         return saved
 
@@ -337,20 +377,24 @@ class DrainController:
         lg: DrainLog,
         looked: tuple[LookedFleet, LookedCoordinator | None],
         acting: bool,
+        metrics: MetricsPort,
         tick: bool = False,
     ) -> DrainRecord | None:
         """One run of a step on ``record`` (claimed when ``acting``): the saved record, or
-        None when a look (not ``acting``) found something to do."""
+        None when a look (not ``acting``) found something to do. ``metrics``: where the step's
+        figures go (held, for a look, until its save)."""
         rec = copy.deepcopy(record)
         rec.steps += 1
         now = self.clock()
-        step = _Step(self, rec, now, lg, looked, acting=acting, tick=tick)
+        step = _Step(self, rec, now, lg, looked, metrics, acting=acting, tick=tick)
+        link = None
         try:
             step.run()
             if rec.container_instance_arn and step.linked:
-                # Before the save: a step that fails here is retried with steps == 1 again.
+                # In the save's own write: a step that fails before it is retried with
+                # steps == 1 again, and links then.
                 step.act()
-                self.store.link(rec.container_instance_arn, rec.instance_id)
+                link = rec.container_instance_arn
             if rec.phase != "done":
                 self._schedule_tick(rec, now, step.coordinator_down_since, step.retry_at)
         except _MustAct:
@@ -368,7 +412,7 @@ class DrainController:
                 self._release(record, lg)
             raise
         rec.lease_id = rec.lease_until = None
-        return self.store.save(rec)
+        return self.store.save(rec, link=link)
 
     def _release(self, claimed: DrainRecord, lg: DrainLog) -> None:
         """A step failed: give the record back as it was claimed (or merged, for a look), so
@@ -497,6 +541,34 @@ class _HeldLog(DrainLog):
         self.held.clear()
 
 
+class _HeldMetrics:
+    """A look's figures, held until the look is saved (as :class:`_HeldLog` holds its lines):
+    a look that loses the race to save is run again, and counts once."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[str, str, float]] = []
+
+    def count(self, name: str, value: float = 1.0) -> None:
+        self.held.append(("count", name, value))
+
+    def seconds(self, name: str, value: float) -> None:
+        self.held.append(("seconds", name, value))
+
+    def release(self, to: MetricsPort) -> None:
+        """Send the held figures to ``to``."""
+        for kind, name, value in self.held:
+            (to.count if kind == "count" else to.seconds)(name, value)
+        self.held.clear()
+
+
+def _bounded_put(memo: dict[str, Any], key: str, value: Any) -> None:
+    """``memo[key] = value``, forgetting the oldest keys beyond :data:`MAX_REMEMBERED`."""
+    memo.pop(key, None)
+    memo[key] = value
+    while len(memo) > MAX_REMEMBERED:
+        memo.pop(next(iter(memo)))
+
+
 class _Step:
     """One step of one drain (a fresh object each time: no state survives between steps)."""
 
@@ -507,11 +579,13 @@ class _Step:
         now: float,
         lg: DrainLog,
         looked: tuple[LookedFleet, LookedCoordinator | None],
+        metrics: MetricsPort,
         *,
         acting: bool,
         tick: bool,
     ) -> None:
         self.ctl = ctl
+        self.metrics = metrics
         self.rec = rec
         self.now = now
         self.log = lg
@@ -529,12 +603,18 @@ class _Step:
         self.retry_at: float | None = None
         #: A token AWS had accepted was refused in this step.
         self.lost_live_token = False
+        #: This step's own ECS read (not the tasks as remembered) found no task left.
+        self.read_no_task = False
 
-    def act(self) -> None:
+    def act(self, finishing: bool = False) -> None:
         """The step is about to change the world (or the drain's course): a look that has not
-        claimed the record stops here, and the step goes on claimed."""
-        if not self.acting:
-            raise _MustAct
+        claimed the record stops here, and the step goes on claimed. ``finishing``: it is the
+        end of the drain (its tokens completed, the record done), which a look does itself
+        once its own ECS read found no task left: its save is conditional on the version it
+        read, and a token completed again by a step that raced it is refused, harmlessly."""
+        if self.acting or (finishing and self.read_no_task):
+            return
+        raise _MustAct
 
     def run(self) -> None:
         rec, ctl = self.rec, self.ctl
@@ -553,12 +633,13 @@ class _Step:
             tasks = [t for t in self.fleet.tasks_on(rec.container_instance_arn) if not t.daemon]
             rec.looked_tasks = [[t.arn, t.group, t.desired_status] for t in tasks]
             rec.looked_at = self.now
+            self.read_no_task = not tasks
             agents = self.agents(tasks) if tasks else None
         if not tasks:
-            self.act()
             drained = rec.draining_at is not None or bool(rec.paused_agents)
             if rec.going and rec.draining_at is None:
                 # Nothing runs, but the instance goes: nothing may be placed on it meanwhile.
+                self.act()
                 self.fleet.set_draining(rec.container_instance_arn)
                 rec.draining_at = self.now
                 self.log.info("container instance DRAINING (no task on it)")
@@ -643,7 +724,10 @@ class _Step:
         (it is then spent). A token accepted for the first time starts its budget."""
         rec, ctl = self.rec, self.ctl
         if how != "heartbeat":
-            self.act()
+            self.act(finishing=True)
+            if ref.token in ctl._completed:
+                rec.bury(ref.token)  # this controller completed it: a step that raced us saved
+                return True
         try:
             if how == "heartbeat":
                 ctl.lifecycle.heartbeat(ref.asg_name, ref.hook_name, ref.token, rec.instance_id)
@@ -666,6 +750,7 @@ class _Step:
             return False
         if how == "complete":
             rec.bury(ref.token)
+            _bounded_put(ctl._completed, ref.token, None)
         if not ref.verified:
             budget_end = ref.sent_at + ctl.settings.drain_budget
             rec.force_at = budget_end if rec.force_at is None else min(rec.force_at, budget_end)
@@ -789,10 +874,10 @@ class _Step:
 
     def fallback(self, tasks: list[TaskInfo], why: str) -> None:
         self.act()
-        rec, ctl = self.rec, self.ctl
+        rec = self.rec
         rec.fallback = True
         rec.phase = "hard"
-        ctl.metrics.count(COORDINATOR_FALLBACKS)
+        self.metrics.count(COORDINATOR_FALLBACKS)
         self.log.warning(
             "coordinator unavailable: falling back to ECS StopTask", extra={"error": why}
         )
@@ -874,10 +959,10 @@ class _Step:
 
     def force(self, tasks: list[TaskInfo], agents: list[AgentView] | None) -> None:
         self.act()
-        rec, ctl, coordinator = self.rec, self.ctl, self.coordinator
+        rec, coordinator = self.rec, self.coordinator
         rec.forced_at = self.now
         rec.phase = "hard"
-        ctl.metrics.count(DRAINS_FORCED)
+        self.metrics.count(DRAINS_FORCED)
         cancelled = 0
         covered: set[str] = set()
         if agents is None and coordinator is not None and not rec.fallback:
@@ -901,19 +986,19 @@ class _Step:
                     "forced stop held back by the rate limit: StopTask for the rest",
                     extra={"error": str(exc), "stopped": len(covered)},
                 )
-                ctl.metrics.count(COORDINATOR_FALLBACKS)
+                self.metrics.count(COORDINATOR_FALLBACKS)
             except CoordinatorUnavailable as exc:
                 self.log.warning(
                     "forced stop through the coordinator failed", extra={"error": str(exc)}
                 )
                 covered = set()
                 rec.fallback = True
-                ctl.metrics.count(COORDINATOR_FALLBACKS)
+                self.metrics.count(COORDINATOR_FALLBACKS)
         # Tasks with no agent we could stop (wrapped workers, or no coordinator): SIGTERM.
         self.stop_tasks([t for t in tasks if t.arn not in covered], "forced drain")
         rec.jobs_force_cancelled += cancelled
         if cancelled:
-            ctl.metrics.count(JOBS_FORCE_CANCELLED, cancelled)
+            self.metrics.count(JOBS_FORCE_CANCELLED, cancelled)
         self.log.warning(
             "drain forced",
             extra={"jobs_force_cancelled": cancelled, "reasons": rec.reasons},
@@ -952,8 +1037,8 @@ class _Step:
         self.finish("lifecycle_gone", "the lifecycle action expired or was completed elsewhere")
 
     def finish(self, outcome: str, reason: str) -> None:
-        self.act()
-        rec, ctl = self.rec, self.ctl
+        self.act(finishing=True)
+        rec, ctl, metrics = self.rec, self.ctl, self.metrics
         refs = rec.other_tokens
         if rec.lifecycle_state == "pending" and rec.lifecycle_token:
             own = TokenRef(
@@ -975,9 +1060,7 @@ class _Step:
             rec.lifecycle_state, rec.lifecycle_verified = "completed", True
             done = ctl.clock()
             if rec.last_task_stopped_at is not None:
-                ctl.metrics.seconds(
-                    HOOK_COMPLETION_LATENCY, max(0.0, done - rec.last_task_stopped_at)
-                )
+                metrics.seconds(HOOK_COMPLETION_LATENCY, max(0.0, done - rec.last_task_stopped_at))
         elif gone:
             rec.lifecycle_state = "gone"
             outcome = "lifecycle_gone" if outcome != "not_in_cluster" else outcome
@@ -990,10 +1073,10 @@ class _Step:
         rec.completed_at = ctl.clock()
         rec.tick_id = rec.tick_due = None
         if outcome in ("drained", "no_tasks"):
-            ctl.metrics.count(DRAINS_COMPLETED)
+            metrics.count(DRAINS_COMPLETED)
         else:
-            ctl.metrics.count(DRAINS_ABANDONED)
-        ctl.metrics.seconds(DRAIN_SECONDS, max(0.0, rec.completed_at - rec.started_at))
+            metrics.count(DRAINS_ABANDONED)
+        metrics.seconds(DRAIN_SECONDS, max(0.0, rec.completed_at - rec.started_at))
         self.log.info(
             "drain done",
             extra={

@@ -198,16 +198,14 @@ class DrainStorePort(Protocol):
         """Write a new record (Conflict if one exists); returns it at version 1."""
         ...
 
-    def save(self, record: DrainRecord) -> DrainRecord:
-        """Write if still at ``record.version`` (Conflict otherwise); returns it one higher."""
-        ...
-
-    def link(self, container_instance_arn: str, instance_id: str) -> None:
-        """Remember which instance a container instance is (task events name only the latter)."""
+    def save(self, record: DrainRecord, link: str | None = None) -> DrainRecord:
+        """Write if still at ``record.version`` (Conflict otherwise); returns it one higher.
+        ``link``: a container instance ARN, remembered (in the same write) as this record's
+        instance: task events name only the container instance."""
         ...
 
     def instance_for(self, container_instance_arn: str) -> str | None:
-        """The instance :meth:`link` put down for ``container_instance_arn``, or None."""
+        """The instance a save's ``link`` put down for ``container_instance_arn``, or None."""
         ...
 
     def in_flight(self) -> list[DrainRecord]:

@@ -8,7 +8,7 @@ Items (one table, string key ``pk``):
   (epoch seconds) lets DynamoDB expire it a while after its last change.
 - ``ci#<container-instance-arn>``: points at the instance, so that an ECS task event (which
   names the container instance, not the EC2 instance) finds its drain with one strongly
-  consistent read.
+  consistent read. Written in the same transaction as the save of the drain's first step.
 - ``agents#<cluster>``: the cluster's agents as the last listing of the organization saw them,
   shared by every drain (:class:`DynamoListingCache`, for ``shared_listing``): ``doc`` the
   agents as compact JSON rows, ``fetched_at`` and ``pages``, and ``refresh_until`` while a
@@ -26,7 +26,7 @@ from botocore.exceptions import ClientError
 from pydantic import TypeAdapter
 
 from fleetdrain.controller.drain.aws_errors import error_code, reraise_retryable
-from fleetdrain.controller.drain.errors import Conflict
+from fleetdrain.controller.drain.errors import Conflict, Retryable
 from fleetdrain.controller.drain.ports import AgentView, DrainRecord
 from fleetdrain.controller.drain.shared_listing import AgentListing
 
@@ -34,6 +34,10 @@ from fleetdrain.controller.drain.shared_listing import AgentListing
 MAX_LINKS = 4096
 #: A listing bigger than this is not stored (DynamoDB's item limit is 400 KB).
 MAX_LISTING_BYTES = 350_000
+#: A transaction cancelled for one of these lost a race (another write came first).
+_LOST_RACE = frozenset({"ConditionalCheckFailed", "TransactionConflict"})
+#: ... and for one of these, throttled (a cancelled transaction says so per item).
+_THROTTLED = frozenset({"ThrottlingError", "ProvisionedThroughputExceeded", "RequestLimitExceeded"})
 
 #: The record's JSON form (``doc``): pydantic validates what is read (types, phases; unknown
 #: fields are ignored, so an older controller reads a newer one's records).
@@ -111,32 +115,53 @@ class DynamoDrainStore:
         )
         return dataclasses.replace(record, version=1)
 
-    def save(self, record: DrainRecord) -> DrainRecord:
-        self._call(
-            "PutItem",
-            self._ddb.put_item,
-            Item=self._item(record, record.version + 1),
-            ConditionExpression="version = :v",
-            ExpressionAttributeValues={":v": {"N": str(record.version)}},
-        )
+    def save(self, record: DrainRecord, link: str | None = None) -> DrainRecord:
+        put = {
+            "Item": self._item(record, record.version + 1),
+            "ConditionExpression": "version = :v",
+            "ExpressionAttributeValues": {":v": {"N": str(record.version)}},
+        }
+        if link is None:
+            self._call("PutItem", self._ddb.put_item, **put)
+        else:
+            # One write for both: the link costs no call of its own (Put in a transaction is
+            # authorised as PutItem).
+            self._remember_link(link, record.instance_id)
+            self._transact(
+                [
+                    {"Put": {"TableName": self._table, **put}},
+                    {"Put": {"TableName": self._table, "Item": self._link_item(link, record)}},
+                ]
+            )
         return dataclasses.replace(record, version=record.version + 1)
+
+    def _transact(self, items: list[dict[str, Any]]) -> None:
+        try:
+            self._ddb.transact_write_items(TransactItems=items)
+        except ClientError as exc:
+            code = error_code(exc)
+            reasons = exc.response.get("CancellationReasons") or []
+            if code == "TransactionConflictException" or (
+                code == "TransactionCanceledException"
+                and any(r.get("Code") in _LOST_RACE for r in reasons)
+            ):
+                raise Conflict("TransactWriteItems") from exc
+            if any(r.get("Code") in _THROTTLED for r in reasons):
+                raise Retryable(f"DynamoDB TransactWriteItems: {exc}") from exc
+            reraise_retryable(exc, "DynamoDB TransactWriteItems")
+            raise
 
     def _remember_link(self, container_instance_arn: str, instance_id: str) -> None:
         self._links[container_instance_arn] = instance_id
         while len(self._links) > MAX_LINKS:
             self._links.pop(next(iter(self._links)))
 
-    def link(self, container_instance_arn: str, instance_id: str) -> None:
-        self._remember_link(container_instance_arn, instance_id)
-        self._call(
-            "PutItem",
-            self._ddb.put_item,
-            Item={
-                "pk": {"S": f"ci#{container_instance_arn}"},
-                "instance_id": {"S": instance_id},
-                "ttl": {"N": str(int(self._clock() + self._ttl))},
-            },
-        )
+    def _link_item(self, container_instance_arn: str, record: DrainRecord) -> dict[str, Any]:
+        return {
+            "pk": {"S": f"ci#{container_instance_arn}"},
+            "instance_id": {"S": record.instance_id},
+            "ttl": {"N": str(int(self._clock() + self._ttl))},
+        }
 
     def instance_for(self, container_instance_arn: str) -> str | None:
         known = self._links.get(container_instance_arn)

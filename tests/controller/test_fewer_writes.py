@@ -1,0 +1,249 @@
+"""The drain record costs fewer calls (issue 12's idle drains): a first event is written without
+a read, the link to the container instance goes with the first step's save, the step that ends
+the drain does not claim the record first, and a tick of a drain that ended needs no read.
+
+Each test also shows the case where the shortcut would be wrong and is not taken: a record that
+is there after all, a look that loses the race to save after completing its token.
+
+The world is ``test_drains``' (moto, the gap fillers, the embedded coordinator, the real
+handlers); the controller's store is wrapped to count its reads and writes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+
+from fleetdrain.controller.drain import core
+from fleetdrain.controller.drain.errors import Conflict, Retryable
+from fleetdrain.controller.drain.ports import DrainRecord
+from fleetdrain.controller.drain.signals import TickSignal
+from fleetdrain.controller.drain.state import DynamoDrainStore
+from tests.controller.test_drains import World, make_world
+
+
+@pytest.fixture
+def world(aws_env: None) -> Iterator[World]:
+    with make_world() as w:
+        yield w
+
+
+class CountingStore:
+    """The controller's store, counting its calls by method (and what each save wrote)."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.calls: Counter[str] = Counter()
+        self.saved: list[DrainRecord] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def peek(self, instance_id: str) -> DrainRecord:
+        """The record, read past the count (the test looking, not the controller)."""
+        rec = self._store.get(instance_id)
+        assert rec is not None
+        return rec  # type: ignore[no-any-return]
+
+    def get(self, instance_id: str) -> DrainRecord | None:
+        self.calls["get"] += 1
+        return self._store.get(instance_id)  # type: ignore[no-any-return]
+
+    def create(self, record: DrainRecord) -> DrainRecord:
+        self.calls["create"] += 1
+        return self._store.create(record)  # type: ignore[no-any-return]
+
+    def save(self, record: DrainRecord, link: str | None = None) -> DrainRecord:
+        self.calls["save"] += 1
+        if link is not None:
+            self.calls["save with link"] += 1
+        self.saved.append(record)
+        return self._store.save(record, link=link)  # type: ignore[no-any-return]
+
+
+def counted(world: World) -> CountingStore:
+    store = CountingStore(world.ctl.store)
+    world.ctl.store = store  # type: ignore[assignment]
+    return store
+
+
+def test_an_idle_drain_reads_its_record_once_and_writes_it_three_times(world: World) -> None:
+    (a,) = world.build(instances=1)
+    world.controller()
+    world.add_agent(a)
+    world.add_agent(a)
+    store = counted(world)
+    lifecycle = world.gaps.begin_termination(a)
+    world.cursor = len(world.gaps.events)
+    world.route(lifecycle)  # alone: what it causes is delivered below
+    # The first event: no read (no record of the instance here), created claimed, one save
+    # that carries the link too.
+    assert store.calls == Counter({"create": 1, "save": 1, "save with link": 1})
+    link = world.ddb.get_item(TableName="drains", Key={"pk": {"S": f"ci#{world.ci_arn[a]}"}})
+    assert link["Item"]["instance_id"]["S"] == a
+    rec = world.record(a)
+    assert rec.phase == "hard" and rec.lease_id is None
+    store.calls.clear()
+    handled = len(world.results)
+    world.run_until(lambda: store.peek(a).phase == "done", limit=60)
+    rec = store.peek(a)
+    assert (rec.outcome, world.gaps.actions[a].result) == ("drained", "CONTINUE")
+    # The step that ended it: its record read once, saved once (no claim before completing);
+    # the events delivered meanwhile that found nothing to do read it once each.
+    assert store.calls["save"] == 1, store.calls
+    assert 1 <= store.calls["get"] <= len(world.results) - handled, store.calls
+    assert store.saved[-1].lease_id is None
+    assert world.gaps.calls["CompleteLifecycleAction"] == 1
+    assert world.metrics.counts[core.DRAINS_COMPLETED] == 1
+    # The drain's last tick comes later: this controller saw the drain end, so no read.
+    store.calls.clear()
+    tick = TickSignal(a, rec.drain_id, rec.tick_id or "t-late")
+    result = world.ctl.handle(tick)
+    assert (result.action, result.detail) == ("ignored", "the drain ended")
+    assert store.calls == Counter()
+
+
+def test_a_tick_of_an_earlier_episode_is_ignored_and_the_new_one_steps(world: World) -> None:
+    (a,) = world.build(instances=1)
+    world.controller()
+    world.emit(world.gaps.rebalance_recommendation(a))
+    first = world.record(a)
+    assert first.outcome == "no_tasks"
+    world.add_agent(a, job_seconds=300)
+    world.emit(world.gaps.begin_termination(a))
+    second = world.record(a)
+    assert second.episode == 2 and second.drain_id != first.drain_id
+    store = counted(world)
+    old = world.ctl.handle(TickSignal(a, first.drain_id, "t-old"))
+    assert (old.action, old.detail) == ("ignored", "the drain ended")
+    assert store.calls == Counter(), "known ended: no read"
+    new = world.ctl.handle(TickSignal(a, second.drain_id, "t-new"))
+    assert new.action == "stepped" and store.calls["get"] == 1
+
+
+def test_a_first_event_for_an_instance_with_a_record_is_merged_as_if_it_had_been_read(
+    world: World,
+) -> None:
+    (a,) = world.build(instances=1)
+    world.controller()
+    world.emit(world.gaps.rebalance_recommendation(a))  # episode 1, ended: no task
+    agent = world.add_agent(a, job_seconds=300)
+    world.controller()  # another Lambda container: it has seen no record of ``a``
+    store = counted(world)
+    out = world.emit(world.gaps.begin_termination(a))
+    assert out[0]["status"] == "started"
+    # The guess (create) lost to the record that is there; it was read and merged.
+    assert store.calls["create"] == 1 and store.calls["get"] == 1
+    rec = world.record(a)
+    assert (rec.episode, rec.phase) == (2, "soft")
+    assert world.coord.agent(agent.agent_id).paused
+
+
+def test_a_notice_for_a_drain_whose_instance_ecs_no_longer_lists_is_not_ignored(
+    world: World,
+) -> None:
+    (a,) = world.build(instances=1)
+    world.controller()
+    world.add_agent(a, job_seconds=600)
+    world.emit(world.gaps.begin_termination(a))
+    assert world.record(a).phase == "soft"
+    world.controller()  # a container that has not seen the record
+    # ECS no longer lists the container instance (deregistering) while the drain runs.
+    world.ctl.fleet.find_container_instance = lambda iid: None  # type: ignore[method-assign]
+    store = counted(world)
+    out = world.emit(world.gaps.spot_interruption(a))
+    # Without a record the notice would be "not in the cluster": the record was read instead.
+    assert out[0]["status"] == "joined", out
+    assert store.calls["get"] >= 1
+    rec = world.record(a)
+    assert "spot" in rec.reasons and rec.phase == "hard"
+
+
+def test_a_finishing_look_that_loses_the_race_to_save_completes_once_and_ends_drained(
+    world: World,
+) -> None:
+    (a,) = world.build(instances=1)
+    world.controller()
+    world.add_agent(a)
+    lifecycle = world.gaps.begin_termination(a)
+    world.cursor = len(world.gaps.events)
+    world.route(lifecycle)
+    store = counted(world)
+    real_save = store._store.save
+    raced: list[int] = []
+
+    def racing_save(record: DrainRecord, link: str | None = None) -> DrainRecord:
+        store.calls["save"] += 1
+        if record.phase == "done" and not raced:
+            # Another step saves first (a duplicate event's merge): this save then conflicts.
+            raced.append(record.version)
+            current = store._store.get(record.instance_id)
+            store._store.save(current)
+        return real_save(record, link=link)  # type: ignore[no-any-return]
+
+    store.save = racing_save  # type: ignore[method-assign]
+    world.run_until(lambda: store.peek(a).phase == "done", limit=60)
+    assert raced, "the finishing save raced"
+    rec = store.peek(a)
+    assert rec.outcome == "drained" and rec.lifecycle_state == "completed"
+    assert world.gaps.calls["CompleteLifecycleAction"] == 1, "completed once, not refused"
+    assert world.metrics.counts[core.DRAINS_COMPLETED] == 1, "counted once"
+    assert world.metrics.counts.get(core.DRAINS_ABANDONED, 0) == 0
+
+
+def test_a_save_with_a_link_is_one_write_or_none(aws_env: None) -> None:
+    from moto import mock_aws
+
+    with mock_aws():
+        ddb = boto3.client("dynamodb", region_name="us-east-1")
+        ddb.create_table(
+            TableName="drains",
+            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        store = DynamoDrainStore(ddb, "drains", lambda: 1000.0, 60)
+        rec = store.create(
+            DrainRecord(instance_id="i-1", drain_id="d-1", cluster="ci", started_at=1.0)
+        )
+        stale = rec
+        rec = store.save(rec)
+        with pytest.raises(Conflict):
+            store.save(stale, link="arn:ci/1")
+        assert "Item" not in ddb.get_item(TableName="drains", Key={"pk": {"S": "ci#arn:ci/1"}})
+        saved = store.save(rec, link="arn:ci/1")
+        assert saved.version == 3
+        fresh = DynamoDrainStore(ddb, "drains", lambda: 1000.0, 60)
+        assert fresh.instance_for("arn:ci/1") == "i-1"
+        item = ddb.get_item(TableName="drains", Key={"pk": {"S": "drain#i-1"}})["Item"]
+        assert json.loads(item["doc"]["S"])["drain_id"] == "d-1"
+        assert item["version"]["N"] == "3"
+
+
+def test_a_throttled_transaction_is_retryable() -> None:
+    ddb = boto3.client("dynamodb", region_name="us-east-1")
+    store = DynamoDrainStore(ddb, "drains", lambda: 0.0, 60)
+    rec = DrainRecord(instance_id="i-1", drain_id="d-1", cluster="ci", started_at=1.0, version=1)
+    with Stubber(ddb) as stub:
+        stub.add_client_error(
+            "transact_write_items",
+            service_error_code="TransactionCanceledException",
+            modeled_fields={"CancellationReasons": [{"Code": "ThrottlingError"}, {"Code": "None"}]},
+        )
+        with pytest.raises(Retryable):
+            store.save(rec, link="arn:ci/1")
+        stub.add_client_error(
+            "transact_write_items",
+            service_error_code="TransactionCanceledException",
+            modeled_fields={
+                "CancellationReasons": [{"Code": "ConditionalCheckFailed"}, {"Code": "None"}]
+            },
+        )
+        with pytest.raises(Conflict):
+            store.save(rec, link="arn:ci/1")
