@@ -39,9 +39,12 @@ spot notice already known) changes nothing, a late one can only add (a token, an
 deadline), never move a drain backwards, and a spot warning during a scale-in drain moves
 ``force_at`` earlier and the phase to ``hard``. A step re-reads the world (tasks, agents)
 and acts only on what is not done yet, so running it twice, or after a crash half-way, is safe;
-each drain keeps one delayed tick pending as the safety net. Two steps never run at once on
+each drain keeps one delayed tick pending as the safety net. Two steps never act at once on
 one drain: a step claims the record (a lease, in the conditional write that merges its event)
-and releases it with its own save; an event that finds the record held waits for it.
+and releases it with its own save; an event that finds the record held waits for it. A step of
+a drain under way looks first and claims only to act; the end (no task left in its own ECS
+read: complete the tokens, save done) a look does without a claim, its save conditional on
+the version it read.
 """
 
 from __future__ import annotations
