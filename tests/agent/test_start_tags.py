@@ -96,6 +96,7 @@ async def until(cond: Callable[[], bool], limit: float = 10.0) -> None:
 # ------------------------------------------------------------------------------ ECS metadata
 
 
+@pytest.mark.slow  # real waits between the attempts
 async def test_ecs_tags_arrive_after_a_hang_and_a_failure(monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="fleetdrain")
     server = ScriptedServer(HANG, http_response(b"busy", "500 Internal Server Error"), METADATA)
@@ -131,6 +132,7 @@ async def test_ecs_tags_on_the_first_attempt_log_nothing_about_retries(monkeypat
     assert messages(caplog, logging.WARNING) == messages(caplog, logging.ERROR) == []
 
 
+@pytest.mark.slow  # real waits between the attempts
 async def test_a_metadata_endpoint_that_never_answers_is_given_up_after_five_attempts(
     monkeypatch, caplog
 ):
@@ -154,6 +156,7 @@ async def test_a_metadata_endpoint_that_never_answers_is_given_up_after_five_att
     )
 
 
+@pytest.mark.slow  # real waits between the attempts
 async def test_an_unreachable_endpoint_is_tried_five_times_a_fifth_of_the_wait_apart(
     monkeypatch, caplog
 ):
@@ -197,6 +200,7 @@ async def test_gather_tags_is_cancelled_at_once_mid_request_or_mid_wait(monkeypa
 # ------------------------------------------------------------------------------ EC2 metadata
 
 
+@pytest.mark.slow  # real waits between the attempts
 async def test_ec2_tags_arrive_after_failed_attempts(monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="fleetdrain")
     imds = ImdsStandIn("i-0abc", life_cycle="spot")

@@ -27,6 +27,9 @@ from fleetdrain.controller.drain.signals import TickSignal
 from fleetdrain.controller.drain.state import DynamoDrainStore
 from tests.controller.test_drains import World, make_world
 
+# Slow as test_drains: whole drains in moto with the coordinator on loopback.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def world(aws_env: None) -> Iterator[World]:

@@ -16,6 +16,9 @@ import pytest
 from fleetdrain.controller.drain import core
 from tests.controller.test_drains import World, make_world
 
+# Slow as test_drains: whole drains in moto with the coordinator on loopback.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def world(aws_env: None) -> Iterator[World]:

@@ -36,7 +36,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from fleetdrain.controller.drain.signals import LifecycleSignal, Signal, TickSignal
 from tests.controller.memory import World
 
-pytestmark = pytest.mark.timeout(600)
+# Slow: hypothesis runs hundreds of drain sequences (~15 s).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 INSTANCES = 3
 #: Crashes per run at most: a world where every invocation dies loses everything.

@@ -417,6 +417,7 @@ def _port_calls(seq: Sequence) -> int:
     return sum(world.calls.values())
 
 
+@pytest.mark.slow  # every call of every first step crashed in turn
 @pytest.mark.parametrize("seq", CRASHED, ids=[s.name for s in CRASHED])
 def test_a_crash_at_any_call_of_the_first_step_changes_nothing_in_the_end(seq: Sequence) -> None:
     """The first event of each sequence, with its invocation dying after 0, 1, 2, ... port

@@ -17,7 +17,8 @@ from fleetdrain.drill.aws.template import load_template
 from fleetdrain.drill.aws.world import Deployment, EventRouter, deploy_stack, stack_params
 from tests.conftest import FAKE_AWS_ENV
 
-pytestmark = pytest.mark.timeout(60)
+# Slow: the stack of template.yaml deployed in moto for each test.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 ROOT = Path(__file__).resolve().parents[2]
 EVENTS = ROOT / "tests" / "events"
