@@ -67,9 +67,17 @@ def cores() -> int:
 def start_burners(k: int, own_session: bool = False) -> list[subprocess.Popen[bytes]]:
     """K busy loops, in this session (the drill's scheduling group, as a shell's ``&``), or
     each in a session of its own."""
+    # Each loop dies with this script, however it ends (PR_SET_PDEATHSIG: a SIGTERM or
+    # SIGKILL to the script would otherwise leave them burning).
+    loop = (
+        "import ctypes, os, signal\n"
+        "ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"
+        f"if os.getppid() != {os.getpid()}: raise SystemExit\n"
+        "while True: pass\n"
+    )
     return [
         subprocess.Popen(
-            [sys.executable, "-c", "while True: pass"],
+            [sys.executable, "-c", loop],
             stdin=subprocess.DEVNULL,
             start_new_session=own_session,
         )

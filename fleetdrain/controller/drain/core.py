@@ -39,12 +39,9 @@ spot notice already known) changes nothing, a late one can only add (a token, an
 deadline), never move a drain backwards, and a spot warning during a scale-in drain moves
 ``force_at`` earlier and the phase to ``hard``. A step re-reads the world (tasks, agents)
 and acts only on what is not done yet, so running it twice, or after a crash half-way, is safe;
-each drain keeps one delayed tick pending as the safety net. Two steps never act at once on
+each drain keeps one delayed tick pending as the safety net. Two steps never run at once on
 one drain: a step claims the record (a lease, in the conditional write that merges its event)
-and releases it with its own save; an event that finds the record held waits for it. A step of
-a drain under way looks first and claims only to act; the end (no task left in its own ECS
-read: complete the tokens, save done) a look does without a claim, its save conditional on
-the version it read.
+and releases it with its own save; an event that finds the record held waits for it.
 """
 
 from __future__ import annotations
@@ -114,9 +111,8 @@ LEASE_POLL = 0.05
 LEASE_POLL_MAX = 1.0
 #: What one controller (one Lambda container) remembers of the drains it saw, at most this
 #: many of each: the drains that ended (a tick of one needs no read: a drain id is never
-#: reused, every episode has its own), the lifecycle tokens it completed (a step that lost
-#: the race to save after completing one knows it was not refused elsewhere), and the
-#: instances whose record it has seen (a first event of any other is written without a read).
+#: reused, every episode has its own) and the instances whose record it has seen (a first
+#: event of any other is written without a read).
 MAX_REMEMBERED = 4096
 
 # Metric names (EMF, namespace set by the handler layer).
@@ -199,7 +195,6 @@ class DrainController:
         self.clock = clock or time.time
         self.coordinator_grace = coordinator_grace
         self._ended: dict[str, str] = {}
-        self._completed: dict[str, None] = {}
         self._seen: dict[str, None] = {}
 
     # ------------------------------------------------------------------ entry point
@@ -363,14 +358,13 @@ class DrainController:
             LookedCoordinator(self.coordinator) if self.coordinator is not None else None,
         )
         if not claimed:
-            held, metrics = _HeldLog(log, dict(lg.extra or {})), _HeldMetrics()
-            saved = self._run_step(record, held, looked, acting=False, tick=tick, metrics=metrics)
+            held = _HeldLog(log, dict(lg.extra or {}))
+            saved = self._run_step(record, held, looked, acting=False, tick=tick)
             if saved is not None:
                 held.release(lg)
-                metrics.release(self.metrics)
                 return saved
             record = self.store.save(self._claimed(record, self.clock()))
-        saved = self._run_step(record, lg, looked, acting=True, metrics=self.metrics)
+        saved = self._run_step(record, lg, looked, acting=True)
         assert saved is not None
         return saved
 
@@ -380,16 +374,14 @@ class DrainController:
         lg: DrainLog,
         looked: tuple[LookedFleet, LookedCoordinator | None],
         acting: bool,
-        metrics: MetricsPort,
         tick: bool = False,
     ) -> DrainRecord | None:
         """One run of a step on ``record`` (claimed when ``acting``): the saved record, or
-        None when a look (not ``acting``) found something to do. ``metrics``: where the step's
-        figures go (held, for a look, until its save)."""
+        None when a look (not ``acting``) found something to do."""
         rec = copy.deepcopy(record)
         rec.steps += 1
         now = self.clock()
-        step = _Step(self, rec, now, lg, looked, metrics, acting=acting, tick=tick)
+        step = _Step(self, rec, now, lg, looked, acting=acting, tick=tick)
         link = None
         try:
             step.run()
@@ -544,26 +536,6 @@ class _HeldLog(DrainLog):
         self.held.clear()
 
 
-class _HeldMetrics:
-    """A look's figures, held until the look is saved (as :class:`_HeldLog` holds its lines):
-    a look that loses the race to save is run again, and counts once."""
-
-    def __init__(self) -> None:
-        self.held: list[tuple[str, str, float]] = []
-
-    def count(self, name: str, value: float = 1.0) -> None:
-        self.held.append(("count", name, value))
-
-    def seconds(self, name: str, value: float) -> None:
-        self.held.append(("seconds", name, value))
-
-    def release(self, to: MetricsPort) -> None:
-        """Send the held figures to ``to``."""
-        for kind, name, value in self.held:
-            (to.count if kind == "count" else to.seconds)(name, value)
-        self.held.clear()
-
-
 def _bounded_put(memo: dict[str, Any], key: str, value: Any) -> None:
     """``memo[key] = value``, forgetting the oldest keys beyond :data:`MAX_REMEMBERED`."""
     memo.pop(key, None)
@@ -582,13 +554,11 @@ class _Step:
         now: float,
         lg: DrainLog,
         looked: tuple[LookedFleet, LookedCoordinator | None],
-        metrics: MetricsPort,
         *,
         acting: bool,
         tick: bool,
     ) -> None:
         self.ctl = ctl
-        self.metrics = metrics
         self.rec = rec
         self.now = now
         self.log = lg
@@ -606,18 +576,12 @@ class _Step:
         self.retry_at: float | None = None
         #: A token AWS had accepted was refused in this step.
         self.lost_live_token = False
-        #: This step's own ECS read (not the tasks as remembered) found no task left.
-        self.read_no_task = False
 
-    def act(self, finishing: bool = False) -> None:
+    def act(self) -> None:
         """The step is about to change the world (or the drain's course): a look that has not
-        claimed the record stops here, and the step goes on claimed. ``finishing``: it is the
-        end of the drain (its tokens completed, the record done), which a look does itself
-        once its own ECS read found no task left: its save is conditional on the version it
-        read, and a token completed again by a step that raced it is refused, harmlessly."""
-        if self.acting or (finishing and self.read_no_task):
-            return
-        raise _MustAct
+        claimed the record stops here, and the step goes on claimed."""
+        if not self.acting:
+            raise _MustAct
 
     def run(self) -> None:
         rec, ctl = self.rec, self.ctl
@@ -636,13 +600,12 @@ class _Step:
             tasks = [t for t in self.fleet.tasks_on(rec.container_instance_arn) if not t.daemon]
             rec.looked_tasks = [[t.arn, t.group, t.desired_status] for t in tasks]
             rec.looked_at = self.now
-            self.read_no_task = not tasks
             agents = self.agents(tasks) if tasks else None
         if not tasks:
+            self.act()
             drained = rec.draining_at is not None or bool(rec.paused_agents)
             if rec.going and rec.draining_at is None:
                 # Nothing runs, but the instance goes: nothing may be placed on it meanwhile.
-                self.act()
                 self.fleet.set_draining(rec.container_instance_arn)
                 rec.draining_at = self.now
                 self.log.info("container instance DRAINING (no task on it)")
@@ -727,10 +690,7 @@ class _Step:
         (it is then spent). A token accepted for the first time starts its budget."""
         rec, ctl = self.rec, self.ctl
         if how != "heartbeat":
-            self.act(finishing=True)
-            if ref.token in ctl._completed:
-                rec.bury(ref.token)  # this controller completed it: a step that raced us saved
-                return True
+            self.act()
         try:
             if how == "heartbeat":
                 ctl.lifecycle.heartbeat(ref.asg_name, ref.hook_name, ref.token, rec.instance_id)
@@ -753,7 +713,6 @@ class _Step:
             return False
         if how == "complete":
             rec.bury(ref.token)
-            _bounded_put(ctl._completed, ref.token, None)
         if not ref.verified:
             budget_end = ref.sent_at + ctl.settings.drain_budget
             rec.force_at = budget_end if rec.force_at is None else min(rec.force_at, budget_end)
@@ -877,10 +836,10 @@ class _Step:
 
     def fallback(self, tasks: list[TaskInfo], why: str) -> None:
         self.act()
-        rec = self.rec
+        rec, ctl = self.rec, self.ctl
         rec.fallback = True
         rec.phase = "hard"
-        self.metrics.count(COORDINATOR_FALLBACKS)
+        ctl.metrics.count(COORDINATOR_FALLBACKS)
         self.log.warning(
             "coordinator unavailable: falling back to ECS StopTask", extra={"error": why}
         )
@@ -962,10 +921,10 @@ class _Step:
 
     def force(self, tasks: list[TaskInfo], agents: list[AgentView] | None) -> None:
         self.act()
-        rec, coordinator = self.rec, self.coordinator
+        rec, ctl, coordinator = self.rec, self.ctl, self.coordinator
         rec.forced_at = self.now
         rec.phase = "hard"
-        self.metrics.count(DRAINS_FORCED)
+        ctl.metrics.count(DRAINS_FORCED)
         cancelled = 0
         covered: set[str] = set()
         if agents is None and coordinator is not None and not rec.fallback:
@@ -989,19 +948,19 @@ class _Step:
                     "forced stop held back by the rate limit: StopTask for the rest",
                     extra={"error": str(exc), "stopped": len(covered)},
                 )
-                self.metrics.count(COORDINATOR_FALLBACKS)
+                ctl.metrics.count(COORDINATOR_FALLBACKS)
             except CoordinatorUnavailable as exc:
                 self.log.warning(
                     "forced stop through the coordinator failed", extra={"error": str(exc)}
                 )
                 covered = set()
                 rec.fallback = True
-                self.metrics.count(COORDINATOR_FALLBACKS)
+                ctl.metrics.count(COORDINATOR_FALLBACKS)
         # Tasks with no agent we could stop (wrapped workers, or no coordinator): SIGTERM.
         self.stop_tasks([t for t in tasks if t.arn not in covered], "forced drain")
         rec.jobs_force_cancelled += cancelled
         if cancelled:
-            self.metrics.count(JOBS_FORCE_CANCELLED, cancelled)
+            ctl.metrics.count(JOBS_FORCE_CANCELLED, cancelled)
         self.log.warning(
             "drain forced",
             extra={"jobs_force_cancelled": cancelled, "reasons": rec.reasons},
@@ -1040,8 +999,8 @@ class _Step:
         self.finish("lifecycle_gone", "the lifecycle action expired or was completed elsewhere")
 
     def finish(self, outcome: str, reason: str) -> None:
-        self.act(finishing=True)
-        rec, ctl, metrics = self.rec, self.ctl, self.metrics
+        self.act()
+        rec, ctl = self.rec, self.ctl
         refs = rec.other_tokens
         if rec.lifecycle_state == "pending" and rec.lifecycle_token:
             own = TokenRef(
@@ -1063,7 +1022,9 @@ class _Step:
             rec.lifecycle_state, rec.lifecycle_verified = "completed", True
             done = ctl.clock()
             if rec.last_task_stopped_at is not None:
-                metrics.seconds(HOOK_COMPLETION_LATENCY, max(0.0, done - rec.last_task_stopped_at))
+                ctl.metrics.seconds(
+                    HOOK_COMPLETION_LATENCY, max(0.0, done - rec.last_task_stopped_at)
+                )
         elif gone:
             rec.lifecycle_state = "gone"
             outcome = "lifecycle_gone" if outcome != "not_in_cluster" else outcome
@@ -1076,10 +1037,10 @@ class _Step:
         rec.completed_at = ctl.clock()
         rec.tick_id = rec.tick_due = None
         if outcome in ("drained", "no_tasks"):
-            metrics.count(DRAINS_COMPLETED)
+            ctl.metrics.count(DRAINS_COMPLETED)
         else:
-            metrics.count(DRAINS_ABANDONED)
-        metrics.seconds(DRAIN_SECONDS, max(0.0, rec.completed_at - rec.started_at))
+            ctl.metrics.count(DRAINS_ABANDONED)
+        ctl.metrics.seconds(DRAIN_SECONDS, max(0.0, rec.completed_at - rec.started_at))
         self.log.info(
             "drain done",
             extra={
