@@ -435,18 +435,20 @@ def test_a_probe_that_never_comes_up_does_not_keep_protection_on(wrap):
         def protected() -> bool:
             return bool(ecs.protection("task-1").enabled)
 
-        wait_until(lambda: w.status()["busy_from"]["last"] == "not serving", 3, w.output)
+        wait_until(lambda: w.status()["busy_from"]["last"] == "not serving", 30, w.output)
         time.sleep(1.0)  # ten polls of a probe that refuses
         status = w.status()
         assert status["busy"] is False and not protected(), status
         assert not [p for p in ecs.puts("task-1") if p.enabled], ecs.puts("task-1")
         assert status["busy_from"]["serving"] is False
-        # A job runs while the probe is still down: the worker's child counts.
-        w.tell("job 1.0")
+        # A job runs while the probe is still down: the worker's child counts (it runs until
+        # protection has been seen on, then ends).
+        w.tell("job 60")
         w.wait_event("job started")
-        wait_until(protected, 3, w.output)
-        w.wait_event("job done", 3)
-        wait_until(lambda: not protected(), 3, w.output)
+        wait_until(protected, 30, w.output)
+        w.tell("endjob")
+        w.wait_event("job done", 30)
+        wait_until(lambda: not protected(), 30, w.output)
         # The Go agent has registered: its /status.json decides from now on.
         with GoAgentStandIn(go_addr) as go:
             go.aggregate_status = "busy"

@@ -66,6 +66,7 @@ while :; do
   elif read -r -u 3 cmd arg; then
     case "$cmd" in
       job) sleep "$arg" & job=$!; say "job started" ;;
+      endjob) if [ -n "$job" ]; then kill "$job"; fi; say "job ended" ;;
       orphans) for _ in $(seq "$arg"); do (sleep 0.2 &); done; say "orphans left" ;;
       stubborn) (trap '' TERM; exec sleep "$arg") & setsid sleep "$arg" & say "stubborn child" ;;
       leave) (trap '' TERM; sleep "$arg" &) ; (sleep "$arg" &); say "left orphans" ;;
