@@ -178,6 +178,17 @@ def _job_label(job: dict[str, Any]) -> str:
     return state
 
 
+def _job_at(job: dict[str, Any]) -> float | None:
+    """When the job's current label became true, as the API stamped it (its ``finished_at``
+    or ``started_at``), so the timeline does not place it a poll late; None if unstamped."""
+    label = _job_label(job)
+    if label.startswith("running"):
+        return _epoch(job.get("started_at"))
+    if job.get("exit_status") is not None and job.get("state") not in ("running", "canceling"):
+        return _epoch(job.get("finished_at"))
+    return None
+
+
 def _agent_label(agent: dict[str, Any]) -> str:
     """``connected``, ``connected, paused, busy``, ``disconnected``, ``lost``..."""
     parts = [str(agent.get("connection_state", "?"))]
@@ -357,7 +368,7 @@ class _GameDay:
             build = read
             jobs = [j for j in build.get("jobs", []) if isinstance(j, dict)]
             for job in jobs:
-                self.watch.change("job", str(job.get("id")), _job_label(job))
+                self.watch.change("job", str(job.get("id")), _job_label(job), _job_at(job))
             for job in jobs:
                 if job.get("state") == "running" and job.get("agent"):
                     found = self._read(self.rest.get_agent, str(job["agent"]["id"]))
@@ -499,7 +510,7 @@ class _GameDay:
                 build = read
             for job in build.get("jobs", []):
                 if isinstance(job, dict):
-                    self.watch.change("job", str(job.get("id")), _job_label(job))
+                    self.watch.change("job", str(job.get("id")), _job_label(job), _job_at(job))
             task_stopped = self._observe_task(task_arn, short) or task_stopped
             agent = self._read(self.rest.get_agent, agent_id) or agent
             name = str(agent.get("name", agent_id))

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import boto3
@@ -36,8 +37,17 @@ CLUSTER = "ci"
 SERVICE = "ci-agents"
 TOKEN = "bk-api-Zq8secret-token-do-not-print"
 RETRY = (RetryRule(exit_status="-1", limit=2), RetryRule(signal_reason="agent_stop", limit=2))
-# About 3 s of work: long enough to be caught running and stopped under, short enough to finish.
-BUILD = 'for i in $(seq 1 30); do echo "step $i"; sleep 0.1; done'
+
+
+def gated_build(gate: Path) -> str:
+    """The game day's job: it runs until the test opens ``gate`` (once the stop or the drain
+    it is meant to run under has begun; at most 60 s), then 1 s of steps. So "the job finished
+    after the SIGTERM / after the drain started" is an order the test sets up, not a race of
+    a short job against a busy machine's polls."""
+    return (
+        f'for i in $(seq 1 600); do [ -e "{gate}" ] && break; sleep 0.1; done; '
+        'for i in $(seq 1 10); do echo "step $i"; sleep 0.1; done'
+    )
 
 
 @dataclass
@@ -53,6 +63,14 @@ class Fleet:
     ecs: object
     instance_id: str = ""
     ci_arn: str = ""
+
+    @property
+    def gate(self) -> Path:
+        """The file whose creation lets the game day's job finish (see ``gated_build``)."""
+        return self.workdir / "gate"
+
+    def open_gate(self) -> None:
+        self.gate.touch()
 
     def __post_init__(self) -> None:
         self.procs: dict[str, AgentProcess] = {}
@@ -116,6 +134,7 @@ class Fleet:
         # with the process's exit code, only once it has exited.
         proc = self.procs[task_arn]
         proc.send(signal.SIGTERM)
+        self.open_gate()  # the job under the stop may finish now, and only now
 
         def reap() -> None:
             code = proc.wait(timeout=60)
@@ -147,7 +166,9 @@ def fleet(aws_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
         lost_agent_timeout=5.0,
         chunks_interval_seconds=0.5,
     )
-    coord.pipelines.add("game-day", [PipelineStep(BUILD, key="build", retry=RETRY)])
+    coord.pipelines.add(
+        "game-day", [PipelineStep(gated_build(tmp_path / "gate"), key="build", retry=RETRY)]
+    )
     standin = EcsAgentStandIn(cluster=CLUSTER)
     try:
         with AwsGaps() as gaps, CoordinatorServer(coord) as server, standin.serve():
@@ -489,6 +510,9 @@ class LambdaPump:
                             out = self.handlers[rule.function](event, _Ctx())
                             if out.get("status") == "rejected":
                                 raise AssertionError(f"{rule.function} rejected {event}: {out}")
+                            if rule.function == "LifecycleHookFunction":
+                                # The drain has started: the job under it may finish now.
+                                self.fleet.open_gate()
                 now = time.time()
                 due = [body for at, body in self.ticks if at <= now]
                 self.ticks = [(at, body) for at, body in self.ticks if at > now]
@@ -591,3 +615,15 @@ def test_kill_instance_drains_through_the_controller_and_shows_the_drain_table(
     assert "force at (" + fleet.instance_id in html and TOKEN not in html
     if os.environ.get("FLEETDRAIN_KEEP_HTML"):  # to look at it: FLEETDRAIN_KEEP_HTML=FILE
         Path(os.environ["FLEETDRAIN_KEEP_HTML"]).write_text(html)
+
+
+def test_a_job_is_placed_on_the_timeline_when_the_api_stamped_it_not_when_polled() -> None:
+    from fleetdrain.ops.game_day import _job_at
+
+    running = {"state": "running", "agent": {"name": "a"}, "started_at": "2026-12-03T00:00:01.250Z"}
+    done = {"state": "passed", "exit_status": 0, "finished_at": "2026-12-03T00:00:04.500Z"}
+    assert _job_at(running) == datetime(2026, 12, 3, 0, 0, 1, 250000, UTC).timestamp()
+    assert _job_at(done) == datetime(2026, 12, 3, 0, 0, 4, 500000, UTC).timestamp()
+    # Unstamped (or not yet in a stamped state): the poll's own time is used.
+    assert _job_at({"state": "scheduled"}) is None
+    assert _job_at({"state": "passed", "exit_status": 0}) is None
