@@ -7,7 +7,8 @@
 
 Each run starts the busy loops as ``bench/drill_load.py`` does (in this script's session), then
 ``python -m pytest -q`` in the checkout, then stops the loops. Printed per run: passed / failed
-(pytest's exit status), its summary line, the failed tests, and the wall time. The exit status
+(pytest's exit status), its summary line, the failed tests, and the wall time; a failed
+run's whole pytest output is kept in ``build/suite_load-run-N.log``. The exit status
 is 0 whatever the figures; ``--strict``: 1 unless every run passed.
 """
 
@@ -47,6 +48,12 @@ def run_once(i: int, runs: int, burners: int, extra: list[str]) -> bool:
     print(f"run {i}/{runs}: {verdict}, {wall:.0f} s wall: {summary}", flush=True)
     for name in failed:
         print(f"   {name}", flush=True)
+    if out.returncode != 0:
+        # A failure under load is rarely reproduced alone: keep what pytest said about it.
+        kept = ROOT / "build" / f"suite_load-run-{i}.log"
+        kept.parent.mkdir(exist_ok=True)
+        kept.write_text(out.stdout + out.stderr)
+        print(f"   pytest's output: {kept}", flush=True)
     return out.returncode == 0
 
 
