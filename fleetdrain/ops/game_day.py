@@ -165,28 +165,22 @@ def _epoch(value: object) -> float | None:
     return None
 
 
-def _job_label(job: dict[str, Any]) -> str:
+def _job_state(job: dict[str, Any]) -> tuple[str, float | None]:
+    """The job's label for the timeline and when it became true as the API stamped it (its
+    ``started_at`` while running, its ``finished_at`` once it has an exit status), so the
+    timeline does not place it a poll late; None where the API stamped nothing."""
     state = str(job.get("state", "?"))
     agent = job.get("agent") or {}
     if state == "running" and agent:
-        return f"running on {agent.get('name', agent.get('id', '?'))}"
+        return f"running on {agent.get('name', agent.get('id', '?'))}", _epoch(
+            job.get("started_at")
+        )
     if job.get("exit_status") is not None and state not in ("running", "canceling"):
         label = f"{state} exit {job['exit_status']}"
         if job.get("signal_reason"):
             label += f" ({job['signal_reason']})"
-        return label
-    return state
-
-
-def _job_at(job: dict[str, Any]) -> float | None:
-    """When the job's current label became true, as the API stamped it (its ``finished_at``
-    or ``started_at``), so the timeline does not place it a poll late; None if unstamped."""
-    label = _job_label(job)
-    if label.startswith("running"):
-        return _epoch(job.get("started_at"))
-    if job.get("exit_status") is not None and job.get("state") not in ("running", "canceling"):
-        return _epoch(job.get("finished_at"))
-    return None
+        return label, _epoch(job.get("finished_at"))
+    return state, None
 
 
 def _agent_label(agent: dict[str, Any]) -> str:
@@ -359,6 +353,11 @@ class _GameDay:
         final = self._until_done(number, task_arn, str(agent["id"]), instance_id, stop_timeout)
         return self._scenario(number, final, job, task_arn, instance_id)
 
+    def _watch_jobs(self, jobs: list[dict[str, Any]]) -> None:
+        for job in jobs:
+            label, at = _job_state(job)
+            self.watch.change("job", str(job.get("id")), label, at)
+
     def _running_job(self, number: int) -> tuple[dict[str, Any], dict[str, Any]]:
         while True:
             read = self._read(self.rest.get_build, self.c.pipeline, number)
@@ -367,8 +366,7 @@ class _GameDay:
                 continue
             build = read
             jobs = [j for j in build.get("jobs", []) if isinstance(j, dict)]
-            for job in jobs:
-                self.watch.change("job", str(job.get("id")), _job_label(job), _job_at(job))
+            self._watch_jobs(jobs)
             for job in jobs:
                 if job.get("state") == "running" and job.get("agent"):
                     found = self._read(self.rest.get_agent, str(job["agent"]["id"]))
@@ -508,9 +506,7 @@ class _GameDay:
             read = self._read(self.rest.get_build, self.c.pipeline, number)
             if read is not None:
                 build = read
-            for job in build.get("jobs", []):
-                if isinstance(job, dict):
-                    self.watch.change("job", str(job.get("id")), _job_label(job), _job_at(job))
+            self._watch_jobs([j for j in build.get("jobs", []) if isinstance(j, dict)])
             task_stopped = self._observe_task(task_arn, short) or task_stopped
             agent = self._read(self.rest.get_agent, agent_id) or agent
             name = str(agent.get("name", agent_id))

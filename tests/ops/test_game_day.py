@@ -166,13 +166,13 @@ def fleet(aws_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
         lost_agent_timeout=5.0,
         chunks_interval_seconds=0.5,
     )
-    coord.pipelines.add(
-        "game-day", [PipelineStep(gated_build(tmp_path / "gate"), key="build", retry=RETRY)]
-    )
     standin = EcsAgentStandIn(cluster=CLUSTER)
     try:
         with AwsGaps() as gaps, CoordinatorServer(coord) as server, standin.serve():
             f = Fleet(endpoint, gaps, coord, server, standin, tmp_path, None)
+            coord.pipelines.add(
+                "game-day", [PipelineStep(gated_build(f.gate), key="build", retry=RETRY)]
+            )
             f.build_cluster()
             try:
                 yield f
@@ -618,12 +618,18 @@ def test_kill_instance_drains_through_the_controller_and_shows_the_drain_table(
 
 
 def test_a_job_is_placed_on_the_timeline_when_the_api_stamped_it_not_when_polled() -> None:
-    from fleetdrain.ops.game_day import _job_at
+    from fleetdrain.ops.game_day import _job_state
 
     running = {"state": "running", "agent": {"name": "a"}, "started_at": "2026-12-03T00:00:01.250Z"}
     done = {"state": "passed", "exit_status": 0, "finished_at": "2026-12-03T00:00:04.500Z"}
-    assert _job_at(running) == datetime(2026, 12, 3, 0, 0, 1, 250000, UTC).timestamp()
-    assert _job_at(done) == datetime(2026, 12, 3, 0, 0, 4, 500000, UTC).timestamp()
+    assert _job_state(running) == (
+        "running on a",
+        datetime(2026, 12, 3, 0, 0, 1, 250000, UTC).timestamp(),
+    )
+    assert _job_state(done) == (
+        "passed exit 0",
+        datetime(2026, 12, 3, 0, 0, 4, 500000, UTC).timestamp(),
+    )
     # Unstamped (or not yet in a stamped state): the poll's own time is used.
-    assert _job_at({"state": "scheduled"}) is None
-    assert _job_at({"state": "passed", "exit_status": 0}) is None
+    assert _job_state({"state": "scheduled"}) == ("scheduled", None)
+    assert _job_state({"state": "passed", "exit_status": 0}) == ("passed exit 0", None)
