@@ -126,6 +126,21 @@ class MemoryStore:
             self.links[link] = record.instance_id
         return saved
 
+    def claim(
+        self, instance_id: str, lease_id: str, lease_until: float, now: float
+    ) -> tuple[DrainRecord | None, bool]:
+        current = self.records.get(instance_id)
+        if current is None or current.phase == "done" or current.leased(now):
+            return copy.deepcopy(current), False
+        saved = dataclasses.replace(
+            copy.deepcopy(current),
+            version=current.version + 1,
+            lease_id=lease_id,
+            lease_until=lease_until,
+        )
+        self.records[instance_id] = copy.deepcopy(saved)
+        return saved, True
+
     def instance_for(self, container_instance_arn: str) -> str | None:
         return self.links.get(container_instance_arn)
 
@@ -635,6 +650,9 @@ class _Ecs:
             for t in self.w.tasks.values()
             if t.instance == inst.id and t.status != "STOPPED"
         ]
+
+    def saw_stopped(self, container_instance_arn: str, task_arn: str) -> None:
+        """Nothing to keep: this world's reads are exact and free."""
 
     def set_draining(self, arn: str) -> None:
         inst = self._instance(arn)

@@ -819,6 +819,24 @@ def test_wrapped_worker_is_busy_while_its_task_protection_is_on(world: World) ->
     assert world.gaps.actions[a].result == "CONTINUE"
 
 
+def test_the_step_a_task_stopped_event_wakes_does_not_describe_that_task(world: World) -> None:
+    """Issue 12: STOPPED is final, and the event says so; the step that ends an idle drain reads
+    the two listings and describes nothing the event named."""
+    (a,) = world.build(instances=1)
+    world.controller()
+    agent = world.add_agent(a)
+    described: list[str] = []
+    world.ecs_client.meta.events.register(
+        "before-parameter-build.ecs.DescribeTasks",
+        lambda params, **_: described.extend(params.get("tasks", [])),
+    )
+    world.emit(world.gaps.begin_termination(a))
+    world.run_until(lambda: not world.gaps.actions[a].waiting, limit=60)
+    assert world.record(a).outcome == "drained"
+    assert world.task_status(agent.task_arn) == "STOPPED"
+    assert described.count(agent.task_arn) == 1, "the first step's look only"
+
+
 def test_sigkilled_agent_is_counted(world: World) -> None:
     (a,) = world.build(instances=1)
     world.controller(spot_margin=0)
@@ -1130,7 +1148,8 @@ def test_two_steps_racing_on_one_drain_record_act_once(world: World) -> None:
         t.join(timeout=30)
     assert not errors, errors
     assert len(results) == 2
-    # Both may look at once (a step claims the record only to act); only one acts.
+    # Both claim at once (in the write that reads the record): one takes it and acts, the
+    # other finds it held, waits, and finds it done.
     assert world.gaps.calls["CompleteLifecycleAction"] == 1, "the hook was completed once"
     assert world.gaps.actions[a].result == "CONTINUE"
     rec = world.record(a)

@@ -1,11 +1,12 @@
 """The drain record costs fewer calls (issue 12's idle drains): a first event is written without
-a read, the link to the container instance goes with the first step's save, and a tick of a
-drain that ended needs no read.
+a read, the link to the container instance goes with the first step's save, a tick of a
+drain that ended needs no read, and a task-STOPPED event claims the record in the write that
+reads it (``UpdateItem`` answering with the record, claimed or not).
 
 The tests also show the cases where the shortcut would be wrong and is not taken: a record that
 is there after all, a notice that an empty record would ignore. (The step that ends a drain
-still claims the record before it completes the action: two steps racing at the end must not
-both complete it; ``test_drains``' racing test pins that.)
+still claims the record before it completes the action, now in that one write: two steps
+racing at the end must not both complete it; ``test_drains``' racing test pins that.)
 
 The world is ``test_drains``' (moto, the gap fillers, the embedded coordinator, the real
 handlers); the controller's store is wrapped to count its reads and writes.
@@ -13,6 +14,7 @@ handlers); the controller's store is wrapped to count its reads and writes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -64,6 +66,12 @@ class CountingStore:
         self.calls["create"] += 1
         return self._store.create(record)  # type: ignore[no-any-return]
 
+    def claim(
+        self, instance_id: str, lease_id: str, lease_until: float, now: float
+    ) -> tuple[DrainRecord | None, bool]:
+        self.calls["claim"] += 1
+        return self._store.claim(instance_id, lease_id, lease_until, now)  # type: ignore[no-any-return]
+
     def save(self, record: DrainRecord, link: str | None = None) -> DrainRecord:
         self.calls["save"] += 1
         if link is not None:
@@ -95,16 +103,16 @@ def test_an_idle_drain_is_written_without_a_read_and_linked_in_its_save(world: W
     rec = world.record(a)
     assert rec.phase == "hard" and rec.lease_id is None
     store.calls.clear()
-    handled = len(world.results)
     world.run_until(lambda: store.peek(a).phase == "done", limit=60)
     rec = store.peek(a)
     assert (rec.outcome, world.gaps.actions[a].result) == ("drained", "CONTINUE")
-    # The step that ended it: claimed (it completes the action) and saved; the events
-    # delivered meanwhile that found nothing to do read the record once each.
-    assert store.calls["save"] == 2, store.calls
-    assert store.saved[-2].lease_id is not None, "claimed before completing"
-    assert 1 <= store.calls["get"] <= len(world.results) - handled, store.calls
-    assert store.saved[-1].lease_id is None
+    # Each agent's STOPPED event claimed the record in the write that read it: the one that
+    # ended the drain claimed before it completed the action, then saved once; one that came
+    # after the end was given the record as it is (done) by its claim. No read of its own.
+    # (test_drains' racing test pins that the claim comes before the completion.)
+    assert store.calls["claim"] == 2 and store.calls["get"] == 0, store.calls
+    assert 1 <= store.calls["save"] <= 2, store.calls
+    assert store.saved[-1].lease_id is None and store.peek(a).lease_id is None, "released"
     assert world.gaps.calls["CompleteLifecycleAction"] == 1
     assert world.metrics.counts[core.DRAINS_COMPLETED] == 1
     # The drain's last tick comes later: this controller saw the drain end, so no read.
@@ -198,6 +206,51 @@ def test_a_save_with_a_link_is_one_write_or_none(aws_env: None) -> None:
         item = ddb.get_item(TableName="drains", Key={"pk": {"S": "drain#i-1"}})["Item"]
         assert json.loads(item["doc"]["S"])["drain_id"] == "d-1"
         assert item["version"]["N"] == "3"
+
+
+def test_a_claim_is_one_write_that_reads_the_record_whether_it_takes_or_not(
+    aws_env: None,
+) -> None:
+    from moto import mock_aws
+
+    with mock_aws():
+        ddb = boto3.client("dynamodb", region_name="us-east-1")
+        ddb.create_table(
+            TableName="drains",
+            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        store = DynamoDrainStore(ddb, "drains", lambda: 1000.0, 60)
+        assert store.claim("i-1", "L1", 1030.0, 1000.0) == (None, False), "no record"
+        rec = store.create(
+            DrainRecord(instance_id="i-1", drain_id="d-1", cluster="ci", started_at=1.0)
+        )
+        claimed, took = store.claim("i-1", "L1", 1030.0, 1000.0)
+        assert took and claimed is not None
+        assert (claimed.version, claimed.lease_id, claimed.lease_until) == (2, "L1", 1030.0)
+        assert claimed.drain_id == "d-1"
+        # Held: a second claim takes nothing, and is given the record as it is.
+        held, took = store.claim("i-1", "L2", 1040.0, 1010.0)
+        assert not took and held is not None and (held.lease_id, held.version) == ("L1", 2)
+        with pytest.raises(Conflict):
+            store.save(rec)  # a writer that read before the claim loses to it
+        # A lease that ran out is taken over.
+        later, took = store.claim("i-1", "L3", 1070.0, 1031.0)
+        assert took and later is not None and (later.version, later.lease_id) == (3, "L3")
+        # The save that releases it drops the lease from the item; one that leases keeps it.
+        released = store.save(dataclasses.replace(later, lease_id=None, lease_until=None))
+        item = ddb.get_item(TableName="drains", Key={"pk": {"S": "drain#i-1"}})["Item"]
+        assert "lease_id" not in item and "lease_until" not in item
+        leased = store.save(dataclasses.replace(released, lease_id="L9", lease_until=2000.0))
+        seen, took = store.claim("i-1", "L4", 1600.0, 1500.0)
+        assert not took and seen is not None and seen.lease_id == "L9"
+        ended = store.save(
+            dataclasses.replace(leased, phase="done", lease_id=None, lease_until=None)
+        )
+        final, took = store.claim("i-1", "L5", 3030.0, 3000.0)
+        assert not took and final is not None
+        assert (final.phase, final.version) == ("done", ended.version), "a done drain stays"
 
 
 def test_a_throttled_transaction_is_retryable() -> None:

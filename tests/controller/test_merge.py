@@ -824,6 +824,9 @@ class EmptyCluster:
     def tasks_on(self, container_instance_arn: str) -> list[TaskInfo]:
         return []
 
+    def saw_stopped(self, container_instance_arn: str, task_arn: str) -> None:
+        raise AssertionError("no task event in these tests")
+
     def set_draining(self, arn: str) -> None:
         self.draining.append(arn)
 

@@ -384,6 +384,25 @@ SEQUENCES = [
         ],
     ),
     Sequence(
+        "a stop, back from the warm pool, then a shutdown within 15 minutes: it drains again",
+        [
+            # Found by test_properties: the shutdown was taken as the stop's drain settling
+            # (DRAINING, nothing placed since), but the warm pool had put the instance back.
+            ("idle", "a", "x"),
+            ("stop", "a", "stopping"),
+            ("advance", 30),
+            ("record", "a", {"phase": "done", "reasons": ["stopping"]}),
+            ("reuse", "a"),
+            ("advance", 60),
+            ("busy", "a", 600, "j"),
+            ("stop", "a", "shutting-down"),
+            ("result", "started"),
+            ("record", "a", {"episode": 2, "phase": "hard"}),
+            ("advance", 60),
+            ("jobs", {"j": "reported"}),
+        ],
+    ),
+    Sequence(
         "reordered: a lifecycle event delivered after its drain was already running for spot",
         [
             ("busy", "a", 30, "j"),

@@ -165,11 +165,14 @@ class Calls:
         self.by_op: Counter[str] = Counter()
         self.described: list[str] = []
         client.meta.events.register("before-call", self._on_call)
+        # The call's own parameters (before-call has the serialized request, not them).
+        client.meta.events.register("before-parameter-build.ecs.DescribeTasks", self._on_describe)
 
-    def _on_call(self, model: Any, params: dict[str, Any], **_: Any) -> None:
+    def _on_call(self, model: Any, **_: Any) -> None:
         self.by_op[model.name] += 1
-        if model.name == "DescribeTasks":
-            self.described.extend(params.get("tasks", []))
+
+    def _on_describe(self, params: dict[str, Any], **_: Any) -> None:
+        self.described.extend(params.get("tasks", []))
 
     def take(self) -> dict[str, int]:
         out = dict(self.by_op)
@@ -276,6 +279,54 @@ def test_an_answer_with_nothing_left_but_daemons_is_always_exact(
     clock.advance(20)
     assert [t for t in fleet.tasks_on(ci) if not t.daemon] == []
     assert calls.take()["ListTasks"] == 2, "RUNNING, then STOPPED to be sure"
+
+
+def test_a_task_an_event_said_is_stopped_is_not_described_again(
+    ecs_world: tuple[Any, AwsGaps, Clock, str],
+) -> None:
+    """The step a task-STOPPED event wakes (the one that ends an idle drain) takes the event's
+    word: STOPPED is final, so only the listings are read, in a warm container and a new one
+    (nor is a daemon's task described twice)."""
+    ecs, gaps, clock, ci = ecs_world
+    daemon = start(ecs, ci, "log-router", "service:log-router")
+    agent = start(ecs, ci, "agent", "service:agents")
+    other = start(ecs, ci, "agent", "service:agents")
+    controller = boto3.client("ecs", region_name=REGION)
+    warm = EcsFleet(controller, "ci", clock)
+    calls = Calls(controller)
+    warm.tasks_on(ci)
+    calls.take()
+    calls.described.clear()
+    gaps.task_exited(agent, 0)
+    gaps.task_exited(other, 0)
+    clock.advance(20)
+    warm.saw_stopped(ci, agent)
+    # ``other`` stopped too, with no event yet: it is read, and the answer is still exact.
+    # The daemon's task, still listed RUNNING, is taken as last described.
+    assert [t for t in warm.tasks_on(ci) if not t.daemon] == []
+    assert calls.take() == {"ListTasks": 2, "DescribeTasks": 1}
+    assert calls.described == [other]
+    warm.saw_stopped(ci, other)
+    calls.described.clear()
+    clock.advance(20)
+    tasks = warm.tasks_on(ci)
+    assert [t.arn for t in tasks] == [daemon] and tasks[0].daemon
+    assert calls.take() == {"ListTasks": 2}, "nothing to describe"
+
+    cold_client = boto3.client("ecs", region_name=REGION)
+    cold = EcsFleet(cold_client, "ci", clock)
+    cold_calls = Calls(cold_client)
+    cold.saw_stopped(ci, agent)
+    cold.saw_stopped(ci, other)
+    assert [t for t in cold.tasks_on(ci) if not t.daemon] == []
+    # RUNNING names the daemon (described, its service asked once), STOPPED names the two
+    # agents: nothing more to describe.
+    assert cold_calls.take() == {"ListTasks": 2, "DescribeTasks": 1, "DescribeServices": 1}
+    assert agent not in cold_calls.described and other not in cold_calls.described
+    # Only the event's word counts, never a guess: a task the event did not name is described.
+    third = start(ecs, ci, "agent", "service:agents")
+    cold.saw_stopped(ci, "arn:aws:ecs:us-east-1:123456789012:task/ci/not-here")
+    assert [t.arn for t in cold.tasks_on(ci) if not t.daemon] == [third]
 
 
 # ============================================================================ AWS throttling

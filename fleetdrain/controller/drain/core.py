@@ -97,6 +97,13 @@ log = logging.getLogger("fleetdrain.drain")
 #: just ended, and its record is there).
 _STARTS = (LifecycleSignal, SpotSignal, RebalanceSignal, MaintenanceSignal)
 
+
+class _Unread:
+    """The record has not been read yet (``None`` means there is none)."""
+
+
+_UNREAD = _Unread()
+
 MAX_RACES = 5
 #: A step that failed on throttling is retried by a tick this many seconds later.
 RETRY_TICK = 30
@@ -212,6 +219,8 @@ class DrainController:
             instance_id = self.store.instance_for(signal.container_instance_arn)
             if instance_id is None:
                 return Result("ignored", detail="no drain on that container instance")
+            # STOPPED is final: the step this event wakes need not describe the task again.
+            self.fleet.saw_stopped(signal.container_instance_arn, signal.task_arn)
         elif isinstance(signal, InstanceDrainingSignal):
             found = signal.instance_id or self.store.instance_for(signal.container_instance_arn)
             if found is None:
@@ -232,10 +241,20 @@ class DrainController:
         # event this is: write its drain without reading first (a record that is there after
         # all makes that write a Conflict, and then it is read as usual).
         guess_new = isinstance(signal, _STARTS) and instance_id not in self._seen
+        # A task that stopped is the news that most often ends a drain: its step acts, so it
+        # claims the record in the write that reads it (once: a claim that finds the record
+        # held, done or missing reads it as any event does).
+        claim_first = isinstance(signal, TaskStoppedSignal)
         races = polls = 0
         waited = 0.0
         while True:
             try:
+                if claim_first:
+                    claim_first = False
+                    claimed, read = self._claim_first(instance_id, signal)
+                    if claimed is not None:
+                        return claimed
+                    return self._handle_once(instance_id, signal, current=read)
                 return self._handle_once(instance_id, signal, guess_new)
             except Conflict:
                 if guess_new:
@@ -268,9 +287,19 @@ class DrainController:
             return f"lifecycle action of hook {s.hook_name!r}, not ours ({want_hook!r})"
         return ""
 
-    def _handle_once(self, instance_id: str, signal: Signal, guess_new: bool = False) -> Result:
+    def _handle_once(
+        self,
+        instance_id: str,
+        signal: Signal,
+        guess_new: bool = False,
+        *,
+        current: DrainRecord | _Unread | None = _UNREAD,
+    ) -> Result:
+        """One merge and step of ``signal``; ``current``: the record as a failed claim read it
+        (else it is read here, unless ``guess_new``)."""
         now = self.clock()
-        current = None if guess_new else self.store.get(instance_id)
+        if isinstance(current, _Unread):
+            current = None if guess_new else self.store.get(instance_id)
         if current is not None:
             self._remember(current)
         merged = self._merge(current, signal, now)
@@ -313,6 +342,31 @@ class DrainController:
             record = self._step(record, claimed=not look_first, tick=isinstance(signal, TickSignal))
             self._remember(record)
         return Result(merged.action, instance_id, record.drain_id, record.phase, merged.detail)
+
+    def _claim_first(
+        self, instance_id: str, signal: Signal
+    ) -> tuple[Result | None, DrainRecord | None]:
+        """Claim the drain and step it, claimed, without reading it first: ``(result, _)``.
+        When the claim did not take (no record, done, or held): ``(None, record as read)``, to
+        be handled as any event is."""
+        now = self.clock()
+        lease_id = uuid.uuid4().hex[:12]
+        claimed, took = self.store.claim(instance_id, lease_id, now + self.settings.step_lease, now)
+        if claimed is None or not took:
+            return None, claimed
+        self._remember(claimed)
+        merged = self._merge(claimed, signal, now)
+        record = merged.record
+        if record is None or not merged.step or record.phase == "done":
+            # Nothing to step (a duplicate event, a tick pending): give the record back, with
+            # what the merge changed.
+            self._release(record or claimed, self._log(claimed))
+            record = claimed
+        else:
+            record = self._step(record, claimed=True)
+            self._remember(record)
+        result = Result(merged.action, instance_id, record.drain_id, record.phase, merged.detail)
+        return result, None
 
     def _remember(self, record: DrainRecord) -> None:
         """Note that ``record`` exists (and, when it is done, that its drain ended)."""

@@ -8,7 +8,7 @@ what the retries gave up on and is worth another try comes out as :class:`Retrya
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -52,6 +52,9 @@ class _Seen:
     stopped: set[str]
     #: When both listings were last read.
     full_at: float
+    #: Tasks of DAEMON services, as last described (no drain waits for one, whatever its
+    #: state: one still listed RUNNING is not described again).
+    daemon_tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class EcsFleet:
@@ -66,6 +69,8 @@ class EcsFleet:
         self._seen: dict[str, _Seen] = {}
         #: How long a look that read both listings stands in for ``ListTasks(STOPPED)``.
         self.full_listing_every = FULL_LISTING_EVERY
+        #: Tasks an ECS event said are STOPPED, by container instance, not looked at since.
+        self._told_stopped: dict[str, set[str]] = {}
 
     def _call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
         try:
@@ -144,6 +149,14 @@ class EcsFleet:
 
     # ------------------------------------------------------------------ tasks
 
+    def saw_stopped(self, container_instance_arn: str, task_arn: str) -> None:
+        """An ``ECS Task State Change`` said ``task_arn`` is ``STOPPED`` (its ``lastStatus``:
+        final). The next :meth:`tasks_on` of the instance takes it as read, so the step that
+        event wakes describes no task for it, in a new container too."""
+        told = self._told_stopped.setdefault(container_instance_arn, set())
+        if len(told) < 1000:  # a bound: a container lives for many drains
+            told.add(task_arn)
+
     def tasks_on(self, container_instance_arn: str) -> list[TaskInfo]:
         """Tasks on the container instance that have not stopped yet (stopping ones too).
 
@@ -158,7 +171,9 @@ class EcsFleet:
         would end on it: that answer is always exact). A first look (a new drain, a new Lambda
         container) reads RUNNING only: a task that is stopping already is one the drain need
         not pause or wait for, until it would end, and then the exact answer is read. Tasks seen
-        STOPPED are never described again (STOPPED is final).
+        STOPPED are never described again (STOPPED is final), nor are those an event said are
+        STOPPED (:meth:`saw_stopped`), nor a DAEMON service's task still listed RUNNING (its
+        last description stands: nothing waits for a daemon's task).
         """
         ci = container_instance_arn
         now = self._clock()
@@ -167,10 +182,17 @@ class EcsFleet:
         # answer would end the drain, and then the STOPPED listing is always read (below).
         full = seen is not None and now - seen.full_at >= self.full_listing_every
         known_stopped = set(seen.stopped) if seen else set()
-        wanted = _unique(self._list_tasks(ci, "RUNNING"), seen.live if seen else ())
+        known_stopped |= self._told_stopped.pop(ci, set())
+        running = self._list_tasks(ci, "RUNNING")
+        wanted = _unique(running, seen.live if seen else ())
         if full:
             wanted = _unique(wanted, self._list_tasks(ci, "STOPPED"))
-        described = self._describe(ci, [a for a in wanted if a not in known_stopped])
+        known_daemons = seen.daemon_tasks if seen else {}
+        again = [known_daemons[a] for a in running if a in known_daemons]
+        reused = {t["taskArn"] for t in again}
+        described = again + self._describe(
+            ci, [a for a in wanted if a not in known_stopped and a not in reused]
+        )
         live = [t for t in described if t.get("lastStatus") != "STOPPED"]
         daemons = self._daemons_of(live)
         if not full and all(_service(t) in daemons for t in live):
@@ -193,6 +215,7 @@ class EcsFleet:
                 live={t["taskArn"] for t in live},
                 stopped=known_stopped,
                 full_at=now if full else (seen.full_at if seen else now),
+                daemon_tasks={t["taskArn"]: t for t in live if _service(t) in daemons},
             ),
         )
         return [

@@ -50,6 +50,9 @@ class LookedFleet:
             self._protected[key] = self.behind.protected(task_arns)
         return set(self._protected[key])
 
+    def saw_stopped(self, container_instance_arn: str, task_arn: str) -> None:
+        self.behind.saw_stopped(container_instance_arn, task_arn)
+
     def set_draining(self, arn: str) -> None:
         self.behind.set_draining(arn)
 

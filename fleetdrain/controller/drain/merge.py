@@ -206,9 +206,12 @@ def _started(rec: DrainRecord | None, fresh: DrainRecord, **kw: Any) -> Merge:
 
 
 def settled(rec: DrainRecord, now: float) -> bool:
-    """Whether ``rec`` ended with the instance DRAINING within :data:`SETTLE_SECONDS`."""
+    """Whether ``rec`` ended with the instance DRAINING within :data:`SETTLE_SECONDS`, for a
+    reason that does not bring it back (a drain for a stop does not settle it: a warm pool
+    starts the instance again, ACTIVE, and it takes tasks that a shutdown must drain)."""
     return (
         rec.phase == "done"
+        and "stopping" not in rec.reasons
         and rec.draining_at is not None
         and rec.completed_at is not None
         and now - rec.completed_at <= SETTLE_SECONDS

@@ -204,6 +204,15 @@ class DrainStorePort(Protocol):
         instance: task events name only the container instance."""
         ...
 
+    def claim(
+        self, instance_id: str, lease_id: str, lease_until: float, now: float
+    ) -> tuple[DrainRecord | None, bool]:
+        """Claim the record in one conditional write that reads it too: ``(record, True)``,
+        the record holding the lease ``lease_id`` until ``lease_until`` (version one higher);
+        ``(record, False)`` when it is done or a step holds it at ``now`` (nothing written:
+        the record as it is); ``(None, False)`` when there is none."""
+        ...
+
     def instance_for(self, container_instance_arn: str) -> str | None:
         """The instance a save's ``link`` put down for ``container_instance_arn``, or None."""
         ...
@@ -250,6 +259,10 @@ class EcsPort(Protocol):
 
     def tasks_on(self, container_instance_arn: str) -> list[TaskInfo]:
         """Tasks on the container instance that have not stopped yet (stopping ones too)."""
+        ...
+
+    def saw_stopped(self, container_instance_arn: str, task_arn: str) -> None:
+        """An ECS event said ``task_arn`` is STOPPED (final): a later read may take it as read."""
         ...
 
     def set_draining(self, arn: str) -> None: ...

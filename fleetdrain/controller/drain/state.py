@@ -5,7 +5,10 @@ Items (one table, string key ``pk``):
 
 - ``drain#<instance-id>``: the record. ``doc`` holds it as JSON; ``version`` is the optimistic
   lock (every write is conditional on the version read); ``phase`` is there for listing; ``ttl``
-  (epoch seconds) lets DynamoDB expire it a while after its last change.
+  (epoch seconds) lets DynamoDB expire it a while after its last change; ``lease_id`` and
+  ``lease_until``, while a step holds the record, mirror the doc's, so that
+  :meth:`DynamoDrainStore.claim` can claim in one ``UpdateItem`` (they win over the doc's: a
+  claim writes them alone).
 - ``ci#<container-instance-arn>``: points at the instance, so that an ECS task event (which
   names the container instance, not the EC2 instance) finds its drain with one strongly
   consistent read. Written in the same transaction as the save of the drain's first step.
@@ -58,6 +61,9 @@ def record_from_item(item: dict[str, Any]) -> DrainRecord:
     """The record of a ``drain#`` item, at the item's version."""
     record = record_from_doc(item["doc"]["S"])
     record.version = int(item["version"]["N"])
+    if "lease_id" in item:
+        record.lease_id = str(item["lease_id"]["S"])
+        record.lease_until = float(item["lease_until"]["N"])
     return record
 
 
@@ -97,7 +103,7 @@ class DynamoDrainStore:
 
     def _item(self, record: DrainRecord, version: int) -> dict[str, Any]:
         doc = dataclasses.replace(record, version=version)
-        return {
+        item = {
             "pk": {"S": f"drain#{record.instance_id}"},
             "version": {"N": str(version)},
             "phase": {"S": record.phase},
@@ -105,6 +111,43 @@ class DynamoDrainStore:
             "ttl": {"N": str(int(self._clock() + self._ttl))},
             "doc": {"S": record_to_doc(doc)},
         }
+        if record.lease_id is not None:
+            item["lease_id"] = {"S": record.lease_id}
+            item["lease_until"] = {"N": repr(record.lease_until or 0.0)}
+        return item
+
+    def claim(
+        self, instance_id: str, lease_id: str, lease_until: float, now: float
+    ) -> tuple[DrainRecord | None, bool]:
+        """Claim the record in one ``UpdateItem``; its answer is the read, whether the claim
+        took or not (``ReturnValuesOnConditionCheckFailure``)."""
+        try:
+            out = self._ddb.update_item(
+                TableName=self._table,
+                Key={"pk": {"S": f"drain#{instance_id}"}},
+                UpdateExpression="SET #v = #v + :one, lease_id = :id, lease_until = :until",
+                ConditionExpression=(
+                    "attribute_exists(pk) AND #p <> :done"
+                    " AND (attribute_not_exists(lease_until) OR lease_until <= :now)"
+                ),
+                ExpressionAttributeNames={"#v": "version", "#p": "phase"},
+                ExpressionAttributeValues={
+                    ":one": {"N": "1"},
+                    ":id": {"S": lease_id},
+                    ":until": {"N": repr(lease_until)},
+                    ":done": {"S": "done"},
+                    ":now": {"N": repr(now)},
+                },
+                ReturnValues="ALL_NEW",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except ClientError as exc:
+            if error_code(exc) != "ConditionalCheckFailedException":
+                reraise_retryable(exc, "DynamoDB UpdateItem")
+                raise
+            item = exc.response.get("Item")
+            return (record_from_item(item) if item else None), False
+        return record_from_item(out["Attributes"]), True
 
     def create(self, record: DrainRecord) -> DrainRecord:
         self._call(

@@ -32,6 +32,10 @@ controller's calls, but not:
   times; :attr:`AwsGaps.throttled` counts the refusals.
 - **Tasks that change state on their own**: ``ecs::task`` is set to manual progression, so a
   task stays RUNNING until something stops it.
+- **Atomic conditional writes**: DynamoDB checks a write's condition and writes in one step;
+  moto reads, checks and writes in several, so two threads can both pass one condition (two
+  steps both claiming one drain record). ``PutItem``, ``UpdateItem``, ``DeleteItem`` and
+  ``TransactWriteItems`` are served one at a time here.
 - **Events**: the Auto Scaling lifecycle action, spot interruption, rebalance recommendation,
   EC2 instance state change, AWS Health scheduled change and ECS task state change events are
   built with the field names AWS sends (see ``tests/events/``) and appended to
@@ -64,6 +68,7 @@ from moto.autoscaling.models import (
 from moto.autoscaling.responses import AutoScalingResponse
 from moto.core.exceptions import ServiceException
 from moto.core.responses import ActionResult, EmptyResult
+from moto.dynamodb.responses import DynamoHandler
 from moto.ecs.exceptions import InvalidParameterException
 from moto.ecs.models import EC2ContainerServiceBackend, ecs_backends
 from moto.ecs.responses import EC2ContainerServiceResponse
@@ -835,7 +840,23 @@ def _throttling(original: Callable[..., Any]) -> Callable[..., Any]:
     return call_action
 
 
+#: DynamoDB writes, one at a time (see the module's "Atomic conditional writes").
+_write_lock = threading.Lock()
+
+
+def _atomic(original: Callable[..., Any]) -> Callable[..., Any]:
+    def write(self: Any) -> Any:
+        with _write_lock:
+            return original(self)
+
+    return write
+
+
 _PATCHES: tuple[tuple[type, str, Callable[..., Any]], ...] = (
+    *(
+        (DynamoHandler, name, _atomic(getattr(DynamoHandler, name)))
+        for name in ("put_item", "update_item", "delete_item", "transact_write_items")
+    ),
     (
         EC2ContainerServiceResponse,
         "call_action",
