@@ -26,6 +26,9 @@ from fleetdrain.drill.world.processes import (
 )
 
 _names = itertools.count(1)
+#: How long a fixture waits for an agent to connect or a job to change state: a bound for a
+#: loaded machine (a passing test waits only as long as the agent takes), not a deadline.
+WAIT = 30.0
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -91,22 +94,24 @@ class Fleet:
         self.agents.append(proc)
         return proc, name, addr
 
-    def agent_id(self, name: str, timeout: float = 10.0) -> str:
+    def agent_id(self, name: str, timeout: float = WAIT) -> str:
         """The coordinator's id for the agent called ``name`` once it has connected.
 
         "Has connected", not "is connected": an agent with a short job (``--disconnect-after-job``)
         can connect, run it and disconnect between two polls.
         """
         assert self.coord.wait_for(
-            lambda c: (a := c.agent_named(name)) is not None
-            and bool(c.events_of("connect", agent_id=a.id)),
+            lambda c: (
+                (a := c.agent_named(name)) is not None
+                and bool(c.events_of("connect", agent_id=a.id))
+            ),
             timeout,
         ), f"{name} did not connect:\n{self._logs()}"
         agent = self.coord.agent_named(name)
         assert agent is not None
         return agent.id
 
-    def wait_job_state(self, job_id: str, states: tuple[str, ...], timeout: float = 10.0) -> None:
+    def wait_job_state(self, job_id: str, states: tuple[str, ...], timeout: float = WAIT) -> None:
         """Wait until the job is in one of ``states``."""
         assert self.coord.wait_for(lambda c: c.job(job_id).state in states, timeout), (
             f"job {job_id} stuck in {self.coord.job(job_id).state}, wanted {states}\n{self._logs()}"

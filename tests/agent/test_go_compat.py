@@ -159,13 +159,15 @@ def _start_wraps_to_their_deadline(
         log = tmp / f"wrap-{number}.log"
         with open(log, "wb") as err:
             proc = subprocess.Popen(
+                # Whole seconds between the steps: up to 11 wraps run at once here, on a
+                # loaded machine, and each step must log before the next one comes.
                 wrap_command(
                     "--stop-timeout",
-                    "1.2",
+                    "3",
                     "--cancel-grace-period",
-                    "0.4",
+                    "1",
                     "--drain-margin",
-                    "0.3",
+                    "0.5",
                     *options,
                     "--",
                     "sh",
