@@ -723,6 +723,7 @@ def test_throttling_is_retried_not_lost(world: World) -> None:
     # Straight from EventBridge, a throttled step raises (Lambda's async retries, then the DLQ).
     reopened = dataclasses.replace(world.record(a), phase="hard")
     world.ctl.store.save(reopened)
+    world.controller()  # a container that has not seen this drain DRAINING (one would ignore it)
     draining = {
         "version": "0",
         "id": str(uuid.uuid4()),
@@ -1262,6 +1263,33 @@ def test_draining_events_reach_the_monitor(world: World) -> None:
     assert [r["status"] for r in world.route(draining_event(world, b))] == ["ignored"]
     world.run_until(lambda: world.record(a).phase == "done", limit=60)
     assert world.coord.job(agent.job_id or "").passed
+
+
+def test_ecs_sends_an_instance_event_at_draining_and_at_each_task_change_after(
+    world: World,
+) -> None:
+    """The gap filler's container instance events, as ECS sends them (what the bench and the
+    drill then count and deliver)."""
+    from fleetdrain.controller.drain.events import parse_event
+    from fleetdrain.controller.drain.signals import InstanceDrainingSignal
+
+    a, b = world.build(instances=2)
+    agent, other = world.add_agent(a), world.add_agent(b)
+    world.gaps.on_sigterm = lambda arn, reason: None  # they exit when the test says
+    world.gaps.task_exited(other.task_arn, 0)
+    assert world.gaps.events[-1]["detail-type"] == "ECS Task State Change", "ACTIVE: none"
+    world.ecs.update_container_instances_state(
+        cluster=CLUSTER, containerInstances=[world.ci_arn[a]], status="DRAINING"
+    )
+    draining = world.gaps.events[-1]
+    assert draining["detail-type"] == "ECS Container Instance State Change"
+    signal = parse_event(draining)
+    assert isinstance(signal, InstanceDrainingSignal)
+    assert (signal.instance_id, signal.container_instance_arn) == (a, world.ci_arn[a])
+    world.gaps.task_exited(agent.task_arn, 0)
+    kinds = [e["detail-type"] for e in world.gaps.events[-2:]]
+    assert kinds == ["ECS Task State Change", "ECS Container Instance State Change"]
+    assert world.gaps.events[-1]["detail"]["status"] == "DRAINING"
 
 
 def test_later_steps_ask_for_known_agents_one_by_one(world: World) -> None:

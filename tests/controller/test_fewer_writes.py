@@ -29,7 +29,7 @@ from fleetdrain.controller.drain.errors import Conflict, Retryable
 from fleetdrain.controller.drain.ports import DrainRecord
 from fleetdrain.controller.drain.signals import TickSignal
 from fleetdrain.controller.drain.state import DynamoDrainStore
-from tests.controller.test_drains import World, make_world
+from tests.controller.test_drains import World, draining_event, make_world
 
 # Slow as test_drains: whole drains in moto with the coordinator on loopback.
 pytestmark = pytest.mark.slow
@@ -121,6 +121,27 @@ def test_an_idle_drain_is_written_without_a_read_and_linked_in_its_save(world: W
     result = world.ctl.handle(tick)
     assert (result.action, result.detail) == ("ignored", "the drain ended")
     assert store.calls == Counter()
+
+
+def test_a_draining_event_of_a_drain_seen_draining_costs_no_read(world: World) -> None:
+    """ECS sends a container instance event at every task change on a DRAINING instance: once
+    a container has seen the drain DRAINING, the rest cost nothing."""
+    (a,) = world.build(instances=1)
+    world.controller()
+    world.add_agent(a, job_seconds=30)
+    world.emit(world.gaps.begin_termination(a))
+    world.run_until(lambda: world.record(a).draining_at is not None, limit=120)
+    store = counted(world)
+    out = world.route(draining_event(world, a))
+    assert [(r["status"], r["detail"]) for r in out] == [("ignored", "DRAINING already seen")]
+    assert store.calls == Counter()
+    world.controller()  # another Lambda container: one read, then it knows too
+    store = counted(world)
+    first = world.route(draining_event(world, a))
+    assert store.calls == Counter({"get": 1}) and first[0]["detail"] != "DRAINING already seen"
+    out = world.route(draining_event(world, a))
+    assert [(r["status"], r["detail"]) for r in out] == [("ignored", "DRAINING already seen")]
+    assert store.calls == Counter({"get": 1})
 
 
 def test_a_tick_of_an_earlier_episode_is_ignored_and_the_new_one_steps(world: World) -> None:

@@ -203,6 +203,8 @@ class DrainController:
         self.coordinator_grace = coordinator_grace
         self._ended: dict[str, str] = {}
         self._seen: dict[str, None] = {}
+        #: Instances whose drain this container saw DRAINING (instance id -> drain id).
+        self._draining: dict[str, str] = {}
 
     # ------------------------------------------------------------------ entry point
 
@@ -226,6 +228,12 @@ class DrainController:
             if found is None:
                 return Result("ignored", detail="no drain on that container instance")
             instance_id = found
+            if instance_id in self._draining:
+                # ECS repeats the event at every task change on a DRAINING instance: once the
+                # drain is known DRAINING it carries no news (at worst, another's DRAINING
+                # during a later episode waits for that drain's next tick).
+                drain_id = self._draining[instance_id]
+                return Result("ignored", instance_id, drain_id, detail="DRAINING already seen")
         else:
             instance_id = signal.instance_id
         if isinstance(signal, LifecycleSignal):
@@ -371,6 +379,10 @@ class DrainController:
     def _remember(self, record: DrainRecord) -> None:
         """Note that ``record`` exists (and, when it is done, that its drain ended)."""
         _bounded_put(self._seen, record.instance_id, None)
+        if record.draining_at is not None:
+            _bounded_put(self._draining, record.instance_id, record.drain_id)
+        else:
+            self._draining.pop(record.instance_id, None)
         if record.phase == "done":
             _bounded_put(self._ended, record.instance_id, record.drain_id)
 

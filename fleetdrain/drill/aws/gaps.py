@@ -37,9 +37,11 @@ controller's calls, but not:
   steps both claiming one drain record). ``PutItem``, ``UpdateItem``, ``DeleteItem`` and
   ``TransactWriteItems`` are served one at a time here.
 - **Events**: the Auto Scaling lifecycle action, spot interruption, rebalance recommendation,
-  EC2 instance state change, AWS Health scheduled change and ECS task state change events are
-  built with the field names AWS sends (see ``tests/events/``) and appended to
-  :attr:`AwsGaps.events` (and passed to ``on_event``).
+  EC2 instance state change, AWS Health scheduled change, ECS task state change and ECS
+  container instance state change events are built with the field names AWS sends (see
+  ``tests/events/``) and appended to :attr:`AwsGaps.events` (and passed to ``on_event``). A
+  container instance's event comes when it goes DRAINING and, while it is DRAINING, after each
+  of its tasks' STOPPED event (ECS sends one at every change of what runs on it).
 
 Use inside ``moto.mock_aws()``: ``with AwsGaps(clock=...) as gaps: ...``. The patches are
 class-level (they also work against a moto server in this process); one :class:`AwsGaps` is
@@ -564,7 +566,37 @@ class AwsGaps:
         now = self.clock()
         self.exits[task.task_arn] = TaskExit(task.task_arn, exit_code, now, why)
         self.protection.pop(task.task_arn, None)
-        return self._emit(self._task_event(task, exit_code, now, why))
+        event = self._emit(self._task_event(task, exit_code, now, why))
+        instance = self._container_instance(cluster, task.container_instance_arn or "")
+        if instance is not None and instance.status == "DRAINING":
+            self._emit(self._instance_event(instance))
+        return event
+
+    def _container_instance(self, cluster: str, arn: str) -> Any:
+        by_id = self._ecs_backend().container_instances.get(cluster.split("/")[-1], {})
+        return by_id.get(arn.split("/")[-1])
+
+    def _instance_event(self, instance: Any) -> Event:
+        """``ECS Container Instance State Change`` for ``instance`` as it is now."""
+        detail = {
+            "agentConnected": True,
+            "attributes": [],
+            "clusterArn": self._ecs_backend().clusters[instance.cluster_name].arn,
+            "containerInstanceArn": instance.container_instance_arn,
+            "ec2InstanceId": instance.ec2_instance_id,
+            "registeredResources": [],
+            "remainingResources": [],
+            "status": instance.status,
+            "version": 1,
+            "versionInfo": {},
+            "updatedAt": _iso(self.clock(), millis=True),
+        }
+        return self._envelope(
+            "ECS Container Instance State Change",
+            "aws.ecs",
+            [instance.container_instance_arn],
+            detail,
+        )
 
     def _task_event(self, task: Any, exit_code: int, now: float, reason: str) -> Event:
         detail = {
@@ -700,6 +732,10 @@ def _update_state(
     gaps._count("UpdateContainerInstancesState")
     result = gaps._saved["ecs_update_state"](self, cluster_str, ids, status)
     if status.upper() == "DRAINING":
+        for ci in ids:
+            instance = gaps._container_instance(cluster_str, ci)
+            if instance is not None:
+                gaps._emit(gaps._instance_event(instance))
         gaps._draining(self, cluster_str, ids)
     return result
 
