@@ -15,7 +15,8 @@ A record is per instance *episode*. The rules:
   not seen start the instance's next *episode*: a new ``drain_id`` with its own phase and
   deadline (a spot deadline still ahead is the instance's and carries over), the events seen
   and the spent tokens carried. An instance shutting down (terminating) whose drain left it
-  DRAINING a moment ago (:data:`SETTLE_SECONDS`) goes as that drain left it: no episode.
+  DRAINING a moment ago (:data:`SETTLE_SECONDS`) goes as that drain left it: no episode
+  (unless that drain was for a stop: the instance may be back from a warm pool, running jobs).
 - A lifecycle token is a claim until AWS accepts it (the step heartbeats it first): its budget
   counts only from then, and a token that came while another was pending never replaces it;
   it is answered too, and AWS says which one is live. Spent tokens (completed, or refused)
@@ -54,7 +55,8 @@ LOST_TICK_SLACK = 120.0
 #: An instance that shuts down (terminates) this soon after its drain ended with it DRAINING
 #: goes as that drain left it (the scale-in it completed, the spot notice it drained for): no
 #: new episode. Nothing can be placed on a DRAINING instance, and a terminated one never comes
-#: back. Not for ``stopping``: a stopped instance can come back (a warm pool) and take tasks.
+#: back. Not for ``stopping``, nor after a drain for a stop: a stopped instance can come back
+#: (a warm pool), ACTIVE, and take tasks.
 SETTLE_SECONDS = 900.0
 
 
