@@ -200,78 +200,50 @@ def test_a_notice_for_a_drain_whose_instance_ecs_no_longer_lists_is_not_ignored(
     assert "spot" in rec.reasons and rec.phase == "hard"
 
 
-def test_a_save_with_a_link_is_one_write_or_none(aws_env: None) -> None:
-    from moto import mock_aws
-
-    with mock_aws():
-        ddb = boto3.client("dynamodb", region_name="us-east-1")
-        ddb.create_table(
-            TableName="drains",
-            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
-        store = DynamoDrainStore(ddb, "drains", lambda: 1000.0, 60)
-        rec = store.create(
-            DrainRecord(instance_id="i-1", drain_id="d-1", cluster="ci", started_at=1.0)
-        )
-        stale = rec
-        rec = store.save(rec)
-        with pytest.raises(Conflict):
-            store.save(stale, link="arn:ci/1")
-        assert "Item" not in ddb.get_item(TableName="drains", Key={"pk": {"S": "ci#arn:ci/1"}})
-        saved = store.save(rec, link="arn:ci/1")
-        assert saved.version == 3
-        fresh = DynamoDrainStore(ddb, "drains", lambda: 1000.0, 60)
-        assert fresh.instance_for("arn:ci/1") == "i-1"
-        item = ddb.get_item(TableName="drains", Key={"pk": {"S": "drain#i-1"}})["Item"]
-        assert json.loads(item["doc"]["S"])["drain_id"] == "d-1"
-        assert item["version"]["N"] == "3"
+def test_a_save_with_a_link_is_one_write_or_none(ddb: Any) -> None:
+    store = DynamoDrainStore(ddb, "drains", lambda: 1000.0, 60)
+    rec = store.create(DrainRecord(instance_id="i-1", drain_id="d-1", cluster="ci", started_at=1.0))
+    stale = rec
+    rec = store.save(rec)
+    with pytest.raises(Conflict):
+        store.save(stale, link="arn:ci/1")
+    assert "Item" not in ddb.get_item(TableName="drains", Key={"pk": {"S": "ci#arn:ci/1"}})
+    saved = store.save(rec, link="arn:ci/1")
+    assert saved.version == 3
+    fresh = DynamoDrainStore(ddb, "drains", lambda: 1000.0, 60)
+    assert fresh.instance_for("arn:ci/1") == "i-1"
+    item = ddb.get_item(TableName="drains", Key={"pk": {"S": "drain#i-1"}})["Item"]
+    assert json.loads(item["doc"]["S"])["drain_id"] == "d-1"
+    assert item["version"]["N"] == "3"
 
 
-def test_a_claim_is_one_write_that_reads_the_record_whether_it_takes_or_not(
-    aws_env: None,
-) -> None:
-    from moto import mock_aws
-
-    with mock_aws():
-        ddb = boto3.client("dynamodb", region_name="us-east-1")
-        ddb.create_table(
-            TableName="drains",
-            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
-        store = DynamoDrainStore(ddb, "drains", lambda: 1000.0, 60)
-        assert store.claim("i-1", "L1", 1030.0, 1000.0) == (None, False), "no record"
-        rec = store.create(
-            DrainRecord(instance_id="i-1", drain_id="d-1", cluster="ci", started_at=1.0)
-        )
-        claimed, took = store.claim("i-1", "L1", 1030.0, 1000.0)
-        assert took and claimed is not None
-        assert (claimed.version, claimed.lease_id, claimed.lease_until) == (2, "L1", 1030.0)
-        assert claimed.drain_id == "d-1"
-        # Held: a second claim takes nothing, and is given the record as it is.
-        held, took = store.claim("i-1", "L2", 1040.0, 1010.0)
-        assert not took and held is not None and (held.lease_id, held.version) == ("L1", 2)
-        with pytest.raises(Conflict):
-            store.save(rec)  # a writer that read before the claim loses to it
-        # A lease that ran out is taken over.
-        later, took = store.claim("i-1", "L3", 1070.0, 1031.0)
-        assert took and later is not None and (later.version, later.lease_id) == (3, "L3")
-        # The save that releases it drops the lease from the item; one that leases keeps it.
-        released = store.save(dataclasses.replace(later, lease_id=None, lease_until=None))
-        item = ddb.get_item(TableName="drains", Key={"pk": {"S": "drain#i-1"}})["Item"]
-        assert "lease_id" not in item and "lease_until" not in item
-        leased = store.save(dataclasses.replace(released, lease_id="L9", lease_until=2000.0))
-        seen, took = store.claim("i-1", "L4", 1600.0, 1500.0)
-        assert not took and seen is not None and seen.lease_id == "L9"
-        ended = store.save(
-            dataclasses.replace(leased, phase="done", lease_id=None, lease_until=None)
-        )
-        final, took = store.claim("i-1", "L5", 3030.0, 3000.0)
-        assert not took and final is not None
-        assert (final.phase, final.version) == ("done", ended.version), "a done drain stays"
+def test_a_claim_is_one_write_that_reads_the_record_whether_it_takes_or_not(ddb: Any) -> None:
+    store = DynamoDrainStore(ddb, "drains", lambda: 1000.0, 60)
+    assert store.claim("i-1", "L1", 1030.0, 1000.0) == (None, False), "no record"
+    rec = store.create(DrainRecord(instance_id="i-1", drain_id="d-1", cluster="ci", started_at=1.0))
+    claimed, took = store.claim("i-1", "L1", 1030.0, 1000.0)
+    assert took and claimed is not None
+    assert (claimed.version, claimed.lease_id, claimed.lease_until) == (2, "L1", 1030.0)
+    assert claimed.drain_id == "d-1"
+    # Held: a second claim takes nothing, and is given the record as it is.
+    held, took = store.claim("i-1", "L2", 1040.0, 1010.0)
+    assert not took and held is not None and (held.lease_id, held.version) == ("L1", 2)
+    with pytest.raises(Conflict):
+        store.save(rec)  # a writer that read before the claim loses to it
+    # A lease that ran out is taken over.
+    later, took = store.claim("i-1", "L3", 1070.0, 1031.0)
+    assert took and later is not None and (later.version, later.lease_id) == (3, "L3")
+    # The save that releases it drops the lease from the item; one that leases keeps it.
+    released = store.save(dataclasses.replace(later, lease_id=None, lease_until=None))
+    item = ddb.get_item(TableName="drains", Key={"pk": {"S": "drain#i-1"}})["Item"]
+    assert "lease_id" not in item and "lease_until" not in item
+    leased = store.save(dataclasses.replace(released, lease_id="L9", lease_until=2000.0))
+    seen, took = store.claim("i-1", "L4", 1600.0, 1500.0)
+    assert not took and seen is not None and seen.lease_id == "L9"
+    ended = store.save(dataclasses.replace(leased, phase="done", lease_id=None, lease_until=None))
+    final, took = store.claim("i-1", "L5", 3030.0, 3000.0)
+    assert not took and final is not None
+    assert (final.phase, final.version) == ("done", ended.version), "a done drain stays"
 
 
 def test_a_throttled_transaction_is_retryable() -> None:

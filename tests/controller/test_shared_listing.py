@@ -4,12 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
-from moto import mock_aws
 
 from fleetdrain.controller.drain.config import Settings
 from fleetdrain.controller.drain.coordinator import RESERVE, RateBudget
@@ -73,19 +70,6 @@ class Lister:
 
     def stop(self, agent_id: str, force: bool) -> bool:
         return True
-
-
-@pytest.fixture
-def ddb(aws_env: None) -> Iterator[Any]:
-    with mock_aws():
-        client = boto3.client("dynamodb", region_name="us-east-1")
-        client.create_table(
-            TableName="drains",
-            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
-        yield client
 
 
 def shared(ddb: Any, lister: Lister, clock: Clock, **kwargs: Any) -> SharedAgentListing:
