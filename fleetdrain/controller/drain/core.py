@@ -358,8 +358,7 @@ class DrainController:
         When the claim did not take (no record, done, or held): ``(None, record as read)``, to
         be handled as any event is."""
         now = self.clock()
-        lease_id = uuid.uuid4().hex[:12]
-        claimed, took = self.store.claim(instance_id, lease_id, now + self.settings.step_lease, now)
+        claimed, took = self.store.claim(instance_id, *self._new_lease(now), now)
         if claimed is None or not took:
             return None, claimed
         self._remember(claimed)
@@ -386,11 +385,14 @@ class DrainController:
         if record.phase == "done":
             _bounded_put(self._ended, record.instance_id, record.drain_id)
 
+    def _new_lease(self, now: float) -> tuple[str, float]:
+        """A new lease's id and end, from ``now``."""
+        return uuid.uuid4().hex[:12], now + self.settings.step_lease
+
     def _claimed(self, record: DrainRecord, now: float) -> DrainRecord:
         """``record`` holding a new lease (to be written, conditional on its version)."""
         record = copy.deepcopy(record)
-        record.lease_id = uuid.uuid4().hex[:12]
-        record.lease_until = now + self.settings.step_lease
+        record.lease_id, record.lease_until = self._new_lease(now)
         return record
 
     # ------------------------------------------------------------------ merging

@@ -42,6 +42,15 @@ def _service(task: dict[str, Any]) -> str | None:
     return group.split(":", 1)[1] if group.startswith("service:") else None
 
 
+def _keep(memo: dict[str, Any], key: str, value: Any) -> None:
+    """``memo[key] = value`` as its newest entry, the oldest forgotten beyond
+    :data:`MAX_REMEMBERED` (a container lives for many drains)."""
+    memo.pop(key, None)
+    memo[key] = value
+    while len(memo) > MAX_REMEMBERED:
+        memo.pop(next(iter(memo)))
+
+
 @dataclass
 class _Seen:
     """One container instance's tasks as :meth:`EcsFleet.tasks_on` last saw them."""
@@ -153,9 +162,10 @@ class EcsFleet:
         """An ``ECS Task State Change`` said ``task_arn`` is ``STOPPED`` (its ``lastStatus``:
         final). The next :meth:`tasks_on` of the instance takes it as read, so the step that
         event wakes describes no task for it, in a new container too."""
-        told = self._told_stopped.setdefault(container_instance_arn, set())
-        if len(told) < 1000:  # a bound: a container lives for many drains
+        told = self._told_stopped.pop(container_instance_arn, set())
+        if len(told) < 1000:  # a bound per instance, as _keep bounds the instances
             told.add(task_arn)
+        _keep(self._told_stopped, container_instance_arn, told)
 
     def tasks_on(self, container_instance_arn: str) -> list[TaskInfo]:
         """Tasks on the container instance that have not stopped yet (stopping ones too).
@@ -261,9 +271,7 @@ class EcsFleet:
         return self._daemon_services({s for t in tasks if (s := _service(t)) is not None})
 
     def _remember(self, ci: str, seen: _Seen) -> None:
-        self._seen[ci] = seen
-        while len(self._seen) > MAX_REMEMBERED:
-            self._seen.pop(next(iter(self._seen)))
+        _keep(self._seen, ci, seen)
 
     def _daemon_services(self, services: set[str]) -> set[str]:
         unknown = sorted(s for s in services if s not in self._daemon)

@@ -122,8 +122,9 @@ class DynamoDrainStore:
         """Claim the record in one ``UpdateItem``; its answer is the read, whether the claim
         took or not (``ReturnValuesOnConditionCheckFailure``)."""
         try:
-            out = self._ddb.update_item(
-                TableName=self._table,
+            out = self._call(
+                "UpdateItem",
+                self._ddb.update_item,
                 Key={"pk": {"S": f"drain#{instance_id}"}},
                 UpdateExpression="SET #v = #v + :one, lease_id = :id, lease_until = :until",
                 ConditionExpression=(
@@ -141,11 +142,10 @@ class DynamoDrainStore:
                 ReturnValues="ALL_NEW",
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
-        except ClientError as exc:
-            if error_code(exc) != "ConditionalCheckFailedException":
-                reraise_retryable(exc, "DynamoDB UpdateItem")
-                raise
-            item = exc.response.get("Item")
+        except Conflict as lost:
+            # The refusal carries the record as it is (its ClientError's response).
+            refused = lost.__cause__
+            item = refused.response.get("Item") if isinstance(refused, ClientError) else None
             return (record_from_item(item) if item else None), False
         return record_from_item(out["Attributes"]), True
 
