@@ -203,7 +203,9 @@ class BenchWorld(World):
         return rec
 
     def coordinator_requests(self) -> int:
-        return int(self.rest.requests)
+        """REST requests so far, by every controller's client."""
+        clients = getattr(self, "clients", None) or [self.rest]
+        return sum(int(c.requests) for c in clients)
 
 
 @contextlib.contextmanager
@@ -279,9 +281,7 @@ def bench_hook_latency(samples: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- 2. calls per drain
 
 
-def bench_calls(
-    job_seconds: float, before: bool = False, max_tick: float = 0.0
-) -> dict[str, Any]:
+def bench_calls(job_seconds: float, before: bool = False, max_tick: float = 0.0) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with world() as w:
         idle_i, busy_i = w.build_many(2)
@@ -449,6 +449,10 @@ class DrivenWorld(BenchWorld):
     instance it is about; failures are redelivered as AWS would; agents drain as fleetdrain's
     do (their own deadline after SIGTERM); a spot instance dies 120 s after its notice."""
 
+    #: Function name -> its controller, and their REST clients (:func:`fleet_controller`).
+    ctls: dict[str, core.DrainController]
+    clients: list[CoordinatorClient]
+
     def drive(self, calls: Calls) -> None:
         self.calls = calls
         self.charged_aws: Counter[str] = Counter()
@@ -497,6 +501,7 @@ class DrivenWorld(BenchWorld):
             if not rule.matches(event):
                 continue
             handler = HANDLERS[rule.function]
+            runtime.set_controller(self.ctls[rule.function])
             try:
                 out.append(self.charged(iid, lambda h=handler: h(event, Ctx())))
             except Exception:  # Lambda's asynchronous retries, then the DLQ
@@ -510,6 +515,7 @@ class DrivenWorld(BenchWorld):
     def deliver_ticks(self) -> None:
         for body in self.ticks.due():
             iid = str(json.loads(body).get("instance_id", "")) or None
+            runtime.set_controller(self.ctls["DrainMonitorFunction"])
             response = self.charged(iid, lambda b=body: drain_monitor.handler(sqs_event(b), Ctx()))
             if response["batchItemFailures"]:
                 self.failures += 1
@@ -588,45 +594,58 @@ def other_agents(w: DrivenWorld, count: int) -> None:
         w.coord.connect(reg.access_token, {})
 
 
-def fleet_controller(w: DrivenWorld, calls: Calls, before: bool) -> CoordinatorClient:
-    w.counted_controller(calls, tick_interval=20, heartbeat_interval=60, spot_margin=20)
-    ctl: Any = w.ctl
-    # The client on the world's clock (a wait for the rate-limit window moves it).
-    client = CoordinatorClient(
-        w.server.url,
-        w.coord.org,
-        w.token.get,
-        w.token.invalidate,
-        timeout=2.0,
-        attempts=2,
-        backoff=0.0,
-        clock=w.clock,
-        sleep=w.clock.advance,
-        honour_rate_limit=not before,
-    )
-    w.rest = client
-    # As deployed: every drain shares one listing of the organization through the drain table
-    # (its reads counted); --before: each drain lists on its own.
-    ctl.coordinator = (
-        client
-        if before
-        else SharedAgentListing(
-            client,
-            DynamoListingCache(ctl.store._ddb, "drains", w.ctl.settings.cluster, w.clock, 3600),
-            w.ctl.settings.cluster,
-            w.clock,
+#: The three Lambda functions of template.yaml: deployed, each is its own process, so each has
+#: its own controller (its memory of drains, tasks and listings, its REST budget).
+FUNCTIONS = tuple(HANDLERS)
+
+
+def fleet_controller(w: DrivenWorld, calls: Calls, before: bool) -> list[CoordinatorClient]:
+    """One counted controller per function (as deployed: one warm container each), events and
+    ticks delivered to the controller of the function that handles them; their REST clients."""
+    clients = []
+    w.ctls = {}
+    for function in FUNCTIONS:
+        w.counted_controller(calls, tick_interval=20, heartbeat_interval=60, spot_margin=20)
+        ctl: Any = w.ctl
+        # The client on the world's clock (a wait for the rate-limit window moves it).
+        client = CoordinatorClient(
+            w.server.url,
+            w.coord.org,
+            w.token.get,
+            w.token.invalidate,
+            timeout=2.0,
+            attempts=2,
+            backoff=0.0,
+            clock=w.clock,
             sleep=w.clock.advance,
+            honour_rate_limit=not before,
         )
-    )
-    if before and hasattr(ctl.fleet, "full_listing_every"):
-        ctl.fleet.full_listing_every = 0.0  # both task listings every step
+        clients.append(client)
+        # As deployed: every drain shares one listing of the organization through the drain
+        # table (its reads counted); --before: each drain lists on its own.
+        ctl.coordinator = (
+            client
+            if before
+            else SharedAgentListing(
+                client,
+                DynamoListingCache(ctl.store._ddb, "drains", w.ctl.settings.cluster, w.clock, 3600),
+                w.ctl.settings.cluster,
+                w.clock,
+                sleep=w.clock.advance,
+            )
+        )
+        if before and hasattr(ctl.fleet, "full_listing_every"):
+            ctl.fleet.full_listing_every = 0.0  # both task listings every step
+        w.ctls[function] = ctl
+    w.rest = clients[0]
+    w.clients = clients
     w.drive(calls)
-    return client
+    return clients
 
 
 def fleet_figures(
     w: DrivenWorld,
-    client: CoordinatorClient,
+    clients: list[CoordinatorClient],
     ids: list[str],
     busy: set[str],
     wall: float,
@@ -644,8 +663,8 @@ def fleet_figures(
         "peak": stats.window_peak,
         "sliding_peak": stats.peak,
         "limited": stats.limited,
-        "held_back": client.rate_refused,
-        "waits": client.rate_waits,
+        "held_back": sum(c.rate_refused for c in clients),
+        "waits": sum(c.rate_waits for c in clients),
         "fallbacks": int(w.metrics.counts.get(core.COORDINATOR_FALLBACKS, 0)),
         "rest_per_instance": stats.requests / max(1, len(ids)),
         "aws_idle": statistics.mean(w.charged_aws[i] for i in idle) if idle else 0.0,
@@ -676,7 +695,7 @@ def bench_scale_in(
         other_agents(w, max(0, org_agents - instances))
         setup = time.perf_counter() - t
         calls = Calls()
-        client = fleet_controller(w, calls, before)
+        clients = fleet_controller(w, calls, before)
         t, start = time.perf_counter(), w.clock()
         gap = 60.0 / per_minute
         pending = list(ids)
@@ -695,7 +714,7 @@ def bench_scale_in(
                 done = len(ids) - len(pending)
                 print(f"   ... {done} begun, {time.perf_counter() - t:.0f} s", file=sys.stderr)
         wall = time.perf_counter() - t
-        out = fleet_figures(w, client, ids, busy, wall, w.clock() - start)
+        out = fleet_figures(w, clients, ids, busy, wall, w.clock() - start)
         actions = [w.gaps.actions[i] for i in ids]
         out["setup"] = setup
         out["completed"] = sum(1 for a in actions if a.state == "completed")
@@ -721,7 +740,7 @@ def bench_storm(instances: int, org_agents: int, before: bool) -> dict[str, Any]
         other_agents(w, max(0, org_agents - 2 * instances))
         setup = time.perf_counter() - t
         calls = Calls()
-        client = fleet_controller(w, calls, before)
+        clients = fleet_controller(w, calls, before)
         t, start = time.perf_counter(), w.clock()
         for iid in ids:
             w.active.add(iid)
@@ -731,7 +750,7 @@ def bench_storm(instances: int, org_agents: int, before: bool) -> dict[str, Any]
         while w.clock() < start + SPOT_NOTICE + 60:
             w.second()
         wall = time.perf_counter() - t
-        out = fleet_figures(w, client, ids, busy, wall, w.clock() - start)
+        out = fleet_figures(w, clients, ids, busy, wall, w.clock() - start)
         out["setup"] = setup
         out["forced_in_time"] = sum(
             1
