@@ -109,11 +109,13 @@ class MemoryStore:
         rec = self.records.get(instance_id)
         return copy.deepcopy(rec) if rec else None
 
-    def create(self, record: DrainRecord) -> DrainRecord:
+    def create(self, record: DrainRecord, link: str | None = None) -> DrainRecord:
         if record.instance_id in self.records:
             raise Conflict("PutItem")
         saved = dataclasses.replace(copy.deepcopy(record), version=1)
         self.records[record.instance_id] = copy.deepcopy(saved)
+        if link is not None:
+            self.links[link] = record.instance_id
         return saved
 
     def save(self, record: DrainRecord, link: str | None = None) -> DrainRecord:

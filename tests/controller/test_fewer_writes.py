@@ -1,6 +1,7 @@
 """The drain record costs fewer calls (issue 12's idle drains): a first event is written without
-a read, the link to the container instance goes with the first step's save, a tick of a
-drain that ended needs no read, and a task-STOPPED event claims the record in the write that
+a read, once, by its step after it acted (the record and its link to the container instance in
+one write; a rebalance or a scheduled change writes before it acts), a tick of a drain that
+ended needs no read, and a task-STOPPED event claims the record in the write that
 reads it (``UpdateItem`` answering with the record, claimed or not).
 
 The tests also show the cases where the shortcut would be wrong and is not taken: a record that
@@ -24,6 +25,7 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
+from fleetdrain.controller import runtime
 from fleetdrain.controller.drain import core
 from fleetdrain.controller.drain.errors import Conflict, Retryable
 from fleetdrain.controller.drain.ports import DrainRecord
@@ -62,9 +64,12 @@ class CountingStore:
         self.calls["get"] += 1
         return self._store.get(instance_id)  # type: ignore[no-any-return]
 
-    def create(self, record: DrainRecord) -> DrainRecord:
+    def create(self, record: DrainRecord, link: str | None = None) -> DrainRecord:
         self.calls["create"] += 1
-        return self._store.create(record)  # type: ignore[no-any-return]
+        if link is not None:
+            self.calls["create with link"] += 1
+        self.saved.append(record)
+        return self._store.create(record, link=link)  # type: ignore[no-any-return]
 
     def claim(
         self, instance_id: str, lease_id: str, lease_until: float, now: float
@@ -86,7 +91,7 @@ def counted(world: World) -> CountingStore:
     return store
 
 
-def test_an_idle_drain_is_written_without_a_read_and_linked_in_its_save(world: World) -> None:
+def test_an_idle_drain_is_written_once_by_its_first_step_with_its_link(world: World) -> None:
     (a,) = world.build(instances=1)
     world.controller()
     world.add_agent(a)
@@ -95,9 +100,10 @@ def test_an_idle_drain_is_written_without_a_read_and_linked_in_its_save(world: W
     lifecycle = world.gaps.begin_termination(a)
     world.cursor = len(world.gaps.events)
     world.route(lifecycle)  # alone: what it causes is delivered below
-    # The first event: no read (no record of the instance here), created claimed, one save
-    # that carries the link too.
-    assert store.calls == Counter({"create": 1, "save": 1, "save with link": 1})
+    # The first event: no read (no record of the instance here), and one write after the
+    # step acted: the record created with its link.
+    assert store.calls == Counter({"create": 1, "create with link": 1}), store.calls
+    assert store.saved[0].draining_at is not None and store.saved[0].tick_id is not None
     link = world.ddb.get_item(TableName="drains", Key={"pk": {"S": f"ci#{world.ci_arn[a]}"}})
     assert link["Item"]["instance_id"]["S"] == a
     rec = world.record(a)
@@ -178,6 +184,69 @@ def test_a_first_event_for_an_instance_with_a_record_is_merged_as_if_it_had_been
     rec = world.record(a)
     assert (rec.episode, rec.phase) == (2, "soft")
     assert world.coord.agent(agent.agent_id).paused
+
+
+def test_two_first_steps_of_one_instance_that_race_act_and_keep_one_record(world: World) -> None:
+    """Two containers take the same lifecycle action at once (its SNS notification and its
+    EventBridge event): both first steps act before their write; one creates the record, the
+    other's create is a Conflict, and it reads that record and finds its event merged."""
+    (a,) = world.build(instances=1)
+    world.add_agent(a)
+    world.add_agent(a)
+    sigterms: list[str] = []
+    world.gaps.on_sigterm = lambda arn, reason: sigterms.append(arn)  # they exit below
+    event = world.gaps.begin_termination(a)
+    world.cursor = len(world.gaps.events)
+    first = world.controller()
+    second = world.controller()
+    real_create = first.store.create
+    inner: list[list[dict[str, Any]]] = []
+
+    def create_after_the_other(record: DrainRecord, link: str | None = None) -> DrainRecord:
+        # The other container's whole first step runs between this step's acts and its write.
+        runtime.set_controller(second)
+        inner.append(world.route(event))
+        runtime.set_controller(first)
+        return real_create(record, link=link)  # type: ignore[no-any-return]
+
+    first.store.create = create_after_the_other  # type: ignore[method-assign]
+    runtime.set_controller(first)
+    out = world.route(event)
+    assert inner[0][0]["status"] == "started" and out[0]["status"] == "duplicate", (inner, out)
+    # Both acted: the token heartbeated twice (harmless), DRAINING once it was already set.
+    assert world.gaps.calls["RecordLifecycleActionHeartbeat"] == 2
+    rec = world.record(a)
+    assert (rec.episode, rec.phase, rec.steps) == (1, "hard", 1)
+    world.pump()
+    for arn in dict.fromkeys(sigterms):
+        world.gaps.task_exited(arn, 0)
+        world.pump()
+    world.run_until(lambda: world.record(a).phase == "done", limit=60)
+    assert world.record(a).outcome == "drained"
+    assert world.gaps.actions[a].result == "CONTINUE"
+    assert world.gaps.calls["CompleteLifecycleAction"] == 1
+
+
+def test_a_rebalance_new_to_a_container_is_written_before_anything_acts(world: World) -> None:
+    """A rebalance recommendation that the record would find a duplicate of must not drain:
+    a container that has not seen the record writes first (the Conflict reads it), as before.
+    (A spot notice or a lifecycle action is acted on first: see the race above.)"""
+    (a,) = world.build(instances=1)
+    world.controller()
+    world.add_agent(a, job_seconds=600)
+    notice = world.gaps.rebalance_recommendation(a)
+    world.emit(notice)
+    assert world.record(a).phase == "soft"
+    world.controller()  # a container that has not seen the record
+    store = counted(world)
+    looks: list[str] = []
+    fleet: Any = world.ctl.fleet
+    real = fleet.tasks_on
+    fleet.tasks_on = lambda arn, *rest: looks.append(arn) or real(arn, *rest)
+    out = world.route(notice)  # EventBridge delivers at least once
+    assert out[0]["status"] == "duplicate", out
+    assert (store.calls["create"], store.calls["get"]) == (1, 1), store.calls
+    assert looks == [], "no step looked at the instance before the write found the record"
 
 
 def test_a_notice_for_a_drain_whose_instance_ecs_no_longer_lists_is_not_ignored(

@@ -41,7 +41,10 @@ deadline), never move a drain backwards, and a spot warning during a scale-in dr
 and acts only on what is not done yet, so running it twice, or after a crash half-way, is safe;
 each drain keeps one delayed tick pending as the safety net. Two steps never run at once on
 one drain: a step claims the record (a lease, in the conditional write that merges its event)
-and releases it with its own save; an event that finds the record held waits for it.
+and releases it with its own save; an event that finds the record held waits for it. The one
+exception is an instance's first step (no record yet, after a spot notice or a lifecycle
+action): it acts and then creates the record, so two first events that race may both act
+(idempotently) before one record is kept.
 """
 
 from __future__ import annotations
@@ -323,16 +326,27 @@ class DrainController:
             # Only the lease holder writes while it steps; we merge again once it is done.
             raise _Leased(current.lease_until or now, current.drain_id)
         # A step of a drain under way looks before it claims (most only wait, and save once);
-        # a new drain or episode claims in the write that creates it.
+        # a new episode claims in the write that merges it; a new record is written once, by
+        # its first step, after it acted (see _run_step's ``fresh``).
         look_first = step and current is not None and merged.action != "started"
-        if step and not look_first:
+        # Acting before the write that would find a record after all is safe for an event
+        # that drains rightly whatever the record says (a spot notice: the instance dies; a
+        # lifecycle action: its token is heartbeated before anything acts on it, and a
+        # refused one does nothing); a rebalance or a scheduled change that the record would
+        # have found a duplicate of could drain an instance that is staying.
+        fresh = (
+            step
+            and current is None
+            and (not guess_new or isinstance(signal, (LifecycleSignal, SpotSignal)))
+        )
+        if step and not look_first and not fresh:
             # Claim the record in the same conditional write that merges the event: of two
             # steps that race, one claims and acts, the other waits and then sees its work.
             record = self._claimed(record, now)
-        if current is None:
+        if current is None and not fresh:
             record = self.store.create(record)
             self._remember(record)
-        elif (merged.changed or step) and not look_first:
+        elif (merged.changed or step) and not look_first and not fresh:
             record = self.store.save(record)
         if merged.action == "started":
             self.metrics.count(DRAINS_STARTED)
@@ -347,7 +361,9 @@ class DrainController:
         if step:
             # Only a tick may take the tasks as the last read left them: any other event is
             # news of the instance (a task stopped, DRAINING, a notice), read afresh.
-            record = self._step(record, claimed=not look_first, tick=isinstance(signal, TickSignal))
+            record = self._step(
+                record, claimed=not look_first, tick=isinstance(signal, TickSignal), fresh=fresh
+            )
             self._remember(record)
         return Result(merged.action, instance_id, record.drain_id, record.phase, merged.detail)
 
@@ -411,9 +427,14 @@ class DrainController:
 
     # ------------------------------------------------------------------ the step
 
-    def _step(self, record: DrainRecord, claimed: bool, tick: bool = False) -> DrainRecord:
+    def _step(
+        self, record: DrainRecord, claimed: bool, tick: bool = False, fresh: bool = False
+    ) -> DrainRecord:
         """Advance the drain as far as the world allows now; save (releasing the lease, if
         any); return the saved record.
+
+        ``fresh``: ``record`` is not in the store yet (the first event of the instance): the
+        step acts and then creates it, with its link, in one write (see :meth:`_run_step`).
 
         ``claimed``: the caller wrote ``record`` with a lease. If not, the step first only
         looks (reads, a due heartbeat): one that finds nothing to do saves once, conditional
@@ -432,7 +453,7 @@ class DrainController:
                 held.release(lg)
                 return saved
             record = self.store.save(self._claimed(record, self.clock()))
-        saved = self._run_step(record, lg, looked, acting=True)
+        saved = self._run_step(record, lg, looked, acting=True, fresh=fresh)
         assert saved is not None
         return saved
 
@@ -443,9 +464,18 @@ class DrainController:
         looked: tuple[LookedFleet, LookedCoordinator | None],
         acting: bool,
         tick: bool = False,
+        fresh: bool = False,
     ) -> DrainRecord | None:
         """One run of a step on ``record`` (claimed when ``acting``): the saved record, or
-        None when a look (not ``acting``) found something to do."""
+        None when a look (not ``acting``) found something to do.
+
+        ``fresh`` (acting, ``record`` not in the store): the step acts unclaimed and its
+        write creates the record (a Conflict when another event's step created it
+        meanwhile: ``handle`` then reads that record and merges the event into it). A lease
+        could only keep out a step of another first event of the same instance, and every
+        action of a step is idempotent: two such steps that race both act (DRAINING, pauses,
+        heartbeats twice; a second completion is refused by AWS) and one record is kept. A
+        step that fails writes the record as merged (no lease), so its retry tick finds it."""
         rec = copy.deepcopy(record)
         rec.steps += 1
         now = self.clock()
@@ -467,22 +497,29 @@ class DrainController:
         except Retryable as exc:
             # Released even after a look: the merge (a tick it used up) is kept; the retry
             # tick is not recorded as pending, so the failed event steps when it comes back.
-            self._release(record, lg)
+            self._release(record, lg, fresh)
             self._retry_soon(record, lg, exc)
             raise
         except BaseException:
             if acting:
-                self._release(record, lg)
+                self._release(record, lg, fresh)
             raise
         rec.lease_id = rec.lease_until = None
+        if fresh:
+            return self.store.create(rec, link=link)
         return self.store.save(rec, link=link)
 
-    def _release(self, claimed: DrainRecord, lg: DrainLog) -> None:
+    def _release(self, claimed: DrainRecord, lg: DrainLog, fresh: bool = False) -> None:
         """A step failed: give the record back as it was claimed (or merged, for a look), so
         the retry need not wait for the lease to expire and the event's merge (a tick it used
-        up) is kept (if this write fails too, the lease expires on its own)."""
+        up) is kept (if this write fails too, the lease expires on its own). ``fresh``: the
+        record is written for the first time, as merged."""
         try:
-            self.store.save(dataclasses.replace(claimed, lease_id=None, lease_until=None))
+            released = dataclasses.replace(claimed, lease_id=None, lease_until=None)
+            if fresh:
+                self.store.create(released)
+            else:
+                self.store.save(released)
         except Exception as exc:
             lg.warning("could not release the drain record", extra={"error": str(exc)})
 

@@ -194,8 +194,9 @@ class DrainStorePort(Protocol):
         """The record of ``instance_id`` (strongly consistent), or None."""
         ...
 
-    def create(self, record: DrainRecord) -> DrainRecord:
-        """Write a new record (Conflict if one exists); returns it at version 1."""
+    def create(self, record: DrainRecord, link: str | None = None) -> DrainRecord:
+        """Write a new record (Conflict if one exists); returns it at version 1. ``link``: as
+        :meth:`save`'s, in the same write."""
         ...
 
     def save(self, record: DrainRecord, link: str | None = None) -> DrainRecord:

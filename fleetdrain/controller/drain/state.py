@@ -149,13 +149,19 @@ class DynamoDrainStore:
             return (record_from_item(item) if item else None), False
         return record_from_item(out["Attributes"]), True
 
-    def create(self, record: DrainRecord) -> DrainRecord:
-        self._call(
-            "PutItem",
-            self._ddb.put_item,
-            Item=self._item(record, 1),
-            ConditionExpression="attribute_not_exists(pk)",
-        )
+    def create(self, record: DrainRecord, link: str | None = None) -> DrainRecord:
+        put = {"Item": self._item(record, 1), "ConditionExpression": "attribute_not_exists(pk)"}
+        if link is None:
+            self._call("PutItem", self._ddb.put_item, **put)
+        else:
+            # As save's: one write for the record and its link.
+            self._remember_link(link, record.instance_id)
+            self._transact(
+                [
+                    {"Put": {"TableName": self._table, **put}},
+                    {"Put": {"TableName": self._table, "Item": self._link_item(link, record)}},
+                ]
+            )
         return dataclasses.replace(record, version=1)
 
     def save(self, record: DrainRecord, link: str | None = None) -> DrainRecord:
