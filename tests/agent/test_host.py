@@ -28,8 +28,6 @@ from tests.agent.fakes import NoReaper
 REPO = Path(__file__).resolve().parents[2]
 
 
-
-
 class _Worker:
     """Idle until told to stop; remembers how."""
 

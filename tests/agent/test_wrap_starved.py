@@ -220,8 +220,6 @@ def test_a_job_that_ignores_sigterm_is_still_reported_before_wraps_sigkill(make_
 # ------------------------------------------------------------------ a force that comes late
 
 
-
-
 class _BusyWorker:
     """Busy until killed; remembers when it was forced and killed."""
 
