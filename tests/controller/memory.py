@@ -30,7 +30,7 @@ import copy
 import dataclasses
 import itertools
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -145,6 +145,9 @@ class MemoryStore:
 
     def instance_for(self, container_instance_arn: str) -> str | None:
         return self.links.get(container_instance_arn)
+
+    def learn_link(self, container_instance_arn: str, instance_id: str) -> None:
+        """Nothing to keep: this store's reads are free."""
 
     def in_flight(self) -> list[DrainRecord]:
         return [r for r in self.records.values() if r.phase != "done"]
@@ -645,7 +648,10 @@ class _Ecs:
     def _instance(self, arn: str) -> Instance:
         return next(i for i in self.w.instances.values() if i.ci_arn == arn)
 
-    def tasks_on(self, container_instance_arn: str) -> list[TaskInfo]:
+    def tasks_on(
+        self, container_instance_arn: str, known: Sequence[TaskInfo] = ()
+    ) -> list[TaskInfo]:
+        """Exact and free here: ``known`` is not needed."""
         inst = self._instance(container_instance_arn)
         return [
             TaskInfo(t.arn, t.group, t.status, t.desired, t.daemon)

@@ -1105,13 +1105,13 @@ class SlowFleet:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._fleet, name)
 
-    def tasks_on(self, arn: str) -> Any:
+    def tasks_on(self, arn: str, known: Any = ()) -> Any:
         with self._lock:
             self.inside += 1
             self.most_inside = max(self.most_inside, self.inside)
         try:
             threading.Event().wait(self._delay)
-            return self._fleet.tasks_on(arn)
+            return self._fleet.tasks_on(arn, known)
         finally:
             with self._lock:
                 self.inside -= 1

@@ -10,6 +10,7 @@ the merge leaves to it (is the instance in the cluster?).
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -821,7 +822,9 @@ class EmptyCluster:
         arn = self.members.get(instance_id)
         return ContainerInstance(arn, instance_id, "ACTIVE") if arn else None
 
-    def tasks_on(self, container_instance_arn: str) -> list[TaskInfo]:
+    def tasks_on(
+        self, container_instance_arn: str, known: Sequence[TaskInfo] = ()
+    ) -> list[TaskInfo]:
         return []
 
     def saw_stopped(self, container_instance_arn: str, task_arn: str) -> None:

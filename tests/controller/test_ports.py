@@ -89,7 +89,7 @@ ADDED = (
     ',"episode":1,"lifecycle_verified":false,"token_sent_at":null,"other_tokens":[],'
     '"dead_tokens":[],"maintenance_at":null,"history":[],'
     # issue 12
-    '"looked_tasks":[],"looked_at":null}'
+    '"looked_tasks":[],"looked_at":null,"looked_daemons":[]}'
 )
 
 

@@ -234,10 +234,16 @@ def test_tasks_are_listed_once_a_step_and_described_a_hundred_at_a_time(
 
     ecs.stop_task(cluster="ci", task=agents[0])  # stopping: desired STOPPED, still running
     clock.advance(20)
+    calls.described.clear()
     later = fleet.tasks_on(ci)
-    assert calls.take() == {"ListTasks": 2, "DescribeTasks": 2}, "RUNNING only"
+    # RUNNING only; a task live at the last look and still listed is taken as it was: only
+    # the one that left the listing is described.
+    assert calls.take() == {"ListTasks": 2, "DescribeTasks": 1}, "RUNNING only"
+    assert calls.described == [agents[0]]
+    calls.described.clear()
     stopping = [t for t in later if t.arn == agents[0]]
     assert stopping and stopping[0].desired_status == "STOPPED", "known live: still described"
+    assert len(later) == 151 and [t.arn for t in later if t.daemon] == [daemon]
 
     gaps.task_exited(agents[0], 0)
     clock.advance(10)
@@ -246,12 +252,37 @@ def test_tasks_are_listed_once_a_step_and_described_a_hundred_at_a_time(
     calls.described.clear()
     clock.advance(10)
     assert len(fleet.tasks_on(ci)) == 150
-    assert calls.take() == {"ListTasks": 2, "DescribeTasks": 2}
+    assert calls.take() == {"ListTasks": 2}, "every task known: none described"
     assert agents[0] not in calls.described, "a task seen STOPPED is not asked again"
 
     clock.advance(60)  # the last look that read both listings is too old now
     fleet.tasks_on(ci)
     assert calls.take()["ListTasks"] == 3
+
+
+def test_a_look_in_another_container_takes_the_records_tasks_as_its_last_look(
+    ecs_world: tuple[Any, AwsGaps, Clock, str],
+) -> None:
+    ecs, gaps, clock, ci = ecs_world
+    daemon = start(ecs, ci, "log-router", "service:log-router")
+    agents = [start(ecs, ci, "agent", "service:agents") for _ in range(2)]
+    gaps.on_sigterm = lambda arn, reason: None
+    first = EcsFleet(boto3.client("ecs", region_name=REGION), "ci", clock).tasks_on(ci)
+    ecs.stop_task(cluster="ci", task=agents[0])  # stopping since that look
+    clock.advance(20)
+    controller = boto3.client("ecs", region_name=REGION)
+    other = EcsFleet(controller, "ci", clock)  # another Lambda container: no look of its own
+    calls = Calls(controller)
+    seen = other.tasks_on(ci, known=first)
+    # What the record knew and ECS still lists RUNNING is not described, nor is the daemon's
+    # service asked about again; the task that left the listing is.
+    assert calls.take() == {"ListTasks": 1, "DescribeTasks": 1}
+    assert calls.described == [agents[0]]
+    by_arn = {t.arn: t for t in seen}
+    assert set(by_arn) == {daemon, *agents}
+    assert by_arn[daemon].daemon and not by_arn[agents[1]].daemon
+    assert by_arn[agents[0]].desired_status == "STOPPED"
+    assert by_arn[agents[1]].group == "service:agents"
 
 
 def test_an_answer_with_nothing_left_but_daemons_is_always_exact(
@@ -358,11 +389,12 @@ def test_throttled_calls_are_retryable_in_every_adapter(
         with pytest.raises(Retryable, match=r"ThrottlingException"):
             call()
         gaps.unthrottle(throttle)
-    fleet.tasks_on(ci)  # warm: the next look asks RUNNING only, then describes
+    fleet.tasks_on(ci)  # warm: the next look asks RUNNING only, then describes what is new
+    start(ecs, ci, "agent", "service:agents")
     gaps.throttle("DescribeTasks", count=1)
     with pytest.raises(Retryable):
         fleet.tasks_on(ci)
-    assert len(fleet.tasks_on(ci)) == 1, "count=1: the next call goes through"
+    assert len(fleet.tasks_on(ci)) == 2, "count=1: the next call goes through"
     assert gaps.throttled == {
         "ListTasks": 1,
         "ListContainerInstances": 1,
@@ -389,7 +421,7 @@ def test_throttled_calls_are_retryable_in_every_adapter(
     )
     before = sum(gaps.throttled.values())
     for _ in range(3):
-        assert len(retrying.tasks_on(ci)) == 1
+        assert len(retrying.tasks_on(ci)) == 2
     assert sum(gaps.throttled.values()) > before
     with pytest.raises(ValueError):
         gaps.throttle("StopTask")

@@ -205,6 +205,8 @@ class DrainController:
         self.clock = clock or time.time
         self.coordinator_grace = coordinator_grace
         self._ended: dict[str, str] = {}
+        #: Instances whose drain this container saw end: (drain id, when it ended).
+        self._ended_at: dict[str, tuple[str, float]] = {}
         self._seen: dict[str, None] = {}
         #: Instances whose drain this container saw DRAINING (instance id -> drain id).
         self._draining: dict[str, str] = {}
@@ -226,7 +228,21 @@ class DrainController:
                 return Result("ignored", detail="no drain on that container instance")
             # STOPPED is final: the step this event wakes need not describe the task again.
             self.fleet.saw_stopped(signal.container_instance_arn, signal.task_arn)
+            ended = self._ended_at.get(instance_id)
+            if ended is not None and signal.stopped_at.timestamp() <= ended[1]:
+                # This container ended the instance's drain after the task had stopped (the
+                # step read it STOPPED): old news, for that drain and for any later one.
+                return Result(
+                    "ignored",
+                    instance_id,
+                    ended[0],
+                    "done",
+                    "the task stopped before the drain ended",
+                )
         elif isinstance(signal, InstanceDrainingSignal):
+            if signal.instance_id and signal.container_instance_arn:
+                # The task events that follow name only the container instance.
+                self.store.learn_link(signal.container_instance_arn, signal.instance_id)
             found = signal.instance_id or self.store.instance_for(signal.container_instance_arn)
             if found is None:
                 return Result("ignored", detail="no drain on that container instance")
@@ -400,6 +416,10 @@ class DrainController:
             self._draining.pop(record.instance_id, None)
         if record.phase == "done":
             _bounded_put(self._ended, record.instance_id, record.drain_id)
+            if record.completed_at is not None:
+                _bounded_put(
+                    self._ended_at, record.instance_id, (record.drain_id, record.completed_at)
+                )
 
     def _new_lease(self, now: float) -> tuple[str, float]:
         """A new lease's id and end, from ``now``."""
@@ -702,9 +722,7 @@ class _Step:
         tasks = self.remembered_tasks()
         agents = self.agents(tasks, known_only=True) if tasks is not None else None
         if tasks is None or agents is None:
-            tasks = [t for t in self.fleet.tasks_on(rec.container_instance_arn) if not t.daemon]
-            rec.looked_tasks = [[t.arn, t.group, t.desired_status] for t in tasks]
-            rec.looked_at = self.now
+            tasks = self.read_tasks()
             agents = self.agents(tasks) if tasks else None
         if not tasks:
             self.act()
@@ -853,6 +871,26 @@ class _Step:
             for arn, group, desired in rec.looked_tasks
         ]
 
+    def read_tasks(self, fleet: EcsPort | None = None) -> list[TaskInfo]:
+        """The instance's tasks read from ECS (``fleet``: the step's, unless given), daemons
+        left out; what was read is kept in the record (daemons apart), and what the record
+        kept from the last read is handed to the adapter (a look in another container)."""
+        rec = self.rec
+        assert rec.container_instance_arn is not None
+        known = [
+            TaskInfo(arn, group=group, last_status="", desired_status=desired, daemon=False)
+            for arn, group, desired in (row for row in rec.looked_tasks if len(row) == 3)
+        ] + [
+            TaskInfo(arn, group=group, last_status="", desired_status="RUNNING", daemon=True)
+            for arn, group in (row for row in rec.looked_daemons if len(row) == 2)
+        ]
+        read = (fleet or self.fleet).tasks_on(rec.container_instance_arn, known)
+        tasks = [t for t in read if not t.daemon]
+        rec.looked_tasks = [[t.arn, t.group, t.desired_status] for t in tasks]
+        rec.looked_daemons = [[t.arn, t.group] for t in read if t.daemon]
+        rec.looked_at = self.now
+        return tasks
+
     def agents(self, tasks: list[TaskInfo], known_only: bool = False) -> list[AgentView] | None:
         """Live agents of these tasks; None once the drain has fallen back to ECS
         (``known_only``: None too when the agents known for them cannot be asked one by one as
@@ -984,11 +1022,7 @@ class _Step:
 
     def fallback_now(self, why: str) -> None:
         # Signalling failed half-way: re-read the tasks so nothing is missed.
-        assert self.rec.container_instance_arn is not None
-        tasks = [
-            t for t in self.ctl.fleet.tasks_on(self.rec.container_instance_arn) if not t.daemon
-        ]
-        self.fallback(tasks, why)
+        self.fallback(self.read_tasks(self.ctl.fleet), why)
 
     def busy(self, tasks: list[TaskInfo], agents: list[AgentView]) -> bool:
         if any(a.busy for a in agents):

@@ -7,8 +7,8 @@ what the retries gave up on and is worth another try comes out as :class:`Retrya
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -55,15 +55,14 @@ def _keep(memo: dict[str, Any], key: str, value: Any) -> None:
 class _Seen:
     """One container instance's tasks as :meth:`EcsFleet.tasks_on` last saw them."""
 
-    #: Not STOPPED then (desired RUNNING, or stopping).
-    live: set[str]
+    #: Not STOPPED then (desired RUNNING, or stopping), as last described: one still listed
+    #: RUNNING is not described again (its group never changes, its desired status is what
+    #: the listing says; its last status is read by nothing).
+    live: dict[str, dict[str, Any]]
     #: Seen STOPPED (final: never described again).
     stopped: set[str]
     #: When both listings were last read.
     full_at: float
-    #: Tasks of DAEMON services, as last described (no drain waits for one, whatever its
-    #: state: one still listed RUNNING is not described again).
-    daemon_tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class EcsFleet:
@@ -167,38 +166,45 @@ class EcsFleet:
             told.add(task_arn)
         _keep(self._told_stopped, container_instance_arn, told)
 
-    def tasks_on(self, container_instance_arn: str) -> list[TaskInfo]:
+    def tasks_on(
+        self, container_instance_arn: str, known: Sequence[TaskInfo] = ()
+    ) -> list[TaskInfo]:
         """Tasks on the container instance that have not stopped yet (stopping ones too).
 
         ECS lists by desired status only (no filter means RUNNING; a stopping task is desired
         STOPPED, and so is every task that stopped in the last hour or more), so an exact answer
         takes two listings. A step needs one: ``ListTasks(RUNNING)``, then one
-        ``DescribeTasks`` (100 ARNs a call) of those and of the tasks that were live at this
-        instance's last look (a task that has begun stopping since was RUNNING then).
-        ``ListTasks(STOPPED)`` is read too when this adapter's last full look of the instance
-        is older than :attr:`full_listing_every` (a task that was placed and stopped between
-        two looks), and whenever the answer would hold no live task but daemons (the drain
-        would end on it: that answer is always exact). A first look (a new drain, a new Lambda
-        container) reads RUNNING only: a task that is stopping already is one the drain need
-        not pause or wait for, until it would end, and then the exact answer is read. Tasks seen
-        STOPPED are never described again (STOPPED is final), nor are those an event said are
-        STOPPED (:meth:`saw_stopped`), nor a DAEMON service's task still listed RUNNING (its
-        last description stands: nothing waits for a daemon's task).
+        ``DescribeTasks`` (100 ARNs a call) of the tasks it lists that were not live at this
+        instance's last look, and of those that were live then and are not listed now (they
+        have begun stopping since). A task live at the last look and still listed RUNNING is
+        taken as that look described it (its group never changes). ``ListTasks(STOPPED)`` is
+        read too when this adapter's last full look of the instance is older than
+        :attr:`full_listing_every` (a task that was placed and stopped between two looks), and
+        whenever the answer would hold no live task but daemons (the drain would end on it:
+        that answer is always exact). A first look reads RUNNING only: a task that is stopping
+        already is one the drain need not pause or wait for, until it would end, and then the
+        exact answer is read. Tasks seen STOPPED are never described again (STOPPED is final),
+        nor are those an event said are STOPPED (:meth:`saw_stopped`).
+
+        ``known``: the tasks as a look elsewhere left them (a drain record's: a step in
+        another Lambda container), the last look when this adapter has none of its own.
         """
         ci = container_instance_arn
         now = self._clock()
         seen = self._seen.pop(ci, None)
+        if seen is None and known:
+            seen = self._seeded(known, now)
         # A first look reads RUNNING only: a task stopping already is not waited for until the
         # answer would end the drain, and then the STOPPED listing is always read (below).
         full = seen is not None and now - seen.full_at >= self.full_listing_every
         known_stopped = set(seen.stopped) if seen else set()
         known_stopped |= self._told_stopped.pop(ci, set())
+        known_live = seen.live if seen else {}
         running = self._list_tasks(ci, "RUNNING")
-        wanted = _unique(running, seen.live if seen else ())
+        wanted = _unique(running, known_live)
         if full:
             wanted = _unique(wanted, self._list_tasks(ci, "STOPPED"))
-        known_daemons = seen.daemon_tasks if seen else {}
-        again = [known_daemons[a] for a in running if a in known_daemons]
+        again = [{**known_live[a], "desiredStatus": "RUNNING"} for a in running if a in known_live]
         reused = {t["taskArn"] for t in again}
         described = again + self._describe(
             ci, [a for a in wanted if a not in known_stopped and a not in reused]
@@ -222,10 +228,9 @@ class EcsFleet:
         self._remember(
             ci,
             _Seen(
-                live={t["taskArn"] for t in live},
+                live={t["taskArn"]: t for t in live},
                 stopped=known_stopped,
                 full_at=now if full else (seen.full_at if seen else now),
-                daemon_tasks={t["taskArn"]: t for t in live if _service(t) in daemons},
             ),
         )
         return [
@@ -238,6 +243,28 @@ class EcsFleet:
             )
             for t in live
         ]
+
+    def _seeded(self, known: Sequence[TaskInfo], now: float) -> _Seen:
+        """A last look made of ``known`` (a first look as to the STOPPED listing: its time is
+        not known). Their services' scheduling strategy is taken as they say (it cannot be
+        changed once a service is made)."""
+        for task in known:
+            service = _service({"group": task.group})
+            if service is not None:
+                self._daemon.setdefault(service, task.daemon)
+        return _Seen(
+            live={
+                t.arn: {
+                    "taskArn": t.arn,
+                    "group": t.group,
+                    "lastStatus": t.last_status,
+                    "desiredStatus": t.desired_status,
+                }
+                for t in known
+            },
+            stopped=set(),
+            full_at=now,
+        )
 
     def _list_tasks(self, ci: str, desired: str) -> list[str]:
         arns: list[str] = []

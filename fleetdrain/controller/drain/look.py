@@ -14,7 +14,7 @@ the few calls of one look.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from fleetdrain.controller.drain.ports import (
     AgentView,
@@ -39,9 +39,13 @@ class LookedFleet:
             self._instances[instance_id] = self.behind.find_container_instance(instance_id)
         return self._instances[instance_id]
 
-    def tasks_on(self, container_instance_arn: str) -> list[TaskInfo]:
+    def tasks_on(
+        self, container_instance_arn: str, known: Sequence[TaskInfo] = ()
+    ) -> list[TaskInfo]:
         if container_instance_arn not in self._tasks:
-            self._tasks[container_instance_arn] = self.behind.tasks_on(container_instance_arn)
+            self._tasks[container_instance_arn] = self.behind.tasks_on(
+                container_instance_arn, known
+            )
         return list(self._tasks[container_instance_arn])
 
     def protected(self, task_arns: list[str]) -> set[str]:

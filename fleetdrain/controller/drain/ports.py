@@ -26,7 +26,7 @@ Values: :class:`DrainRecord` (through the store), :class:`ContainerInstance` and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -153,6 +153,9 @@ class DrainRecord:
     #: before need not read them again for a while (see ``core.TASKS_LOOK_EVERY``).
     looked_tasks: list[list[str]] = field(default_factory=list)
     looked_at: float | None = None
+    #: The DAEMON services' tasks at that look (each ``[arn, group]``): nothing waits for
+    #: them, and a step in another container need not describe them again.
+    looked_daemons: list[list[str]] = field(default_factory=list)
 
     def leased(self, now: float) -> bool:
         """Whether a step holds the record at ``now``."""
@@ -218,6 +221,11 @@ class DrainStorePort(Protocol):
         """The instance a save's ``link`` put down for ``container_instance_arn``, or None."""
         ...
 
+    def learn_link(self, container_instance_arn: str, instance_id: str) -> None:
+        """An ECS event named both (a container instance is one EC2 instance for good): a
+        later :meth:`instance_for` in this container needs no read. Nothing is written."""
+        ...
+
     def in_flight(self) -> list[DrainRecord]:
         """Drains not done yet."""
         ...
@@ -258,8 +266,12 @@ class EcsPort(Protocol):
         """The container instance on EC2 instance ``instance_id``, or None if not in the cluster."""
         ...
 
-    def tasks_on(self, container_instance_arn: str) -> list[TaskInfo]:
-        """Tasks on the container instance that have not stopped yet (stopping ones too)."""
+    def tasks_on(
+        self, container_instance_arn: str, known: Sequence[TaskInfo] = ()
+    ) -> list[TaskInfo]:
+        """Tasks on the container instance that have not stopped yet (stopping ones too).
+        ``known``: the tasks as the drain record's last look left them (daemons too), which
+        the adapter may take as its own last look when it has none (another container's)."""
         ...
 
     def saw_stopped(self, container_instance_arn: str, task_arn: str) -> None:

@@ -212,6 +212,9 @@ class DynamoDrainStore:
             "ttl": {"N": str(int(self._clock() + self._ttl))},
         }
 
+    def learn_link(self, container_instance_arn: str, instance_id: str) -> None:
+        self._remember_link(container_instance_arn, instance_id)
+
     def instance_for(self, container_instance_arn: str) -> str | None:
         known = self._links.get(container_instance_arn)
         if known is not None:
