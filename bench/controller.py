@@ -26,7 +26,7 @@ own patterns, drain ticks delivered when due. Time is a fake clock (so a 5-minut
    it, as the runtime provides it. Skipped (with the reason) when no CPython 3.12 is found.
 4. A scale-in of N instances (default 1,000) in a 1,000-agent organization, the lifecycle
    actions arriving at ``--scale-in-per-minute`` (100) of AWS time; one agent and a daemon task
-   an instance, every tenth agent busy for 5 minutes.
+   an instance, every tenth agent busy for 5 minutes from its own drain's start.
 5. A spot storm: ``--storm`` instances (100) interrupted in the same second in a 1,000-agent
    organization; two agents an instance, on every other instance one busy with a job that cannot
    finish before the two minutes are up (so its drain must force it through the coordinator).
@@ -94,7 +94,7 @@ import boto3  # noqa: E402
 from moto import mock_aws  # noqa: E402
 
 from fleetdrain.agent.buildkite.models import RegisterRequest  # noqa: E402
-from fleetdrain.controller import drain_monitor, runtime  # noqa: E402
+from fleetdrain.controller import runtime  # noqa: E402
 from fleetdrain.controller.drain import core  # noqa: E402
 from fleetdrain.controller.drain.coordinator import CoordinatorClient  # noqa: E402
 from fleetdrain.controller.drain.ports import DrainRecord  # noqa: E402
@@ -106,12 +106,14 @@ from tests.controller.test_drains import (  # noqa: E402
     HANDLERS,
     REGION,
     Clock,
-    Ctx,
     SimAgent,
     World,
     sqs_event,
 )
 
+#: The three Lambda functions of template.yaml: deployed, each is its own process, so each has
+#: its own controller (its memory of drains, tasks and listings, its REST budget).
+FUNCTIONS = tuple(HANDLERS)
 GOALS = {"hook_latency": 2.0, "import_pyc": 0.35}
 #: Issue 12's goals for 4 and 5.
 FLEET_GOALS = {
@@ -161,11 +163,29 @@ class Calls:
 
 
 class BenchWorld(World):
-    """The tests' world, with any number of instances and counted controller clients."""
+    """The tests' world, with any number of instances and counted controller clients, one
+    controller per Lambda function (as deployed: each function is its own process, with its
+    own memory of drains, tasks and listings)."""
+
+    #: Function name -> its controller (:meth:`counted_controllers`); empty: the tests' one.
+    ctls: dict[str, core.DrainController]
 
     def build_many(self, instances: int) -> list[str]:
         """The tests' world with ``instances`` instances."""
         return self.build(instances)
+
+    def counted_controllers(
+        self, calls: Calls, **overrides: Any
+    ) -> dict[str, core.DrainController]:
+        """:meth:`counted_controller` once per function of template.yaml."""
+        self.ctls = {f: self.counted_controller(calls, **overrides) for f in FUNCTIONS}
+        return self.ctls
+
+    def invoke(self, function: str, event: dict[str, Any]) -> dict[str, Any]:
+        ctls = getattr(self, "ctls", {})
+        if ctls:
+            runtime.set_controller(ctls[function])
+        return super().invoke(function, event)
 
     def counted_controller(self, calls: Calls, **overrides: Any) -> core.DrainController:
         """The tests' controller wiring, its four AWS clients counted."""
@@ -248,7 +268,7 @@ def bench_hook_latency(samples: int) -> dict[str, Any]:
     with world() as w:
         ids = w.build_many(samples)
         calls = Calls()
-        w.counted_controller(calls)
+        w.counted_controllers(calls)
         latencies: list[float] = []
         path_calls: list[int] = []
         for iid in ids:
@@ -286,11 +306,12 @@ def bench_calls(job_seconds: float, before: bool = False, max_tick: float = 0.0)
     with world() as w:
         idle_i, busy_i = w.build_many(2)
         calls = Calls()
-        ctl: Any = w.counted_controller(
+        ctls = w.counted_controllers(
             calls, tick_interval=20, heartbeat_interval=60, max_tick_interval=max_tick
         )
-        if before and hasattr(ctl.fleet, "full_listing_every"):
-            ctl.fleet.full_listing_every = 0.0  # both task listings every step
+        for ctl in ctls.values():
+            if before and hasattr(ctl.fleet, "full_listing_every"):
+                ctl.fleet.full_listing_every = 0.0  # both task listings every step
         w.add_agent(idle_i)
         w.add_agent(idle_i)
         w.add_agent(busy_i, job_seconds=job_seconds)
@@ -449,8 +470,7 @@ class DrivenWorld(BenchWorld):
     instance it is about; failures are redelivered as AWS would; agents drain as fleetdrain's
     do (their own deadline after SIGTERM); a spot instance dies 120 s after its notice."""
 
-    #: Function name -> its controller, and their REST clients (:func:`fleet_controller`).
-    ctls: dict[str, core.DrainController]
+    #: The controllers' REST clients (:func:`fleet_controller`).
     clients: list[CoordinatorClient]
 
     def drive(self, calls: Calls) -> None:
@@ -500,10 +520,8 @@ class DrivenWorld(BenchWorld):
         for rule in self.rules:
             if not rule.matches(event):
                 continue
-            handler = HANDLERS[rule.function]
-            runtime.set_controller(self.ctls[rule.function])
             try:
-                out.append(self.charged(iid, lambda h=handler: h(event, Ctx())))
+                out.append(self.charged(iid, lambda f=rule.function: self.invoke(f, event)))
             except Exception:  # Lambda's asynchronous retries, then the DLQ
                 self.failures += 1
                 if tries < len(EVENT_RETRIES):
@@ -515,8 +533,9 @@ class DrivenWorld(BenchWorld):
     def deliver_ticks(self) -> None:
         for body in self.ticks.due():
             iid = str(json.loads(body).get("instance_id", "")) or None
-            runtime.set_controller(self.ctls["DrainMonitorFunction"])
-            response = self.charged(iid, lambda b=body: drain_monitor.handler(sqs_event(b), Ctx()))
+            response = self.charged(
+                iid, lambda b=body: self.invoke("DrainMonitorFunction", sqs_event(b))
+            )
             if response["batchItemFailures"]:
                 self.failures += 1
                 self.ticks.pending.append((self.clock() + TICK_REDELIVERY, body))
@@ -594,19 +613,12 @@ def other_agents(w: DrivenWorld, count: int) -> None:
         w.coord.connect(reg.access_token, {})
 
 
-#: The three Lambda functions of template.yaml: deployed, each is its own process, so each has
-#: its own controller (its memory of drains, tasks and listings, its REST budget).
-FUNCTIONS = tuple(HANDLERS)
-
-
 def fleet_controller(w: DrivenWorld, calls: Calls, before: bool) -> list[CoordinatorClient]:
     """One counted controller per function (as deployed: one warm container each), events and
     ticks delivered to the controller of the function that handles them; their REST clients."""
     clients = []
-    w.ctls = {}
-    for function in FUNCTIONS:
-        w.counted_controller(calls, tick_interval=20, heartbeat_interval=60, spot_margin=20)
-        ctl: Any = w.ctl
+    ctls = w.counted_controllers(calls, tick_interval=20, heartbeat_interval=60, spot_margin=20)
+    for ctl in ctls.values():
         # The client on the world's clock (a wait for the rate-limit window moves it).
         client = CoordinatorClient(
             w.server.url,
@@ -628,15 +640,14 @@ def fleet_controller(w: DrivenWorld, calls: Calls, before: bool) -> list[Coordin
             if before
             else SharedAgentListing(
                 client,
-                DynamoListingCache(ctl.store._ddb, "drains", w.ctl.settings.cluster, w.clock, 3600),
-                w.ctl.settings.cluster,
+                DynamoListingCache(ctl.store._ddb, "drains", ctl.settings.cluster, w.clock, 3600),
+                ctl.settings.cluster,
                 w.clock,
                 sleep=w.clock.advance,
             )
         )
         if before and hasattr(ctl.fleet, "full_listing_every"):
             ctl.fleet.full_listing_every = 0.0  # both task listings every step
-        w.ctls[function] = ctl
     w.rest = clients[0]
     w.clients = clients
     w.drive(calls)
@@ -690,14 +701,15 @@ def bench_scale_in(
         t = time.perf_counter()
         ids = w.build_many(instances)
         busy = set(ids[::10])
-        for iid in ids:
-            w.add_agent(iid, job_seconds=300.0 if iid in busy else None)
+        gap = 60.0 / per_minute
+        for n, iid in enumerate(ids):
+            # Busy for 300 s from the moment its own drain begins (the n-th, n gaps from now).
+            w.add_agent(iid, job_seconds=300.0 + n * gap if iid in busy else None)
         other_agents(w, max(0, org_agents - instances))
         setup = time.perf_counter() - t
         calls = Calls()
         clients = fleet_controller(w, calls, before)
         t, start = time.perf_counter(), w.clock()
-        gap = 60.0 / per_minute
         pending = list(ids)
         next_at = start
         limit = start + len(ids) * gap + 1800

@@ -420,12 +420,16 @@ class World:
 
     # ------------------------------------------------------------------ events
 
+    def invoke(self, function: str, event: dict[str, Any]) -> dict[str, Any]:
+        """Invoke one function's handler with ``event`` (as Lambda does)."""
+        return HANDLERS[function](event, Ctx())
+
     def route(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         """Deliver one event to every function whose template rule matches it."""
         out = []
         for rule in self.rules:
             if rule.matches(event):
-                out.append(HANDLERS[rule.function](event, Ctx()))
+                out.append(self.invoke(rule.function, event))
         self.results.extend(out)
         return out
 
@@ -453,7 +457,7 @@ class World:
             self.gaps.expire_lifecycle_actions()
             due = self.ticks.due()
             if due:
-                response = drain_monitor.handler(sqs_event(*due), Ctx())
+                response = self.invoke("DrainMonitorFunction", sqs_event(*due))
                 assert response == {"batchItemFailures": []}, response
             self.pump()
 
