@@ -100,6 +100,7 @@ from fleetdrain.controller.drain.coordinator import CoordinatorClient  # noqa: E
 from fleetdrain.controller.drain.ports import DrainRecord  # noqa: E402
 from fleetdrain.controller.drain.shared_listing import SharedAgentListing  # noqa: E402
 from fleetdrain.controller.drain.state import DynamoDrainStore, DynamoListingCache  # noqa: E402
+from fleetdrain.controller.drain.ticks import tick_body  # noqa: E402
 from fleetdrain.drill.aws.gaps import AwsGaps  # noqa: E402
 from fleetdrain.drill.coordinator import Coordinator, CoordinatorServer  # noqa: E402
 from tests.controller.test_drains import (  # noqa: E402
@@ -205,9 +206,18 @@ class BenchWorld(World):
         fake = self.ticks
 
         class CountedTicks:
-            def schedule(self, instance_id: str, drain_id: str, tick_id: str, delay: int) -> None:
-                sqs.send_message(QueueUrl=url, MessageBody="tick", DelaySeconds=0)
-                fake.schedule(instance_id, drain_id, tick_id, delay)
+            def schedule(
+                self,
+                instance_id: str,
+                drain_id: str,
+                tick_id: str,
+                delay: int,
+                record: DrainRecord | None = None,
+            ) -> None:
+                # The body as SqsTicks sends it (the record it carries included).
+                body = tick_body(instance_id, drain_id, tick_id, record)
+                sqs.send_message(QueueUrl=url, MessageBody=body, DelaySeconds=0)
+                fake.schedule(instance_id, drain_id, tick_id, delay, record)
 
         ctl.ticks = CountedTicks()
         return ctl

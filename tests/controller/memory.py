@@ -118,9 +118,13 @@ class MemoryStore:
             self.links[link] = record.instance_id
         return saved
 
-    def save(self, record: DrainRecord, link: str | None = None) -> DrainRecord:
+    def save(
+        self, record: DrainRecord, link: str | None = None, expect_tick: str | None = None
+    ) -> DrainRecord:
         current = self.records.get(record.instance_id)
         if current is None or current.version != record.version:
+            raise Conflict("PutItem")
+        if expect_tick is not None and current.tick_id != expect_tick:
             raise Conflict("PutItem")
         saved = dataclasses.replace(copy.deepcopy(record), version=record.version + 1)
         self.records[record.instance_id] = copy.deepcopy(saved)
@@ -752,5 +756,14 @@ class _Ticks:
     def __init__(self, world: World) -> None:
         self.w = world
 
-    def schedule(self, instance_id: str, drain_id: str, tick_id: str, delay: int) -> None:
-        self.w.send(TickSignal(instance_id, drain_id, tick_id), delay=delay)
+    def schedule(
+        self,
+        instance_id: str,
+        drain_id: str,
+        tick_id: str,
+        delay: int,
+        record: DrainRecord | None = None,
+    ) -> None:
+        # The record travels as a copy, as it does in an SQS message body.
+        carried = copy.deepcopy(record)
+        self.w.send(TickSignal(instance_id, drain_id, tick_id, carried), delay=delay)

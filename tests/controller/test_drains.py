@@ -93,9 +93,17 @@ class FakeTicks:
         self.pending: list[tuple[float, str]] = []
         self.sent = 0
 
-    def schedule(self, instance_id: str, drain_id: str, tick_id: str, delay: int) -> None:
+    def schedule(
+        self,
+        instance_id: str,
+        drain_id: str,
+        tick_id: str,
+        delay: int,
+        record: DrainRecord | None = None,
+    ) -> None:
         self.sent += 1
-        self.pending.append((self.clock() + delay, tick_body(instance_id, drain_id, tick_id)))
+        body = tick_body(instance_id, drain_id, tick_id, record)
+        self.pending.append((self.clock() + delay, body))
 
     def due(self) -> list[str]:
         now = self.clock()

@@ -5,6 +5,7 @@ mapping (botocore Stubber for throttling and expired tokens)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from fleetdrain.controller.drain.ecs_fleet import EcsFleet
 from fleetdrain.controller.drain.errors import CoordinatorUnavailable, LifecycleGone, Retryable
 from fleetdrain.controller.drain.events import MalformedEvent, parse_event, parse_message
 from fleetdrain.controller.drain.lifecycle import LifecycleActions
+from fleetdrain.controller.drain.ports import DrainRecord
 from fleetdrain.controller.drain.signals import (
     Ignored,
     InstanceDrainingSignal,
@@ -654,6 +656,20 @@ def test_an_instance_of_another_cluster_costs_one_call_not_a_scan() -> None:
         )
         assert fleet.find_container_instance("i-b") is None
         stub.assert_no_pending_responses()
+
+
+def test_a_tick_carries_its_record_and_a_copy_it_cannot_use_is_dropped_not_the_tick() -> None:
+    rec = DrainRecord(instance_id="i-1", drain_id="d1", cluster="ci", started_at=1.0, version=4)
+    signal = parse_message(tick_body("i-1", "d1", "t1", rec))
+    assert isinstance(signal, TickSignal) and signal.record == rec
+    assert signal.record is not None and signal.record.version == 4
+    other = dataclasses.replace(rec, drain_id="d0")  # a copy of another drain's record
+    assert parse_message(tick_body("i-1", "d1", "t1", other)) == TickSignal("i-1", "d1", "t1")
+    assert parse_message(tick_body("i-1", "d1", "t1", other)).record is None  # type: ignore[union-attr]
+    body = json.loads(tick_body("i-1", "d1", "t1"))
+    body["record"] = '{"not": "a record"}'
+    unreadable = parse_message(json.dumps(body))
+    assert isinstance(unreadable, TickSignal) and unreadable.record is None
 
 
 def test_sqs_ticks_send_a_delayed_tick(aws: None) -> None:

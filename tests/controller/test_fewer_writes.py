@@ -77,12 +77,14 @@ class CountingStore:
         self.calls["claim"] += 1
         return self._store.claim(instance_id, lease_id, lease_until, now)  # type: ignore[no-any-return]
 
-    def save(self, record: DrainRecord, link: str | None = None) -> DrainRecord:
+    def save(
+        self, record: DrainRecord, link: str | None = None, expect_tick: str | None = None
+    ) -> DrainRecord:
         self.calls["save"] += 1
         if link is not None:
             self.calls["save with link"] += 1
         self.saved.append(record)
-        return self._store.save(record, link=link)  # type: ignore[no-any-return]
+        return self._store.save(record, link=link, expect_tick=expect_tick)  # type: ignore[no-any-return]
 
 
 def counted(world: World) -> CountingStore:
@@ -196,6 +198,34 @@ def test_a_task_that_stops_after_a_drain_ended_wakes_the_next_one(world: World) 
     assert (rec.episode, rec.phase, rec.outcome) == (2, "done", "drained"), rec
     assert world.gaps.actions[a].result == "CONTINUE"
     assert all(r.get("detail") != "the task stopped before the drain ended" for r in world.results)
+
+
+def test_a_tick_carries_the_record_and_a_stale_copy_is_caught_by_its_write(world: World) -> None:
+    """A waiting drain's tick brings the record as its step saved it: no read. A copy that is
+    old (another container wrote the record since) fails its conditional write, and the step
+    reads the record and runs as any step does."""
+    (a,) = world.build(instances=1)
+    world.controller(tick_interval=20)
+    world.add_agent(a, job_seconds=600)
+    world.emit(world.gaps.begin_termination(a))
+    assert world.record(a).phase == "soft"
+    store = counted(world)
+    steps = store.peek(a).steps
+    world.advance(60)
+    assert store.peek(a).steps >= steps + 2, "ticks stepped"
+    assert store.calls["get"] == 0 and store.calls["save"] >= 2, store.calls
+    # Another container writes the record (its own step): the pending tick's copy is old.
+    other = DynamoDrainStore(world.ddb, "drains", world.clock, 3600)
+    rec = other.get(a)
+    assert rec is not None
+    other.save(dataclasses.replace(rec, seen_events=[*rec.seen_events, "elsewhere"]))
+    store.calls.clear()
+    before = store.peek(a).steps
+    world.advance(25)
+    after = store.peek(a)
+    assert store.calls["get"] >= 1, "the old copy's write failed and the step read the record"
+    assert after.steps > before and "elsewhere" in after.seen_events
+    assert after.tick_id is not None and after.phase == "soft"
 
 
 def test_a_tick_of_an_earlier_episode_is_ignored_and_the_new_one_steps(world: World) -> None:

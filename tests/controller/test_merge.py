@@ -851,7 +851,14 @@ class NoLifecycle:
 
 
 class NoTicks:
-    def schedule(self, instance_id: str, drain_id: str, tick_id: str, delay: int) -> None:
+    def schedule(
+        self,
+        instance_id: str,
+        drain_id: str,
+        tick_id: str,
+        delay: int,
+        record: DrainRecord | None = None,
+    ) -> None:
         raise AssertionError("a finished drain schedules no tick")
 
 

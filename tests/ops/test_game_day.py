@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -469,10 +470,13 @@ class LambdaPump:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def schedule(self, instance_id: str, drain_id: str, tick_id: str, delay: int) -> None:
+    def schedule(
+        self, instance_id: str, drain_id: str, tick_id: str, delay: int, record: Any = None
+    ) -> None:
         from fleetdrain.controller.drain.ticks import tick_body
 
-        self.ticks.append((time.time() + delay, tick_body(instance_id, drain_id, tick_id)))
+        body = tick_body(instance_id, drain_id, tick_id, record)
+        self.ticks.append((time.time() + delay, body))
 
     def _deliver(self, bodies: list[str]) -> None:
         """Due ticks as the SQS event source mapping invokes the drain monitor with them (the

@@ -205,6 +205,10 @@ class DrainController:
         self.clock = clock or time.time
         self.coordinator_grace = coordinator_grace
         self._ended: dict[str, str] = {}
+        #: While a tick's carried record is used: (instance, its version, its tick id).
+        self._expect: tuple[str, int, str | None] | None = None
+        #: The newest version of each instance's record this container has seen.
+        self._versions: dict[str, int] = {}
         #: Instances whose drain this container saw end: (drain id, when it ended).
         self._ended_at: dict[str, tuple[str, float]] = {}
         self._seen: dict[str, None] = {}
@@ -272,6 +276,13 @@ class DrainController:
         # claims the record in the write that reads it (once: a claim that finds the record
         # held, done or missing reads it as any event does).
         claim_first = isinstance(signal, TaskStoppedSignal)
+        # A tick carries the record as its sender saved it: taken as read, once (a write it
+        # leads to is conditional on that version; a Conflict reads it as any event does).
+        carried = signal.record if isinstance(signal, TickSignal) else None
+        if carried is not None and carried.version < self._versions.get(instance_id, 0):
+            # This container has seen the record written since the tick was sent (a task
+            # event's step that kept the pending tick): the copy is old, read it.
+            carried = None
         races = polls = 0
         waited = 0.0
         while True:
@@ -282,6 +293,14 @@ class DrainController:
                     if claimed is not None:
                         return claimed
                     return self._handle_once(instance_id, signal, current=read)
+                if carried is not None:
+                    current, carried = carried, None
+                    # Its writes are conditional on its pending tick too (see _save).
+                    self._expect = (instance_id, current.version, current.tick_id)
+                    try:
+                        return self._handle_once(instance_id, signal, current=current)
+                    finally:
+                        self._expect = None
                 return self._handle_once(instance_id, signal, guess_new)
             except Conflict:
                 if guess_new:
@@ -363,7 +382,7 @@ class DrainController:
             record = self.store.create(record)
             self._remember(record)
         elif (merged.changed or step) and not look_first and not fresh:
-            record = self.store.save(record)
+            record = self._save(record)
         if merged.action == "started":
             self.metrics.count(DRAINS_STARTED)
             self._log(record).info(
@@ -410,6 +429,8 @@ class DrainController:
     def _remember(self, record: DrainRecord) -> None:
         """Note that ``record`` exists (and, when it is done, that its drain ended)."""
         _bounded_put(self._seen, record.instance_id, None)
+        seen = self._versions.get(record.instance_id, 0)
+        _bounded_put(self._versions, record.instance_id, max(seen, record.version))
         if record.draining_at is not None:
             _bounded_put(self._draining, record.instance_id, record.drain_id)
         else:
@@ -472,7 +493,7 @@ class DrainController:
             if saved is not None:
                 held.release(lg)
                 return saved
-            record = self.store.save(self._claimed(record, self.clock()))
+            record = self._save(self._claimed(record, self.clock()))
         saved = self._run_step(record, lg, looked, acting=True, fresh=fresh)
         assert saved is not None
         return saved
@@ -527,7 +548,17 @@ class DrainController:
         rec.lease_id = rec.lease_until = None
         if fresh:
             return self.store.create(rec, link=link)
-        return self.store.save(rec, link=link)
+        return self._save(rec, link=link)
+
+    def _save(self, record: DrainRecord, link: str | None = None) -> DrainRecord:
+        """``store.save``; a write of a tick's carried copy (at its version) is conditional on
+        the stored record's pending tick being that tick too: a copy of a save that never
+        happened can have the version of a record written otherwise (a failed step's release,
+        a retried first step)."""
+        expect = self._expect
+        if expect is not None and (record.instance_id, record.version) == expect[:2]:
+            return self.store.save(record, link=link, expect_tick=expect[2])
+        return self.store.save(record, link=link)
 
     def _release(self, claimed: DrainRecord, lg: DrainLog, fresh: bool = False) -> None:
         """A step failed: give the record back as it was claimed (or merged, for a look), so
@@ -539,7 +570,7 @@ class DrainController:
             if fresh:
                 self.store.create(released)
             else:
-                self.store.save(released)
+                self._save(released)
         except Exception as exc:
             lg.warning("could not release the drain record", extra={"error": str(exc)})
 
@@ -598,7 +629,17 @@ class DrainController:
         ):
             return  # the pending tick comes soon enough
         tick_id = uuid.uuid4().hex[:12]
-        self.ticks.schedule(rec.instance_id, rec.drain_id, tick_id, delay)
+        # The record as this step is about to save it (one version up, its lease given back):
+        # the tick's step takes it as read.
+        carried = dataclasses.replace(
+            copy.deepcopy(rec),
+            version=rec.version + 1,
+            lease_id=None,
+            lease_until=None,
+            tick_id=tick_id,
+            tick_due=due,
+        )
+        self.ticks.schedule(rec.instance_id, rec.drain_id, tick_id, delay, carried)
         rec.tick_id, rec.tick_due = tick_id, due
 
     # ------------------------------------------------------------------ helpers

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fleetdrain.controller.drain.ports import DrainRecord
 from fleetdrain.controller.drain.signals import (
     Ignored,
     InstanceDrainingSignal,
@@ -283,6 +284,8 @@ class TickMessage(_Open):
     instance_id: str
     drain_id: str
     tick_id: str
+    #: The drain record as the step that sent the tick saved it (``state.record_to_doc``).
+    record: str | None = None
 
 
 def _problems(exc: ValidationError) -> str:
@@ -425,11 +428,29 @@ def parse_message(body: str) -> Signal | Several:
     return _parse_body_object(data)
 
 
+def _carried(doc: str | None, tick: TickMessage) -> DrainRecord | None:
+    """The record a tick carries, or None when it carries none we can read (the step then
+    reads the record: an unreadable copy is no reason to drop the tick)."""
+    if doc is None:
+        return None
+    from fleetdrain.controller.drain.state import record_from_doc
+
+    try:
+        record = record_from_doc(doc)
+    except ValidationError:
+        return None
+    if (record.instance_id, record.drain_id) != (tick.instance_id, tick.drain_id):
+        return None
+    return record
+
+
 def _parse_body_object(data: dict[str, Any]) -> Signal:
     try:
         if data.get("kind") == TICK_KIND:
             tick = TickMessage.model_validate(data)
-            return TickSignal(tick.instance_id, tick.drain_id, tick.tick_id)
+            return TickSignal(
+                tick.instance_id, tick.drain_id, tick.tick_id, _carried(tick.record, tick)
+            )
         if data.get("Event") == TEST_NOTIFICATION:
             test = TestNotification.model_validate(data)
             return Ignored(f"test notification for {test.AutoScalingGroupName}")

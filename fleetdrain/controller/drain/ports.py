@@ -202,10 +202,15 @@ class DrainStorePort(Protocol):
         :meth:`save`'s, in the same write."""
         ...
 
-    def save(self, record: DrainRecord, link: str | None = None) -> DrainRecord:
+    def save(
+        self, record: DrainRecord, link: str | None = None, expect_tick: str | None = None
+    ) -> DrainRecord:
         """Write if still at ``record.version`` (Conflict otherwise); returns it one higher.
         ``link``: a container instance ARN, remembered (in the same write) as this record's
-        instance: task events name only the container instance."""
+        instance: task events name only the container instance. ``expect_tick``: and only if
+        the stored record's pending tick is this one (a copy a tick carried: its version
+        alone does not say it is what was stored, as a step that failed before its save may
+        have written that version as it was claimed)."""
         ...
 
     def claim(
@@ -367,8 +372,17 @@ class LifecyclePort(Protocol):
 class TicksPort(Protocol):
     """Delayed messages that wake a drain up (the safety net under events)."""
 
-    def schedule(self, instance_id: str, drain_id: str, tick_id: str, delay: int) -> None:
-        """Deliver a tick for the drain in ``delay`` seconds (at most the queue's ceiling)."""
+    def schedule(
+        self,
+        instance_id: str,
+        drain_id: str,
+        tick_id: str,
+        delay: int,
+        record: DrainRecord | None = None,
+    ) -> None:
+        """Deliver a tick for the drain in ``delay`` seconds (at most the queue's ceiling).
+        ``record``: the drain record as the step that sends the tick is saving it, carried in
+        the tick (its step need not read it when nothing has written it since)."""
         ...
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from fleetdrain.controller.drain.ports import DrainRecord
+
 
 @dataclass(frozen=True)
 class LifecycleSignal:
@@ -89,11 +91,13 @@ class InstanceDrainingSignal:
 
 @dataclass(frozen=True)
 class TickSignal:
-    """One of our own delayed ticks."""
+    """One of our own delayed ticks; ``record``: the drain record it carries (as the step that
+    sent it saved it), or None (read it)."""
 
     instance_id: str
     drain_id: str
     tick_id: str
+    record: DrainRecord | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,8 @@ class DynamoDrainStore:
             "ttl": {"N": str(int(self._clock() + self._ttl))},
             "doc": {"S": record_to_doc(doc)},
         }
+        if record.tick_id is not None:
+            item["tick_id"] = {"S": record.tick_id}
         if record.lease_id is not None:
             item["lease_id"] = {"S": record.lease_id}
             item["lease_until"] = {"N": repr(record.lease_until or 0.0)}
@@ -164,11 +166,18 @@ class DynamoDrainStore:
             )
         return dataclasses.replace(record, version=1)
 
-    def save(self, record: DrainRecord, link: str | None = None) -> DrainRecord:
+    def save(
+        self, record: DrainRecord, link: str | None = None, expect_tick: str | None = None
+    ) -> DrainRecord:
+        values: dict[str, Any] = {":v": {"N": str(record.version)}}
+        condition = "version = :v"
+        if expect_tick is not None:
+            condition += " AND tick_id = :t"
+            values[":t"] = {"S": expect_tick}
         put = {
             "Item": self._item(record, record.version + 1),
-            "ConditionExpression": "version = :v",
-            "ExpressionAttributeValues": {":v": {"N": str(record.version)}},
+            "ConditionExpression": condition,
+            "ExpressionAttributeValues": values,
         }
         if link is None:
             self._call("PutItem", self._ddb.put_item, **put)

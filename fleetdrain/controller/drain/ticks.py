@@ -1,4 +1,8 @@
-"""Delayed SQS messages of our own that wake a drain up (the safety net under events)."""
+"""Delayed SQS messages of our own that wake a drain up (the safety net under events).
+
+A tick carries the drain record as the step that sent it saved it (its version included): the
+step the tick wakes takes it as read, and its writes, conditional on that version as every
+write is, find out if anything wrote the record since (a Conflict, and then it is read)."""
 
 from __future__ import annotations
 
@@ -9,15 +13,25 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from fleetdrain.controller.drain.aws_errors import reraise_retryable
 from fleetdrain.controller.drain.events import TICK_KIND
+from fleetdrain.controller.drain.ports import DrainRecord
+from fleetdrain.controller.drain.state import record_to_doc
 
 MAX_DELAY = 900  # SQS DelaySeconds ceiling
 
 
-def tick_body(instance_id: str, drain_id: str, tick_id: str) -> str:
+def tick_body(
+    instance_id: str, drain_id: str, tick_id: str, record: DrainRecord | None = None
+) -> str:
     """The message body of a tick (what ``events.parse_message`` reads back)."""
-    return json.dumps(
-        {"kind": TICK_KIND, "instance_id": instance_id, "drain_id": drain_id, "tick_id": tick_id}
-    )
+    body: dict[str, Any] = {
+        "kind": TICK_KIND,
+        "instance_id": instance_id,
+        "drain_id": drain_id,
+        "tick_id": tick_id,
+    }
+    if record is not None:
+        body["record"] = record_to_doc(record)
+    return json.dumps(body)
 
 
 class SqsTicks:
@@ -27,11 +41,18 @@ class SqsTicks:
         self._sqs = client
         self._queue_url = queue_url
 
-    def schedule(self, instance_id: str, drain_id: str, tick_id: str, delay: int) -> None:
+    def schedule(
+        self,
+        instance_id: str,
+        drain_id: str,
+        tick_id: str,
+        delay: int,
+        record: DrainRecord | None = None,
+    ) -> None:
         try:
             self._sqs.send_message(
                 QueueUrl=self._queue_url,
-                MessageBody=tick_body(instance_id, drain_id, tick_id),
+                MessageBody=tick_body(instance_id, drain_id, tick_id, record),
                 DelaySeconds=max(0, min(MAX_DELAY, int(delay))),
             )
         except (ClientError, BotoCoreError) as exc:
