@@ -666,6 +666,11 @@ def test_a_tick_carries_its_record_and_a_copy_it_cannot_use_is_dropped_not_the_t
     other = dataclasses.replace(rec, drain_id="d0")  # a copy of another drain's record
     assert parse_message(tick_body("i-1", "d1", "t1", other)) == TickSignal("i-1", "d1", "t1")
     assert parse_message(tick_body("i-1", "d1", "t1", other)).record is None  # type: ignore[union-attr]
+    # A record too big for an SQS message is left out: the step reads it.
+    big = dataclasses.replace(
+        rec, looked_tasks=[[f"arn:{n:06d}", "service:x", "RUNNING"] for n in range(8000)]
+    )
+    assert "record" not in json.loads(tick_body("i-1", "d1", "t1", big))
     body = json.loads(tick_body("i-1", "d1", "t1"))
     body["record"] = '{"not": "a record"}'
     unreadable = parse_message(json.dumps(body))

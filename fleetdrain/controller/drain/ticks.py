@@ -17,6 +17,9 @@ from fleetdrain.controller.drain.ports import DrainRecord
 from fleetdrain.controller.drain.state import record_to_doc
 
 MAX_DELAY = 900  # SQS DelaySeconds ceiling
+#: A record bigger than this is not carried (SQS takes 256 KiB a message; a record is a few KB,
+#: more only with hundreds of tasks on one instance): the tick's step reads it instead.
+MAX_CARRIED = 200_000
 
 
 def tick_body(
@@ -30,7 +33,9 @@ def tick_body(
         "tick_id": tick_id,
     }
     if record is not None:
-        body["record"] = record_to_doc(record)
+        doc = record_to_doc(record)
+        if len(doc.encode()) <= MAX_CARRIED:
+            body["record"] = doc
     return json.dumps(body)
 
 
