@@ -244,6 +244,10 @@ class ProtectionKeeper:
         self.enabled = False
         self.expires_at: datetime | None = None
         self.last_error: str | None = None
+        # The PUT in flight, if any. It runs shielded: cancelling run() at shutdown must not
+        # cut a PUT the ECS agent may already have applied, or release() would not know the
+        # state and would send it again.
+        self._call: asyncio.Task[None] | None = None
 
     def notify(self) -> None:
         """Re-evaluate now: call when a job starts or ends (from the event loop's thread)."""
@@ -274,8 +278,12 @@ class ProtectionKeeper:
     async def release(self) -> None:
         """Turn protection off if it is on (at shutdown, after :meth:`run` was cancelled).
 
-        Errors are recorded and logged, not raised.
+        A PUT still in flight (run() was cancelled while it waited) is let finish first, so
+        its answer, not a guess, says whether protection is on. Errors are recorded and
+        logged, not raised.
         """
+        if self._call is not None and not self._call.done():
+            await self._call
         if self.enabled:
             await self._put(False, self._clock())
 
@@ -292,6 +300,10 @@ class ProtectionKeeper:
             await self._put(False, self._clock())
 
     async def _put(self, enabled: bool, now: datetime) -> None:
+        self._call = asyncio.ensure_future(self._apply(enabled, now))
+        await asyncio.shield(self._call)
+
+    async def _apply(self, enabled: bool, now: datetime) -> None:
         try:
             state = await self._protection.set(
                 enabled, self._expires_in_minutes if enabled else None

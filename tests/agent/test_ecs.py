@@ -430,6 +430,57 @@ async def test_keeper_release_turns_protection_off(
     assert keeper.last_error is not None  # evaluate records, does not raise
 
 
+class AnswerHeldBack:
+    """A TaskProtection whose PUT reaches the ECS agent, but whose answer waits for ``gate``."""
+
+    def __init__(self, inner: TaskProtection) -> None:
+        self.inner = inner
+        self.gate = asyncio.Event()
+        self.applied = asyncio.Event()
+
+    async def set(self, enabled: bool, expires_in_minutes: int | None = None):
+        state = await self.inner.set(enabled, expires_in_minutes)
+        self.applied.set()
+        await self.gate.wait()
+        return state
+
+
+@pytest.mark.parametrize("busy_at_stop", [False, True])
+async def test_keeper_cancelled_mid_put_lets_it_finish_and_does_not_repeat_it(
+    standin: EcsAgentStandIn, client, clock: ManualClock, busy_at_stop: bool
+):
+    # The shutdown race CI caught: the job ended, the PUT turning protection off reached the
+    # ECS agent, and SIGTERM cancelled run() before its answer was read. release() must take
+    # that answer, not send the PUT again (nor leave protection on when the PUT was to enable).
+    task = standin.add_task()
+    held = AnswerHeldBack(TaskProtection(client, standin.env_for(task.task_id)["ECS_AGENT_URI"]))
+    busy = Busy()
+    keeper = ProtectionKeeper(held, busy, check_interval=60, clock=clock)  # type: ignore[arg-type]
+    held.gate.set()
+    busy.value = True
+    await keeper.evaluate()
+    assert keeper.enabled
+    held.gate.clear()
+    held.applied.clear()
+    if busy_at_stop:
+        clock.advance(minutes=50)  # inside the renewal margin: the PUT in flight enables
+    else:
+        busy.value = False
+    runner = asyncio.create_task(keeper.run())
+    await asyncio.wait_for(held.applied.wait(), 5)
+    runner.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await runner
+    releasing = asyncio.create_task(keeper.release())
+    await asyncio.sleep(0.05)
+    assert not releasing.done()  # waiting for the answer in flight
+    held.gate.set()
+    await asyncio.wait_for(releasing, 5)
+    puts = [p.enabled for p in standin.puts(task.task_id)]
+    assert puts == ([True, True, False] if busy_at_stop else [True, False]), puts
+    assert not keeper.enabled and not standin.protection(task.task_id).enabled
+
+
 async def test_keeper_survives_server_errors(keeper_setup, standin: EcsAgentStandIn, caplog):
     task, busy, keeper, runner = keeper_setup
     standin.fail_next(2, 500)
