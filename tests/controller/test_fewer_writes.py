@@ -221,7 +221,7 @@ def test_a_tick_carries_the_record_and_a_stale_copy_is_caught_by_its_write(world
     other.save(dataclasses.replace(rec, seen_events=[*rec.seen_events, "elsewhere"]))
     store.calls.clear()
     before = store.peek(a).steps
-    world.advance(25)
+    world.run_until(lambda: store.peek(a).steps > before, limit=90)  # the next tick's step
     after = store.peek(a)
     assert store.calls["get"] >= 1, "the old copy's write failed and the step read the record"
     assert after.steps > before and "elsewhere" in after.seen_events

@@ -203,7 +203,7 @@ SEQUENCES = [
             ("scale_in", "a", "L2", {"warm": True}),
             ("result", "started"),
             ("record", "a", {"phase": "soft", "reasons": ["scale_in"], "~force_in": 600.0}),
-            ("advance", 520),
+            ("advance", 580),  # the job ends at 500; the tick has grown to 60 s by then
             ("jobs", {"j": "passed"}),
             ("hook", "L2", "completed", 1),
         ],
@@ -234,7 +234,7 @@ SEQUENCES = [
             ("ci", "a", "ACTIVE"),
             ("scale_in", "a", "L"),
             ("record", "a", {"episode": 2, "phase": "soft"}),
-            ("advance", 220),
+            ("advance", 280),  # the job ends at 200, found by a tick grown to 60 s
             ("jobs", {"j": "passed"}),
             ("hook", "L", "completed", 1),
         ],
@@ -360,7 +360,7 @@ SEQUENCES = [
             ("rebalance", "a", "R"),
             ("again", "R"),
             ("result", "duplicate"),
-            ("advance", 220),
+            ("advance", 280),  # the job ends at 200, found by a tick grown to 60 s
             ("jobs", {"j": "passed"}),
             ("hook", "L", "completed", 1),
             ("again", "L"),

@@ -202,11 +202,11 @@ def test_the_reserve_keeps_the_last_requests_for_forced_stops() -> None:
     assert last.affords(1, 60.0, RESERVE["pause"]), "a reset window has all of it again"
 
 
-def test_the_tick_grows_with_the_wait_only_when_asked_to() -> None:
+def test_the_tick_grows_with_the_wait_up_to_its_cap_unless_turned_off() -> None:
     rec = DrainRecord(instance_id="i-1", drain_id="d", cluster=CLUSTER, started_at=0.0)
-    fixed = Settings(cluster=CLUSTER, tick_interval=20.0)
+    fixed = Settings(cluster=CLUSTER, tick_interval=20.0, max_tick_interval=0.0)
     assert [wait_tick(rec, t, fixed) for t in (0, 100, 1000)] == [20.0, 20.0, 20.0]
-    growing = dataclasses.replace(fixed, max_tick_interval=60.0)
+    growing = Settings(cluster=CLUSTER, tick_interval=20.0)  # the default: up to 60 s
     assert [wait_tick(rec, t, growing) for t in (0, 40, 60, 90, 500)] == [20, 20, 30, 45, 60]
     rec.phase, rec.draining_at = "hard", 480.0
     assert wait_tick(rec, 500.0, growing) == 20.0, "hard: counted from DRAINING"

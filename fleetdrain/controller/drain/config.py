@@ -49,8 +49,8 @@ class Settings:
     tick_interval: float = 20.0
     #: A drain that has waited a while (for a long job, for tasks to exit) may be looked at
     #: less often: its tick grows to half its wait so far, up to this (never past a heartbeat,
-    #: the force or a rate-limit reset that is due sooner). 0 (the default): it does not grow.
-    max_tick_interval: float = 0.0
+    #: the force or a rate-limit reset that is due sooner). 0: it does not grow.
+    max_tick_interval: float = 60.0
     #: Container names that are agents (their exit 137 is counted as a SIGKILLed agent).
     agent_containers: frozenset[str] = field(default_factory=lambda: frozenset({"agent"}))
     #: Drain records are kept this long after their last change (DynamoDB TTL).
@@ -86,7 +86,7 @@ class Settings:
             rebalance_action=rebalance,
             heartbeat_interval=max(1.0, _float(env, "FLEETDRAIN_HEARTBEAT_SECONDS", 60.0)),
             tick_interval=max(1.0, _float(env, "FLEETDRAIN_TICK_SECONDS", 20.0)),
-            max_tick_interval=_float(env, "FLEETDRAIN_MAX_TICK_SECONDS", 0.0),
+            max_tick_interval=_float(env, "FLEETDRAIN_MAX_TICK_SECONDS", 60.0),
             agent_containers=frozenset(c.strip() for c in containers.split(",") if c.strip()),
             record_ttl=_float(env, "FLEETDRAIN_RECORD_TTL_SECONDS", 7 * 86400.0),
             step_lease=max(1.0, _float(env, "FLEETDRAIN_STEP_LEASE_SECONDS", 60.0)),
