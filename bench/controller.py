@@ -801,6 +801,17 @@ def mean_ops(counters: list[Counter[str]]) -> dict[str, float]:
     return {op: v / n for op, v in total.items()}
 
 
+#: The services whose API the controller's calls can be throttled by per account and Region
+#: (ECS's token buckets; Auto Scaling's lifecycle-action calls). DynamoDB on demand and SQS
+#: standard queues have no request rate a fleet's drains come near.
+CONTROL_PLANES = ("ecs", "auto-scaling")
+
+
+def control_plane(ops: dict[str, float]) -> float:
+    """The mean calls per instance to :data:`CONTROL_PLANES`."""
+    return sum(v for op, v in ops.items() if op.split(".", 1)[0] in CONTROL_PLANES)
+
+
 def show_mean_ops(ops: dict[str, float], indent: str) -> None:
     ranked = sorted(ops.items(), key=lambda kv: -kv[1])
     print(indent + ", ".join(f"{op} {v:.1f}" for op, v in ranked))
@@ -822,6 +833,12 @@ def show_fleet(f: dict[str, Any], indent: str = "   ") -> list[str]:
         f"(idle {f['rest_idle']:.1f}, busy {f['rest_busy']:.1f}; goal <= "
         f"{g['coordinator_per_instance']}); AWS calls idle {f['aws_idle']:.1f} (goal <= "
         f"{g['aws_idle']}), busy {f['aws_busy']:.1f} (goal <= {g['aws_busy']})"
+    )
+    busy_part = f", busy {control_plane(f['ops_busy']):.1f}" if f["busy"] else ""
+    print(
+        f"{indent}  of these, to the throttled control planes (ECS, Auto Scaling): idle "
+        f"{control_plane(f['ops_idle']):.1f}{busy_part}; the rest is DynamoDB, SQS and "
+        "Secrets Manager"
     )
     print(f"{indent}  idle, by operation:", end=" ")
     show_mean_ops(f["ops_idle"], "")
