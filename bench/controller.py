@@ -312,12 +312,16 @@ def bench_hook_latency(samples: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- 2. calls per drain
 
 
+#: The tick's cap as deployed (``MaxTickSeconds``' default).
+DEPLOYED_MAX_TICK = Settings(cluster="bench").max_tick_interval
+
+
 def bench_calls(
     job_seconds: float, before: bool = False, max_tick: float | None = None
 ) -> dict[str, Any]:
     """One idle and one busy instance drained; ``max_tick`` None: as deployed (--before: 0)."""
     if max_tick is None:
-        max_tick = 0.0 if before else Settings(cluster="bench").max_tick_interval
+        max_tick = 0.0 if before else DEPLOYED_MAX_TICK
     out: dict[str, Any] = {}
     with world() as w:
         idle_i, busy_i = w.build_many(2)
@@ -939,7 +943,7 @@ def main(argv: list[str] | None = None) -> int:
             (
                 "busy",
                 "a 300 s job + an idle agent; ticks 20 s"
-                + ("" if args.before else " growing to 60 s")
+                + ("" if args.before else f" growing to {DEPLOYED_MAX_TICK:g} s")
                 + ", heartbeats 60 s",
             ),
         ):

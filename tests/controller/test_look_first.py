@@ -60,8 +60,9 @@ def test_a_waiting_soft_drain_writes_once_a_step_and_reads_its_tasks_every_two_m
     rec = world.record(a)
     assert rec.phase == "soft", "the job still runs"
     waited = rec.steps - steps
-    # Ticks of 20 s growing to half the wait, up to 60 s (the default): 20, 40, 60, 90, 135...
-    assert waited >= 300 // 60, "the tick stepped the drain all along"
+    # Ticks of 20 s growing to half the wait, up to 60 s (the default): at 20, 40, 60, 90, 135,
+    # 195, 255 and (a heartbeat due) one more: at most one of them missed.
+    assert waited >= 7, f"the tick stepped the drain all along ({waited})"
     # No claim: each step that only waited wrote the record once.
     assert rec.version - version == waited
     # ECS was read once in each TASKS_LOOK_EVERY, not at every step.
