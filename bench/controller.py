@@ -17,9 +17,10 @@ own patterns, drain ticks delivered when due. Time is a fake clock (so a 5-minut
    ``ECS Task State Change``) -> the controller's ``CompleteLifecycleAction`` call, delivered
    at once (EventBridge's own delivery, typically well under a second, is not in it; moto's
    calls take ~1 ms where AWS takes ~10-50 ms: the AWS calls on that path are printed too).
-2. AWS calls per drained instance, idle (2 idle agents) and busy (a 5-minute job, 20 s ticks,
-   60 s heartbeats): every call of the controller's clients, counted by a botocore
-   ``before-call`` hook, by operation; coordinator REST requests beside them.
+2. AWS calls per drained instance, idle (2 idle agents) and busy (a 5-minute job, ticks and
+   heartbeats as deployed; ``--before``: 20 s ticks, 60 s heartbeats): every call of the
+   controller's clients, counted by a botocore ``before-call`` hook, by operation; coordinator
+   REST requests beside them.
 3. Handler cold import: a fresh CPython 3.12 importing ``fleetdrain.controller.lifecycle_hook``
    from an artifact built by ``fleetdrain/controller/Makefile`` for this machine's architecture
    (Lambda's is aarch64, which cannot be imported here), with ``.pyc`` and without; boto3 beside
@@ -312,8 +313,11 @@ def bench_hook_latency(samples: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- 2. calls per drain
 
 
-#: The tick's cap as deployed (``MaxTickSeconds``' default).
+#: The tick's cap and the heartbeat as deployed (``MaxTickSeconds``', ``HeartbeatSeconds``'
+#: defaults); ``--before`` takes the fixed 20 s tick and the 60 s heartbeat of then.
 DEPLOYED_MAX_TICK = Settings(cluster="bench").max_tick_interval
+DEPLOYED_HEARTBEAT = Settings(cluster="bench").heartbeat_interval
+BEFORE_HEARTBEAT = 60.0
 
 
 def bench_calls(
@@ -327,7 +331,10 @@ def bench_calls(
         idle_i, busy_i = w.build_many(2)
         calls = Calls()
         ctls = w.counted_controllers(
-            calls, tick_interval=20, heartbeat_interval=60, max_tick_interval=max_tick
+            calls,
+            tick_interval=20,
+            heartbeat_interval=BEFORE_HEARTBEAT if before else DEPLOYED_HEARTBEAT,
+            max_tick_interval=max_tick,
         )
         for ctl in ctls.values():
             if before and hasattr(ctl.fleet, "full_listing_every"):
@@ -637,11 +644,9 @@ def fleet_controller(w: DrivenWorld, calls: Calls, before: bool) -> list[Coordin
     """One counted controller per function (as deployed: one warm container each), events and
     ticks delivered to the controller of the function that handles them; their REST clients."""
     clients = []
-    # The tick as deployed (growing to MaxTickSeconds); --before: the fixed 20 s tick of then.
-    grow = {"max_tick_interval": 0.0} if before else {}
-    ctls = w.counted_controllers(
-        calls, tick_interval=20, heartbeat_interval=60, spot_margin=20, **grow
-    )
+    # The tick and heartbeat as deployed; --before: the fixed 20 s tick and 60 s heartbeat.
+    grow = {"max_tick_interval": 0.0, "heartbeat_interval": BEFORE_HEARTBEAT} if before else {}
+    ctls = w.counted_controllers(calls, tick_interval=20, spot_margin=20, **grow)
     for ctl in ctls.values():
         # The client on the world's clock (a wait for the rate-limit window moves it).
         client = CoordinatorClient(
@@ -944,7 +949,7 @@ def main(argv: list[str] | None = None) -> int:
                 "busy",
                 "a 300 s job + an idle agent; ticks 20 s"
                 + ("" if args.before else f" growing to {DEPLOYED_MAX_TICK:g} s")
-                + ", heartbeats 60 s",
+                + f", heartbeats {BEFORE_HEARTBEAT if args.before else DEPLOYED_HEARTBEAT:g} s",
             ),
         ):
             f = per[name]

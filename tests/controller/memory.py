@@ -653,7 +653,7 @@ class _Ecs:
         return next(i for i in self.w.instances.values() if i.ci_arn == arn)
 
     def tasks_on(
-        self, container_instance_arn: str, known: Sequence[TaskInfo] = ()
+        self, container_instance_arn: str, known: Sequence[TaskInfo] = (), exact: bool = False
     ) -> list[TaskInfo]:
         """Exact and free here: ``known`` is not needed."""
         inst = self._instance(container_instance_arn)

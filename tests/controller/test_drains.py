@@ -616,6 +616,31 @@ def test_spot_during_scale_in_moves_the_deadline_and_completes_the_hook(world: W
     assert world.coord.job(agent.job_id or "").signal_reason == "agent_stop"
 
 
+def test_a_forced_stop_reaches_an_agent_whose_task_began_stopping_between_two_looks(
+    world: World,
+) -> None:
+    """A soft look reads RUNNING tasks only; the forced stop reads the stopping ones too, so an
+    agent placed and stopped (by someone else) between two looks, still finishing its job,
+    gets its forced stop: the job is reported, not cut by SIGKILL or the instance's end."""
+    (a,) = world.build(instances=1)
+    world.controller(drain_budget=90)
+    world.add_agent(a, job_seconds=3600)
+    world.emit(world.gaps.begin_termination(a))
+    assert world.record(a).phase == "soft"
+    world.advance(25)
+    late = world.add_agent(a, job_seconds=3600)  # placed while the instance was ACTIVE
+    world.ecs.stop_task(cluster=CLUSTER, task=late.task_arn, reason="someone else's stop")
+    assert late.sigterm_at is not None and not late.exited, "finishing its job"
+    world.advance(5)
+    assert late.task_arn not in {row[0] for row in world.record(a).looked_tasks}
+    world.run_until(lambda: world.record(a).forced_at is not None, limit=120)
+    assert late.agent_id in world.record(a).stopped_agents
+    world.advance(2)
+    job = world.coord.job(late.job_id or "")
+    assert job.signal_reason == "agent_stop", "cancelled and reported by the forced stop"
+    assert world.gaps.exits[late.task_arn].exit_code == 0, "not SIGKILLed"
+
+
 def test_rebalance_is_a_soft_drain_that_never_forces(world: World) -> None:
     (a,) = world.build(instances=1)
     world.controller(drain_budget=60)
@@ -736,27 +761,31 @@ def test_throttling_is_retried_not_lost(world: World) -> None:
     # Straight from EventBridge, a throttled step raises (Lambda's async retries, then the DLQ).
     reopened = dataclasses.replace(world.record(a), phase="hard")
     world.ctl.store.save(reopened)
-    world.controller()  # a container that has not seen this drain DRAINING (one would ignore it)
-    draining = {
+    world.controller()  # a container that has not seen this drain end (one would ignore it)
+    task_arn = world.ecs.list_tasks(cluster=CLUSTER, desiredStatus="STOPPED")["taskArns"][0]
+    stopped = {
         "version": "0",
         "id": str(uuid.uuid4()),
-        "detail-type": "ECS Container Instance State Change",
+        "detail-type": "ECS Task State Change",
         "source": "aws.ecs",
         "account": ACCOUNT,
         "time": "2026-02-02T03:44:14Z",
         "region": REGION,
-        "resources": [world.ci_arn[a]],
+        "resources": [task_arn],
         "detail": {
             "clusterArn": f"arn:aws:ecs:{REGION}:{ACCOUNT}:cluster/{CLUSTER}",
             "containerInstanceArn": world.ci_arn[a],
-            "ec2InstanceId": a,
-            "status": "DRAINING",
+            "taskArn": task_arn,
+            "lastStatus": "STOPPED",
+            "desiredStatus": "STOPPED",
+            "stoppedAt": "2026-02-02T03:44:14Z",
+            "containers": [],
         },
     }
     with Stubber(world.ecs_client) as stub:
         stub.add_client_error("list_tasks", service_error_code="ThrottlingException")
         with pytest.raises(Retryable):
-            drain_monitor.handler(draining, Ctx())
+            drain_monitor.handler(stopped, Ctx())
 
 
 def test_expired_lifecycle_token_forces_and_ends_cleanly(world: World) -> None:
@@ -1118,13 +1147,13 @@ class SlowFleet:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._fleet, name)
 
-    def tasks_on(self, arn: str, known: Any = ()) -> Any:
+    def tasks_on(self, arn: str, known: Any = (), exact: bool = False) -> Any:
         with self._lock:
             self.inside += 1
             self.most_inside = max(self.most_inside, self.inside)
         try:
             threading.Event().wait(self._delay)
-            return self._fleet.tasks_on(arn, known)
+            return self._fleet.tasks_on(arn, known, exact=exact)
         finally:
             with self._lock:
                 self.inside -= 1
@@ -1254,28 +1283,6 @@ def test_a_crashed_steps_lease_expires(world: World) -> None:
     steps = world.record(a).steps
     world.advance(61)
     assert world.record(a).lease_id is None and world.record(a).steps > steps
-
-
-def test_draining_events_reach_the_monitor(world: World) -> None:
-    a, b = world.build(instances=2)
-    world.controller()
-    agent = world.add_agent(a, job_seconds=30)
-    world.emit(world.gaps.begin_termination(a))
-    steps = world.record(a).steps
-    # Someone else set DRAINING during the soft phase: the monitor looks at the drain at once.
-    out = world.route(draining_event(world, a))
-    assert [r["status"] for r in out] == ["stepped"]
-    assert world.record(a).steps == steps + 1
-    world.run_until(lambda: world.record(a).draining_at is not None, limit=60)
-    # Our own DRAINING, repeated by ECS as tasks stop: no news, no write.
-    version = world.record(a).version
-    out = world.route(draining_event(world, a))
-    assert [r["status"] for r in out] in (["duplicate"], ["ignored"])
-    assert world.record(a).version == version
-    # An instance with no drain: ignored.
-    assert [r["status"] for r in world.route(draining_event(world, b))] == ["ignored"]
-    world.run_until(lambda: world.record(a).phase == "done", limit=60)
-    assert world.coord.job(agent.job_id or "").passed
 
 
 def test_ecs_sends_an_instance_event_at_draining_and_at_each_task_change_after(

@@ -31,7 +31,7 @@ from fleetdrain.controller.drain.errors import Conflict, Retryable
 from fleetdrain.controller.drain.ports import DrainRecord
 from fleetdrain.controller.drain.signals import TickSignal
 from fleetdrain.controller.drain.state import DynamoDrainStore
-from tests.controller.test_drains import World, draining_event, make_world
+from tests.controller.test_drains import CLUSTER, World, draining_event, make_world
 
 # Slow as test_drains: whole drains in moto with the coordinator on loopback.
 pytestmark = pytest.mark.slow
@@ -133,25 +133,37 @@ def test_an_idle_drain_is_written_once_by_its_first_step_with_its_link(world: Wo
     assert store.calls == Counter()
 
 
-def test_a_draining_event_of_a_drain_seen_draining_costs_no_read(world: World) -> None:
-    """ECS sends a container instance event at every task change on a DRAINING instance: once
-    a container has seen the drain DRAINING, the rest cost nothing."""
-    (a,) = world.build(instances=1)
+def test_a_draining_event_teaches_the_link_and_steps_nothing(world: World) -> None:
+    """Whose DRAINING it was changes nothing a drain does: someone else's during a soft drain
+    (an operator, ECS managed draining) costs no read and no step, and the drain still ends as
+    it should, at its own pace; ours, repeated by ECS at every task that stops, neither."""
+    a, b = world.build(instances=2)
     world.controller()
-    world.add_agent(a, job_seconds=30)
+    agent = world.add_agent(a, job_seconds=30)
     world.emit(world.gaps.begin_termination(a))
-    world.run_until(lambda: world.record(a).draining_at is not None, limit=120)
+    rec = world.record(a)
+    assert rec.phase == "soft"
+    world.controller()  # another container: it knows neither the record nor the link
     store = counted(world)
+    world.ecs.update_container_instances_state(
+        cluster=CLUSTER, containerInstances=[world.ci_arn[a]], status="DRAINING"
+    )
     out = world.route(draining_event(world, a))
-    assert [(r["status"], r["detail"]) for r in out] == [("ignored", "DRAINING already seen")]
+    assert [(r["status"], r["detail"]) for r in out] == [("ignored", "DRAINING: link learned")]
+    assert store.calls == Counter(), "no read, no write"
+    # The link it taught: the task events that follow name only the container instance.
+    assert world.ctl.store.instance_for(world.ci_arn[a]) == a
     assert store.calls == Counter()
-    world.controller()  # another Lambda container: one read, then it knows too
-    store = counted(world)
-    first = world.route(draining_event(world, a))
-    assert store.calls == Counter({"get": 1}) and first[0]["detail"] != "DRAINING already seen"
-    out = world.route(draining_event(world, a))
-    assert [(r["status"], r["detail"]) for r in out] == [("ignored", "DRAINING already seen")]
-    assert store.calls == Counter({"get": 1})
+    assert world.record(a).version == rec.version
+    world.run_until(lambda: world.record(a).phase == "done", limit=120)
+    assert world.record(a).outcome == "drained"
+    assert world.gaps.actions[a].result == "CONTINUE"
+    assert world.coord.job(agent.job_id or "").passed
+    # Ours, repeated: the same. An instance with no drain: the same.
+    version = world.record(a).version
+    assert [r["status"] for r in world.route(draining_event(world, a))] == ["ignored"]
+    assert [r["status"] for r in world.route(draining_event(world, b))] == ["ignored"]
+    assert world.record(a).version == version
 
 
 def test_a_monitor_that_saw_the_draining_event_finds_the_drain_of_a_stopped_task_unread(

@@ -37,9 +37,9 @@ class CountingFleet:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._fleet, name)
 
-    def tasks_on(self, arn: str, known: Any = ()) -> Any:
+    def tasks_on(self, arn: str, known: Any = (), exact: bool = False) -> Any:
         self.task_reads.append(self.clock())
-        return self._fleet.tasks_on(arn, known)
+        return self._fleet.tasks_on(arn, known, exact=exact)
 
 
 def test_a_waiting_soft_drain_writes_once_a_step_and_reads_its_tasks_every_two_minutes(

@@ -721,20 +721,18 @@ CASES = [
     ),
     Case("a stopped task with no drain is ignored", None, stopped(), "ignored", None),
     Case(
-        "our own DRAINING is no news",
-        drain(draining_at=NOW - 20, tick_id="t-1", tick_due=NOW + 5),
-        draining(),
-        "duplicate",
-        changed=False,
-        step=False,
-    ),
-    Case(
-        "someone else's DRAINING steps the drain, without a write of its own",
+        "a DRAINING event changes no drain (ours or someone else's)",
         drain(),
         draining(),
-        "stepped",
-        {"draining_at": None},
-        changed=False,
+        "ignored",
+        None,
+    ),
+    Case(
+        "a DRAINING event changes no drain, DRAINING already",
+        drain(draining_at=NOW - 20, tick_id="t-1", tick_due=NOW + 5),
+        draining(),
+        "ignored",
+        None,
     ),
 ]
 
@@ -823,7 +821,7 @@ class EmptyCluster:
         return ContainerInstance(arn, instance_id, "ACTIVE") if arn else None
 
     def tasks_on(
-        self, container_instance_arn: str, known: Sequence[TaskInfo] = ()
+        self, container_instance_arn: str, known: Sequence[TaskInfo] = (), exact: bool = False
     ) -> list[TaskInfo]:
         return []
 

@@ -255,9 +255,19 @@ def test_tasks_are_listed_once_a_step_and_described_a_hundred_at_a_time(
     assert calls.take() == {"ListTasks": 2}, "every task known: none described"
     assert agents[0] not in calls.described, "a task seen STOPPED is not asked again"
 
-    clock.advance(60)  # the last look that read both listings is too old now
+    clock.advance(600)  # however long since: a look reads RUNNING only
     fleet.tasks_on(ci)
-    assert calls.take()["ListTasks"] == 3
+    assert calls.take() == {"ListTasks": 2}
+    # A task placed and stopped between two looks: one listing misses it, an exact look (a
+    # forced stop) finds it stopping.
+    late = start(ecs, ci, "agent", "service:agents")
+    ecs.stop_task(cluster="ci", task=late)
+    clock.advance(20)
+    assert late not in {t.arn for t in fleet.tasks_on(ci)}
+    calls.take()
+    exact = fleet.tasks_on(ci, exact=True)
+    assert calls.take()["ListTasks"] == 3, "RUNNING (2 pages), then STOPPED"
+    assert [t.desired_status for t in exact if t.arn == late] == ["STOPPED"]
 
 
 def test_a_look_in_another_container_takes_the_records_tasks_as_its_last_look(

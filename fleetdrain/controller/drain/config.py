@@ -43,8 +43,11 @@ class Settings:
     maintenance_margin: float = 300.0
     #: "drain" (soft drain on a rebalance recommendation) or "ignore".
     rebalance_action: str = "drain"
-    #: RecordLifecycleActionHeartbeat at most this often (keep it under the hook's timeout).
-    heartbeat_interval: float = 60.0
+    #: RecordLifecycleActionHeartbeat at most this often. Keep it at most 40 % of the hook's
+    #: HeartbeatTimeout (infra/: 300 s), so a heartbeat that fails has time for its retries
+    #: (every 30 s); each is an Auto Scaling call, and a 1,000-instance scale-in makes one per
+    #: instance this often (120 s: 8 a second).
+    heartbeat_interval: float = 120.0
     #: The safety-net tick: how often a drain in flight is looked at without any event.
     tick_interval: float = 20.0
     #: A drain that has waited a while (for a long job, for tasks to exit) may be looked at
@@ -84,7 +87,7 @@ class Settings:
             spot_margin=_float(env, "FLEETDRAIN_SPOT_MARGIN_SECONDS", 20.0),
             maintenance_margin=_float(env, "FLEETDRAIN_MAINTENANCE_MARGIN_SECONDS", 300.0),
             rebalance_action=rebalance,
-            heartbeat_interval=max(1.0, _float(env, "FLEETDRAIN_HEARTBEAT_SECONDS", 60.0)),
+            heartbeat_interval=max(1.0, _float(env, "FLEETDRAIN_HEARTBEAT_SECONDS", 120.0)),
             tick_interval=max(1.0, _float(env, "FLEETDRAIN_TICK_SECONDS", 20.0)),
             max_tick_interval=_float(env, "FLEETDRAIN_MAX_TICK_SECONDS", 60.0),
             agent_containers=frozenset(c.strip() for c in containers.split(",") if c.strip()),

@@ -212,8 +212,6 @@ class DrainController:
         #: Instances whose drain this container saw end: (drain id, when it ended).
         self._ended_at: dict[str, tuple[str, float]] = {}
         self._seen: dict[str, None] = {}
-        #: Instances whose drain this container saw DRAINING (instance id -> drain id).
-        self._draining: dict[str, str] = {}
 
     # ------------------------------------------------------------------ entry point
 
@@ -244,19 +242,16 @@ class DrainController:
                     "the task stopped before the drain ended",
                 )
         elif isinstance(signal, InstanceDrainingSignal):
+            # What the event is for: the task events that follow name only the container
+            # instance, and this one names its EC2 instance too. Whose DRAINING it was changes
+            # nothing a drain does (ours: no news; an operator's or ECS managed draining's
+            # during a soft drain: ECS is stopping the agents' tasks already, and the agents
+            # drain themselves; the drain's next look or task event sees it), so it costs no
+            # read and steps nothing. ECS repeats it at every task change on the instance.
             if signal.instance_id and signal.container_instance_arn:
-                # The task events that follow name only the container instance.
                 self.store.learn_link(signal.container_instance_arn, signal.instance_id)
-            found = signal.instance_id or self.store.instance_for(signal.container_instance_arn)
-            if found is None:
-                return Result("ignored", detail="no drain on that container instance")
-            instance_id = found
-            if instance_id in self._draining:
-                # ECS repeats the event at every task change on a DRAINING instance: once the
-                # drain is known DRAINING it carries no news (at worst, another's DRAINING
-                # during a later episode waits for that drain's next tick).
-                drain_id = self._draining[instance_id]
-                return Result("ignored", instance_id, drain_id, detail="DRAINING already seen")
+                return Result("ignored", signal.instance_id, detail="DRAINING: link learned")
+            return Result("ignored", detail="DRAINING without its EC2 instance")
         else:
             instance_id = signal.instance_id
         if isinstance(signal, LifecycleSignal):
@@ -431,10 +426,6 @@ class DrainController:
         _bounded_put(self._seen, record.instance_id, None)
         seen = self._versions.get(record.instance_id, 0)
         _bounded_put(self._versions, record.instance_id, max(seen, record.version))
-        if record.draining_at is not None:
-            _bounded_put(self._draining, record.instance_id, record.drain_id)
-        else:
-            self._draining.pop(record.instance_id, None)
         if record.phase == "done":
             _bounded_put(self._ended, record.instance_id, record.drain_id)
             if record.completed_at is not None:
@@ -665,7 +656,7 @@ class DrainController:
 def wait_tick(rec: DrainRecord, now: float, settings: Settings) -> float:
     """The safety-net tick's interval: ``tick_interval``, growing to half of what the drain
     has waited in its phase (since it began; since DRAINING once hard), up to
-    ``max_tick_interval`` (0, the default: no growth). A long job costs a step a minute, not
+    ``max_tick_interval`` (60 s by default; 0: no growth). A long job costs a step a minute, not
     three; the drain notices its end up to that much later (an ended task sends an event at
     once: only a paused agent's job end is found by a tick), and a step that dies half-way is
     retried that much later too (the event's own retries aside)."""
@@ -760,10 +751,13 @@ class _Step:
                 return
             rec.container_instance_arn = ci.arn
         self.linked = rec.steps == 1
+        forcing = rec.force_at is not None and self.now >= rec.force_at and rec.forced_at is None
         tasks = self.remembered_tasks()
         agents = self.agents(tasks, known_only=True) if tasks is not None else None
         if tasks is None or agents is None:
-            tasks = self.read_tasks()
+            # A forced stop reads the stopping tasks too: an agent that is finishing a job
+            # after someone else's stop is told to cancel and report it before the instance goes.
+            tasks = self.read_tasks(exact=forcing)
             agents = self.agents(tasks) if tasks else None
         if not tasks:
             self.act()
@@ -775,7 +769,7 @@ class _Step:
                 self.log.info("container instance DRAINING (no task on it)")
             self.finish("drained" if drained else "no_tasks", "no task left on the instance")
             return
-        if rec.force_at is not None and self.now >= rec.force_at and rec.forced_at is None:
+        if forcing:
             self.force(tasks, agents)
         if rec.phase == "soft" and agents is not None:
             self.pause(agents)
@@ -912,10 +906,11 @@ class _Step:
             for arn, group, desired in rec.looked_tasks
         ]
 
-    def read_tasks(self, fleet: EcsPort | None = None) -> list[TaskInfo]:
-        """The instance's tasks read from ECS (``fleet``: the step's, unless given), daemons
-        left out; what was read is kept in the record (daemons apart), and what the record
-        kept from the last read is handed to the adapter (a look in another container)."""
+    def read_tasks(self, fleet: EcsPort | None = None, exact: bool = False) -> list[TaskInfo]:
+        """The instance's tasks read from ECS (``fleet``: the step's, unless given; ``exact``:
+        every stopping one too), daemons left out; what was read is kept in the record
+        (daemons apart), and what the record kept from the last read is handed to the adapter
+        (a look in another container)."""
         rec = self.rec
         assert rec.container_instance_arn is not None
         known = [
@@ -925,7 +920,7 @@ class _Step:
             TaskInfo(arn, group=group, last_status="", desired_status="RUNNING", daemon=True)
             for arn, group in (row for row in rec.looked_daemons if len(row) == 2)
         ]
-        read = (fleet or self.fleet).tasks_on(rec.container_instance_arn, known)
+        read = (fleet or self.fleet).tasks_on(rec.container_instance_arn, known, exact=exact)
         tasks = [t for t in read if not t.daemon]
         rec.looked_tasks = [[t.arn, t.group, t.desired_status] for t in tasks]
         rec.looked_daemons = [[t.arn, t.group] for t in read if t.daemon]

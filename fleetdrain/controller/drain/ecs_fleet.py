@@ -7,6 +7,7 @@ what the retries gave up on and is worth another try comes out as :class:`Retrya
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,7 +22,9 @@ T = TypeVar("T")
 
 #: Seconds a look at a container instance's tasks that read both listings (RUNNING and
 #: STOPPED) stands in for the STOPPED one (on the drain clock): see :meth:`EcsFleet.tasks_on`.
-FULL_LISTING_EVERY = 60.0
+#: Never, as built: a look reads the stopping tasks only when it is to be exact (a forced stop,
+#: an answer that ends the drain). The bench's ``--before`` sets 0 (both, every look).
+FULL_LISTING_EVERY = math.inf
 #: Container instances whose last look is remembered (the oldest is forgotten first).
 MAX_REMEMBERED = 512
 
@@ -167,24 +170,25 @@ class EcsFleet:
         _keep(self._told_stopped, container_instance_arn, told)
 
     def tasks_on(
-        self, container_instance_arn: str, known: Sequence[TaskInfo] = ()
+        self, container_instance_arn: str, known: Sequence[TaskInfo] = (), exact: bool = False
     ) -> list[TaskInfo]:
         """Tasks on the container instance that have not stopped yet (stopping ones too).
 
         ECS lists by desired status only (no filter means RUNNING; a stopping task is desired
         STOPPED, and so is every task that stopped in the last hour or more), so an exact answer
-        takes two listings. A step needs one: ``ListTasks(RUNNING)``, then one
+        takes two listings. A look needs one: ``ListTasks(RUNNING)``, then one
         ``DescribeTasks`` (100 ARNs a call) of the tasks it lists that were not live at this
         instance's last look, and of those that were live then and are not listed now (they
         have begun stopping since). A task live at the last look and still listed RUNNING is
-        taken as that look described it (its group never changes). ``ListTasks(STOPPED)`` is
-        read too when this adapter's last full look of the instance is older than
-        :attr:`full_listing_every` (a task that was placed and stopped between two looks), and
-        whenever the answer would hold no live task but daemons (the drain would end on it:
-        that answer is always exact). A first look reads RUNNING only: a task that is stopping
-        already is one the drain need not pause or wait for, until it would end, and then the
-        exact answer is read. Tasks seen STOPPED are never described again (STOPPED is final),
-        nor are those an event said are STOPPED (:meth:`saw_stopped`).
+        taken as that look described it (its group never changes). What one listing misses is
+        a task placed and stopped between two looks: one the drain need not pause or wait for
+        (its agent, told to stop by whoever stopped it, drains itself), until the answer would
+        end the drain or a forced stop must reach its agent. So ``ListTasks(STOPPED)`` is read
+        too when ``exact`` (a forced stop), whenever the answer would hold no live task but
+        daemons (the drain would end on it: that answer is always exact), and when this
+        adapter's last full look is older than :attr:`full_listing_every` (never, as built).
+        Tasks seen STOPPED are never described again (STOPPED is final), nor are those an event
+        said are STOPPED (:meth:`saw_stopped`).
 
         ``known``: the tasks as a look elsewhere left them (a drain record's: a step in
         another Lambda container), the last look when this adapter has none of its own.
@@ -194,9 +198,7 @@ class EcsFleet:
         seen = self._seen.pop(ci, None)
         if seen is None and known:
             seen = self._seeded(known, now)
-        # A first look reads RUNNING only: a task stopping already is not waited for until the
-        # answer would end the drain, and then the STOPPED listing is always read (below).
-        full = seen is not None and now - seen.full_at >= self.full_listing_every
+        full = exact or (seen is not None and now - seen.full_at >= self.full_listing_every)
         known_stopped = set(seen.stopped) if seen else set()
         known_stopped |= self._told_stopped.pop(ci, set())
         known_live = seen.live if seen else {}

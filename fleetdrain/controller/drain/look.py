@@ -31,7 +31,8 @@ class LookedFleet:
     def __init__(self, fleet: EcsPort) -> None:
         self.behind = fleet
         self._instances: dict[str, ContainerInstance | None] = {}
-        self._tasks: dict[str, list[TaskInfo]] = {}
+        #: Container instance -> (read exactly, its tasks).
+        self._tasks: dict[str, tuple[bool, list[TaskInfo]]] = {}
         self._protected: dict[tuple[str, ...], set[str]] = {}
 
     def find_container_instance(self, instance_id: str) -> ContainerInstance | None:
@@ -40,13 +41,13 @@ class LookedFleet:
         return self._instances[instance_id]
 
     def tasks_on(
-        self, container_instance_arn: str, known: Sequence[TaskInfo] = ()
+        self, container_instance_arn: str, known: Sequence[TaskInfo] = (), exact: bool = False
     ) -> list[TaskInfo]:
-        if container_instance_arn not in self._tasks:
-            self._tasks[container_instance_arn] = self.behind.tasks_on(
-                container_instance_arn, known
-            )
-        return list(self._tasks[container_instance_arn])
+        kept = self._tasks.get(container_instance_arn)
+        if kept is None or (exact and not kept[0]):
+            kept = (exact, self.behind.tasks_on(container_instance_arn, known, exact=exact))
+            self._tasks[container_instance_arn] = kept
+        return list(kept[1])
 
     def protected(self, task_arns: list[str]) -> set[str]:
         key = tuple(task_arns)

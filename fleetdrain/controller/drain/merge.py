@@ -104,6 +104,10 @@ def merge(
         return _merge_maintenance(rec, signal, now, settings, new_id)
     if isinstance(signal, StoppingSignal):
         return _merge_stopping(rec, signal, now, settings, new_id)
+    if isinstance(signal, InstanceDrainingSignal):
+        # The controller only learns the link from it (see DrainController.handle): whose
+        # DRAINING it was changes nothing a drain does.
+        return Merge(None, "ignored", detail="a DRAINING event changes no drain")
     if rec is None or rec.phase == "done":
         return Merge(None, "ignored", detail="no drain in flight")
     if isinstance(signal, TickSignal):
@@ -113,19 +117,14 @@ def merge(
         if rec.tick_id == signal.tick_id:
             rec.tick_id = rec.tick_due = None
         return Merge(rec, "stepped")
-    if isinstance(signal, TaskStoppedSignal):
-        if rec.saw(signal.event_id):
-            return duplicate(rec, now)
-        rec = copy.deepcopy(rec)
-        rec.remember(signal.event_id)
-        stopped = signal.stopped_at.timestamp()
-        rec.last_task_stopped_at = max(rec.last_task_stopped_at or 0.0, stopped)
-        return Merge(rec, "stepped")
-    assert isinstance(signal, InstanceDrainingSignal)
-    if rec.draining_at is not None:
-        # Our own DRAINING (ECS repeats the event at every task that stops): no news.
+    assert isinstance(signal, TaskStoppedSignal)
+    if rec.saw(signal.event_id):
         return duplicate(rec, now)
-    return Merge(rec, "stepped", changed=False)
+    rec = copy.deepcopy(rec)
+    rec.remember(signal.event_id)
+    stopped = signal.stopped_at.timestamp()
+    rec.last_task_stopped_at = max(rec.last_task_stopped_at or 0.0, stopped)
+    return Merge(rec, "stepped")
 
 
 def duplicate(rec: DrainRecord, now: float) -> Merge:

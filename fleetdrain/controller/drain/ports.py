@@ -272,11 +272,13 @@ class EcsPort(Protocol):
         ...
 
     def tasks_on(
-        self, container_instance_arn: str, known: Sequence[TaskInfo] = ()
+        self, container_instance_arn: str, known: Sequence[TaskInfo] = (), exact: bool = False
     ) -> list[TaskInfo]:
-        """Tasks on the container instance that have not stopped yet (stopping ones too).
-        ``known``: the tasks as the drain record's last look left them (daemons too), which
-        the adapter may take as its own last look when it has none (another container's)."""
+        """Tasks on the container instance that have not stopped yet: those desired RUNNING,
+        and the stopping ones the adapter knows of; every stopping one when ``exact``, and
+        whenever the answer would hold no task but daemons (it ends the drain). ``known``: the
+        tasks as the drain record's last look left them (daemons too), which the adapter may
+        take as its own last look when it has none (another container's)."""
         ...
 
     def saw_stopped(self, container_instance_arn: str, task_arn: str) -> None:

@@ -81,7 +81,8 @@ class TaskStoppedSignal:
 
 @dataclass(frozen=True)
 class InstanceDrainingSignal:
-    """A container instance went DRAINING (by us, or by someone else)."""
+    """A container instance went DRAINING (by us, or by someone else): the controller learns
+    the container instance's EC2 instance from it, and nothing else."""
 
     cluster_arn: str
     container_instance_arn: str
