@@ -390,7 +390,7 @@ class DrainController:
             )
         if step:
             # Only a tick may take the tasks as the last read left them: any other event is
-            # news of the instance (a task stopped, DRAINING, a notice), read afresh.
+            # news of the instance (a task stopped, a notice), read afresh.
             record = self._step(
                 record, claimed=not look_first, tick=isinstance(signal, TickSignal), fresh=fresh
             )
