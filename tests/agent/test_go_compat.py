@@ -153,7 +153,10 @@ def _start_wraps_to_their_deadline(
     ignores SIGTERM and SIGQUIT, and stop each with one SIGTERM: on its way to the deadline
     wrap logs at every level (state changes: DEBUG; the graceful signal: INFO; the forced
     stop: WARNING; the SIGKILL: ERROR). Returns each case's exit status and stderr."""
-    worker = "trap '' TERM QUIT; echo worker-ready >&2; exec sleep 30"
+    # The worker's word that its trap is set: "worker-2-ready", which its command line (that
+    # wrap logs as it starts it) does not hold, so the wait below cannot take wrap's own line
+    # for it and SIGTERM the worker before its trap is set.
+    worker = "trap '' TERM QUIT; echo worker-$((1+1))-ready >&2; exec sleep 30"
     running = {}
     for number, (name, (options, env)) in enumerate(cases.items()):
         log = tmp / f"wrap-{number}.log"
@@ -185,7 +188,7 @@ def _start_wraps_to_their_deadline(
     results = {}
     try:
         for proc, log in running.values():
-            wait_until(lambda log=log: b"worker-ready" in log.read_bytes(), 30, log.read_text)
+            wait_until(lambda log=log: b"worker-2-ready" in log.read_bytes(), 30, log.read_text)
             proc.send_signal(signal.SIGTERM)
         for name, (proc, log) in running.items():
             results[name] = (proc.wait(20), log.read_text())
