@@ -641,6 +641,29 @@ def test_a_forced_stop_reaches_an_agent_whose_task_began_stopping_between_two_lo
     assert world.gaps.exits[late.task_arn].exit_code == 0, "not SIGKILLed"
 
 
+def test_a_hard_drain_waiting_for_its_force_asks_the_coordinator_nothing(world: World) -> None:
+    """Between its first step and its force, nothing a hard drain does turns on what its agents
+    are doing: its looks ask the coordinator nothing (in a big organization's spot storm those
+    reads took the window its forced stops needed). The force then finds and stops the agent."""
+    (a,) = world.build(instances=1)
+    world.controller()
+    agent = world.add_agent(a, job_seconds=3600)
+    world.emit(world.gaps.spot_interruption(a))
+    rec = world.record(a)
+    assert rec.phase == "hard" and agent.agent_id in rec.paused_agents
+    assert rec.force_at is not None
+    sent, steps = world.rest.requests, rec.steps
+    world.advance(rec.force_at - world.clock() - 1)
+    assert world.record(a).steps >= steps + 2, "its ticks looked"
+    assert world.record(a).forced_at is None
+    assert world.rest.requests == sent, "and asked the coordinator nothing"
+    world.run_until(lambda: world.record(a).forced_at is not None, limit=10)
+    assert world.rest.requests > sent
+    world.advance(2)
+    assert world.coord.job(agent.job_id or "").signal_reason == "agent_stop"
+    assert world.metrics.counts[core.JOBS_FORCE_CANCELLED] == 1, "the force read the agent"
+
+
 def test_rebalance_is_a_soft_drain_that_never_forces(world: World) -> None:
     (a,) = world.build(instances=1)
     world.controller(drain_budget=60)

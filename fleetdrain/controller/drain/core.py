@@ -753,7 +753,14 @@ class _Step:
         self.linked = rec.steps == 1
         forcing = rec.force_at is not None and self.now >= rec.force_at and rec.forced_at is None
         tasks = self.remembered_tasks()
-        agents = self.agents(tasks, known_only=True) if tasks is not None else None
+        if tasks is not None and rec.phase == "hard" and self.coordinator is not None:
+            # A hard drain waits for its tasks to stop (they send their events) or for its
+            # force: nothing it does before then turns on what its agents are doing, so it asks
+            # the coordinator nothing (a pause that has not gone out yet goes by id). In a big
+            # organization's spot storm those reads would take the window its forced stops need.
+            agents: list[AgentView] | None = self.known_by_id(tasks)
+        else:
+            agents = self.agents(tasks, known_only=True) if tasks is not None else None
         if tasks is None or agents is None:
             # A forced stop reads the stopping tasks too: an agent that is finishing a job
             # after someone else's stop is told to cancel and report it before the instance goes.
