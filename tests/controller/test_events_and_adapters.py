@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -497,6 +498,29 @@ def test_coordinator_client_pages_pauses_and_stops(
     assert client.agent("no-such-agent") is None
     assert client.requests == before + 2
     assert not client.pause("no-such-agent", "x", 1), "404: nothing to signal"
+
+
+def test_a_listing_past_its_page_limit_keeps_what_it_read_and_says_so(
+    served: tuple[Coordinator, CoordinatorServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An organization bigger than the page limit (10,000 agents as built) is listed in part:
+    what was read is used, and the log says the rest is not found (their tasks are drained as
+    agentless). A listing that ends within the limit says nothing."""
+    coord, server = served
+    arns = [f"arn:aws:ecs:us-east-1:1:task/ci/{n:06d}" for n in range(250)]
+    for arn in arns:
+        _agent(coord, arn)
+    client = CoordinatorClient(server.url, "acme", lambda: "api-token", max_pages=2)
+    with caplog.at_level(logging.WARNING, logger="fleetdrain.drain"):
+        found = client.list_agents()
+    assert len(found) == 200 and client.requests == 2 and client.truncated
+    assert [r.pages for r in caplog.records if hasattr(r, "pages")] == [2]  # type: ignore[attr-defined]
+    assert "not found" in caplog.records[-1].getMessage()
+    caplog.clear()
+    whole = CoordinatorClient(server.url, "acme", lambda: "api-token", max_pages=3)
+    with caplog.at_level(logging.WARNING, logger="fleetdrain.drain"):
+        assert len(whole.list_agents()) == 250
+    assert not whole.truncated and caplog.records == []
 
 
 def test_coordinator_client_refreshes_a_rejected_token_once(

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -45,7 +46,11 @@ from fleetdrain.controller.drain.aws_errors import reraise_retryable
 from fleetdrain.controller.drain.errors import CoordinatorUnavailable, RateLimited
 from fleetdrain.controller.drain.ports import AgentView
 
+#: A listing reads at most this many pages of 100 (10,000 agents: half a minute window of the
+#: organization's 200 requests); an organization bigger than that is listed in part, and says so.
 MAX_PAGES = 100
+
+log = logging.getLogger("fleetdrain.drain")
 #: The longest one call waits for the rate-limit window to reset, by default (seconds).
 MAX_RATE_WAIT = 10.0
 #: 429s with rate-limit headers one call waits out before it gives up.
@@ -167,6 +172,7 @@ class CoordinatorClient:
         clock: Callable[[], float] = time.monotonic,
         max_rate_wait: float = MAX_RATE_WAIT,
         honour_rate_limit: bool = True,
+        max_pages: int = MAX_PAGES,
     ) -> None:
         self._base = f"{base_url.rstrip('/')}/v2/organizations/{org}/agents"
         self._token = token
@@ -187,8 +193,11 @@ class CoordinatorClient:
         #: ``bench/controller.py --before``).
         self.honour_rate_limit = honour_rate_limit
         self.requests = 0
+        self.max_pages = max(1, max_pages)
         #: How many pages the last :meth:`agents_for` read (the size of the organization).
         self.last_pages = 0
+        #: The last listing stopped at :attr:`max_pages` with more to read.
+        self.truncated = False
         #: The organization's REST budget as last seen (None until an answer carried it).
         self.budget: RateBudget | None = None
         #: 429s received; calls refused without a request (the budget was spent); waits for a
@@ -298,7 +307,7 @@ class CoordinatorClient:
         found: list[AgentView] = []
         url: str | None = f"{self._base}?per_page=100"
         pages = 0
-        while url and pages < MAX_PAGES:
+        while url and pages < self.max_pages:
             pages += 1
             response = self._request("GET", url)
             if response.status_code != 200:
@@ -312,6 +321,15 @@ class CoordinatorClient:
             found.extend(view for row in rows if (view := _agent_view(row)) is not None)
             url = response.links.get("next", {}).get("url")
         self.last_pages = pages
+        self.truncated = bool(url)
+        if url:
+            # Not an outage (what was read is right): the tasks of agents beyond it are drained
+            # as agentless (task protection for busy, StopTask, their own deadline).
+            log.warning(
+                "agent listing stopped at its page limit: the organization has more agents, "
+                "and those beyond it are not found",
+                extra={"pages": pages, "agents_read": len(found)},
+            )
         return found
 
     def listing_cost(self, known_pages: int, asker: str = "") -> int:
