@@ -38,6 +38,7 @@ from fleetdrain.controller.drain.core import DrainController
 from fleetdrain.controller.drain.ecs_fleet import EcsFleet
 from fleetdrain.controller.drain.errors import Retryable
 from fleetdrain.controller.drain.events import parse_message
+from fleetdrain.controller.drain.graphql_agents import GraphqlAgentLookup, GraphqlCoordinator
 from fleetdrain.controller.drain.lifecycle import LifecycleActions
 from fleetdrain.controller.drain.ports import DrainRecord
 from fleetdrain.controller.drain.shared_listing import SharedAgentListing
@@ -276,6 +277,8 @@ class World:
             "hook_name": HOOK,
         }
         grace = overrides.pop("coordinator_grace", 30.0)
+        #: Find agents with GraphQL (by meta-data) instead of the shared REST listing.
+        graphql = overrides.pop("graphql", False)
         metrics = overrides.pop("metrics", self.metrics)
         values.update(overrides)
         settings = Settings(**values)
@@ -294,13 +297,28 @@ class World:
             clock=self.clock,
             sleep=self.clock.advance,
         )
-        self.listing = SharedAgentListing(
-            self.rest,
-            DynamoListingCache(self.ddb, "drains", CLUSTER, self.clock, settings.record_ttl),
-            CLUSTER,
-            self.clock,
-            sleep=self.clock.advance,
-        )
+        self.listing: Any
+        if graphql:
+            self.graphql = GraphqlAgentLookup(
+                f"{self.server.url}/graphql/v1",
+                self.coord.org,
+                self.token.get,
+                self.token.invalidate,
+                timeout=2.0,
+                attempts=2,
+                backoff=0.0,
+                clock=self.clock,
+                sleep=self.clock.advance,
+            )
+            self.listing = GraphqlCoordinator(self.rest, self.graphql)
+        else:
+            self.listing = SharedAgentListing(
+                self.rest,
+                DynamoListingCache(self.ddb, "drains", CLUSTER, self.clock, settings.record_ttl),
+                CLUSTER,
+                self.clock,
+                sleep=self.clock.advance,
+            )
         ctl = DrainController(
             settings,
             DynamoDrainStore(self.ddb, "drains", self.clock, settings.record_ttl),
@@ -643,18 +661,23 @@ def test_a_forced_stop_reaches_an_agent_whose_task_began_stopping_between_two_lo
 
 def test_a_hard_drain_waiting_for_its_force_asks_the_coordinator_nothing(world: World) -> None:
     """Between its first step and its force, nothing a hard drain does turns on what its agents
-    are doing: its looks ask the coordinator nothing (in a big organization's spot storm those
-    reads took the window its forced stops needed). The force then finds and stops the agent."""
+    are doing: its looks (ticks, and the STOPPED event of a task that ends meanwhile) ask the
+    coordinator nothing (in a big organization's spot storm those reads took the window its
+    forced stops needed). The force then finds and stops the agent."""
     (a,) = world.build(instances=1)
     world.controller()
     agent = world.add_agent(a, job_seconds=3600)
+    other = world.add_agent(a, job_seconds=30)  # ends its job after the SIGTERM, and exits
     world.emit(world.gaps.spot_interruption(a))
     rec = world.record(a)
     assert rec.phase == "hard" and agent.agent_id in rec.paused_agents
     assert rec.force_at is not None
     sent, steps = world.rest.requests, rec.steps
     world.advance(rec.force_at - world.clock() - 1)
-    assert world.record(a).steps >= steps + 2, "its ticks looked"
+    assert other.exited and world.coord.job(other.job_id or "").passed
+    looked = [row[0] for row in world.record(a).looked_tasks]
+    assert looked == [agent.task_arn], "the STOPPED event's step looked at ECS"
+    assert world.record(a).steps >= steps + 3, "its ticks and that event looked"
     assert world.record(a).forced_at is None
     assert world.rest.requests == sent, "and asked the coordinator nothing"
     world.run_until(lambda: world.record(a).forced_at is not None, limit=10)

@@ -753,19 +753,19 @@ class _Step:
         self.linked = rec.steps == 1
         forcing = rec.force_at is not None and self.now >= rec.force_at and rec.forced_at is None
         tasks = self.remembered_tasks()
-        if tasks is not None and rec.phase == "hard" and self.coordinator is not None:
-            # A hard drain waits for its tasks to stop (they send their events) or for its
-            # force: nothing it does before then turns on what its agents are doing, so it asks
-            # the coordinator nothing (a pause that has not gone out yet goes by id). In a big
-            # organization's spot storm those reads would take the window its forced stops need.
-            agents: list[AgentView] | None = self.known_by_id(tasks)
-        else:
-            agents = self.agents(tasks, known_only=True) if tasks is not None else None
+        agents: list[AgentView] | None = None
+        if tasks is not None and self.waits_hard(tasks, forcing):
+            agents = self.known_by_id(tasks)
+        elif tasks is not None:
+            agents = self.agents(tasks, known_only=True)
         if tasks is None or agents is None:
             # A forced stop reads the stopping tasks too: an agent that is finishing a job
             # after someone else's stop is told to cancel and report it before the instance goes.
             tasks = self.read_tasks(exact=forcing)
-            agents = self.agents(tasks) if tasks else None
+            if tasks and self.waits_hard(tasks, forcing):
+                agents = self.known_by_id(tasks)
+            else:
+                agents = self.agents(tasks) if tasks else None
         if not tasks:
             self.act()
             drained = rec.draining_at is not None or bool(rec.paused_agents)
@@ -1146,6 +1146,22 @@ class _Step:
         self.log.warning(
             "drain forced",
             extra={"jobs_force_cancelled": cancelled, "reasons": rec.reasons},
+        )
+
+    def waits_hard(self, tasks: list[TaskInfo], forcing: bool) -> bool:
+        """Whether the drain only waits, hard, for these tasks to stop (or for its force), each
+        with an agent an earlier step found. Nothing it does until then turns on what its
+        agents are doing, so the step asks the coordinator nothing: the agents go by the ids
+        found (a pause that has not gone out yet, by id). In a big organization's spot storm
+        those reads would take the window the forced stops need."""
+        rec = self.rec
+        return (
+            rec.phase == "hard"
+            and rec.draining_at is not None
+            and not forcing
+            and not rec.fallback
+            and self.coordinator is not None
+            and all(t.arn in rec.agent_ids for t in tasks)
         )
 
     def known_by_id(self, tasks: list[TaskInfo]) -> list[AgentView]:
