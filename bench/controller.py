@@ -99,6 +99,10 @@ from fleetdrain.controller import runtime  # noqa: E402
 from fleetdrain.controller.drain import core  # noqa: E402
 from fleetdrain.controller.drain.config import Settings  # noqa: E402
 from fleetdrain.controller.drain.coordinator import CoordinatorClient  # noqa: E402
+from fleetdrain.controller.drain.graphql_agents import (  # noqa: E402
+    GraphqlAgentLookup,
+    GraphqlCoordinator,
+)
 from fleetdrain.controller.drain.ports import DrainRecord  # noqa: E402
 from fleetdrain.controller.drain.shared_listing import SharedAgentListing  # noqa: E402
 from fleetdrain.controller.drain.state import DynamoDrainStore, DynamoListingCache  # noqa: E402
@@ -235,9 +239,11 @@ class BenchWorld(World):
         return rec
 
     def coordinator_requests(self) -> int:
-        """REST requests so far, by every controller's client."""
+        """Coordinator requests so far, by every controller's clients (REST, and GraphQL's
+        lookups with ``--graphql``)."""
         clients = getattr(self, "clients", None) or [self.rest]
-        return sum(int(c.requests) for c in clients)
+        lookups = getattr(self, "lookups", [])
+        return sum(int(c.requests) for c in clients) + sum(int(g.requests) for g in lookups)
 
 
 @contextlib.contextmanager
@@ -497,8 +503,9 @@ class DrivenWorld(BenchWorld):
     instance it is about; failures are redelivered as AWS would; agents drain as fleetdrain's
     do (their own deadline after SIGTERM); a spot instance dies 120 s after its notice."""
 
-    #: The controllers' REST clients (:func:`fleet_controller`).
+    #: The controllers' REST clients and GraphQL lookups (:func:`fleet_controller`).
     clients: list[CoordinatorClient]
+    lookups: list[GraphqlAgentLookup]
 
     def drive(self, calls: Calls) -> None:
         self.calls = calls
@@ -640,10 +647,15 @@ def other_agents(w: DrivenWorld, count: int) -> None:
         w.coord.connect(reg.access_token, {})
 
 
-def fleet_controller(w: DrivenWorld, calls: Calls, before: bool) -> list[CoordinatorClient]:
+def fleet_controller(
+    w: DrivenWorld, calls: Calls, before: bool, graphql: bool = False
+) -> list[CoordinatorClient]:
     """One counted controller per function (as deployed: one warm container each), events and
-    ticks delivered to the controller of the function that handles them; their REST clients."""
+    ticks delivered to the controller of the function that handles them; their REST clients.
+    ``graphql``: agents found with GraphQL lookups (``CoordinatorGraphqlUrl``) instead of the
+    shared REST listing."""
     clients = []
+    w.lookups = []
     # The tick and heartbeat as deployed; --before: the fixed 20 s tick and 60 s heartbeat.
     grow = {"max_tick_interval": 0.0, "heartbeat_interval": BEFORE_HEARTBEAT} if before else {}
     ctls = w.counted_controllers(calls, tick_interval=20, spot_margin=20, **grow)
@@ -664,6 +676,21 @@ def fleet_controller(w: DrivenWorld, calls: Calls, before: bool) -> list[Coordin
         clients.append(client)
         # As deployed: every drain shares one listing of the organization through the drain
         # table (its reads counted); --before: each drain lists on its own.
+        if graphql:
+            lookup = GraphqlAgentLookup(
+                f"{w.server.url}/graphql/v1",
+                w.coord.org,
+                w.token.get,
+                w.token.invalidate,
+                timeout=2.0,
+                attempts=2,
+                backoff=0.0,
+                clock=w.clock,
+                sleep=w.clock.advance,
+            )
+            w.lookups.append(lookup)
+            ctl.coordinator = GraphqlCoordinator(client, lookup)
+            continue
         ctl.coordinator = (
             client
             if before
@@ -692,6 +719,7 @@ def fleet_figures(
     aws_seconds: float,
 ) -> dict[str, Any]:
     stats = w.coord.rest_rate.stats()
+    gql = w.coord.graphql_rate.stats()
     idle = [i for i in ids if i not in busy]
     records = {iid: w.record(iid) for iid in ids}
     return {
@@ -706,7 +734,9 @@ def fleet_figures(
         "held_back": sum(c.rate_refused for c in clients),
         "waits": sum(c.rate_waits for c in clients),
         "fallbacks": int(w.metrics.counts.get(core.COORDINATOR_FALLBACKS, 0)),
-        "rest_per_instance": stats.requests / max(1, len(ids)),
+        "rest_per_instance": (stats.requests + gql.requests) / max(1, len(ids)),
+        "graphql_requests": gql.requests,
+        "graphql_limited": gql.limited,
         "aws_idle": statistics.mean(w.charged_aws[i] for i in idle) if idle else 0.0,
         "aws_busy": statistics.mean(w.charged_aws[i] for i in busy) if busy else 0.0,
         "ops_idle": mean_ops([w.charged_ops.get(i, Counter()) for i in idle]),
@@ -724,7 +754,7 @@ def fleet_figures(
 
 
 def bench_scale_in(
-    instances: int, org_agents: int, per_minute: float, before: bool
+    instances: int, org_agents: int, per_minute: float, before: bool, graphql: bool = False
 ) -> dict[str, Any]:
     with world(REST_LIMIT, DrivenWorld) as w:
         t = time.perf_counter()
@@ -737,7 +767,7 @@ def bench_scale_in(
         other_agents(w, max(0, org_agents - instances))
         setup = time.perf_counter() - t
         calls = Calls()
-        clients = fleet_controller(w, calls, before)
+        clients = fleet_controller(w, calls, before, graphql)
         t, start = time.perf_counter(), w.clock()
         pending = list(ids)
         next_at = start
@@ -766,7 +796,9 @@ def bench_scale_in(
         return out
 
 
-def bench_storm(instances: int, org_agents: int, before: bool) -> dict[str, Any]:
+def bench_storm(
+    instances: int, org_agents: int, before: bool, graphql: bool = False
+) -> dict[str, Any]:
     with world(REST_LIMIT, DrivenWorld) as w:
         t = time.perf_counter()
         ids = w.build_many(instances)
@@ -781,7 +813,7 @@ def bench_storm(instances: int, org_agents: int, before: bool) -> dict[str, Any]
         other_agents(w, max(0, org_agents - 2 * instances))
         setup = time.perf_counter() - t
         calls = Calls()
-        clients = fleet_controller(w, calls, before)
+        clients = fleet_controller(w, calls, before, graphql)
         t, start = time.perf_counter(), w.clock()
         for iid in ids:
             w.active.add(iid)
@@ -837,6 +869,11 @@ def show_fleet(f: dict[str, Any], indent: str = "   ") -> list[str]:
         f"(goal {g['limited']}), held back by the client {f['held_back']}, waits "
         f"{f['waits']}, fallbacks to ECS {f['fallbacks']}"
     )
+    if f["graphql_requests"]:
+        print(
+            f"{indent}GraphQL: {f['graphql_requests']} requests (its own limit, in points), "
+            f"429s {f['graphql_limited']}"
+        )
     print(
         f"{indent}per drained instance: coordinator {f['rest_per_instance']:.1f} requests "
         f"(idle {f['rest_idle']:.1f}, busy {f['rest_busy']:.1f}; goal <= "
@@ -911,6 +948,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--sections", default="1,2,3,4,5", help="which sections to run (default 1,2,3,4,5)"
+    )
+    parser.add_argument(
+        "--graphql",
+        action="store_true",
+        help="4 and 5 with agents found by GraphQL lookups (CoordinatorGraphqlUrl) instead of "
+        "the shared REST listing",
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     args = parser.parse_args(argv)
@@ -987,8 +1030,12 @@ def main(argv: list[str] | None = None) -> int:
                 missed.append("import time")
 
     which = "before issue 12 (--before)" if args.before else "as built"
+    if args.graphql:
+        which += ", agents found with GraphQL (--graphql)"
     if 4 in sections:
-        scale = bench_scale_in(instances, args.org_agents, args.scale_in_per_minute, args.before)
+        scale = bench_scale_in(
+            instances, args.org_agents, args.scale_in_per_minute, args.before, args.graphql
+        )
         print(
             f"\n4. scale-in of {scale['instances']} instances ({scale['busy']} busy for 300 s) "
             f"in a {max(args.org_agents, instances)}-agent organization, "
@@ -1003,7 +1050,7 @@ def main(argv: list[str] | None = None) -> int:
             missed.append("scale-in: hooks")
 
     if 5 in sections:
-        spot = bench_storm(storm, args.org_agents, args.before)
+        spot = bench_storm(storm, args.org_agents, args.before, args.graphql)
         print(
             f"\n5. spot storm: {spot['instances']} instances interrupted at once "
             f"({spot['busy']} with a job that cannot finish in time) in a "

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
     from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
+    from fleetdrain.controller.drain.ports import CoordinatorPort
+
 from fleetdrain.controller.drain.config import Settings
 from fleetdrain.controller.drain.core import EVENTS_REJECTED, DrainController
 from fleetdrain.controller.drain.events import MalformedEvent, parse_event, parse_message
@@ -103,31 +105,51 @@ def build_controller(
     )
     session = session or boto3.session.Session()
     ddb = session.client("dynamodb", config=config)
-    coordinator = None
+    coordinator: CoordinatorPort | None = None
     if settings.coordinator_url and settings.coordinator_org:
         token = SecretToken(
             session.client("secretsmanager", config=config),
             settings.coordinator_token_secret_arn,
             clock=time.monotonic,
         )
-        # Every drain shares one listing of the organization (its REST budget: see
-        # shared_listing), kept in the drain table.
-        coordinator = SharedAgentListing(
-            CoordinatorClient(
-                settings.coordinator_url,
-                settings.coordinator_org,
-                token.get,
-                token.invalidate,
-                clock=clock,
-                sleep=sleep,
-            ),
-            DynamoListingCache(
-                ddb, settings.table_name, settings.cluster, clock, settings.record_ttl
-            ),
-            settings.cluster,
-            clock,
+        rest = CoordinatorClient(
+            settings.coordinator_url,
+            settings.coordinator_org,
+            token.get,
+            token.invalidate,
+            clock=clock,
             sleep=sleep,
         )
+        if settings.coordinator_graphql_url:
+            from fleetdrain.controller.drain.graphql_agents import (
+                GraphqlAgentLookup,
+                GraphqlCoordinator,
+            )
+
+            # An instance's agents by meta-data: one GraphQL request a look, off REST's budget.
+            coordinator = GraphqlCoordinator(
+                rest,
+                GraphqlAgentLookup(
+                    settings.coordinator_graphql_url,
+                    settings.coordinator_org,
+                    token.get,
+                    token.invalidate,
+                    clock=clock,
+                    sleep=sleep,
+                ),
+            )
+        else:
+            # Every drain shares one listing of the organization (its REST budget: see
+            # shared_listing), kept in the drain table.
+            coordinator = SharedAgentListing(
+                rest,
+                DynamoListingCache(
+                    ddb, settings.table_name, settings.cluster, clock, settings.record_ttl
+                ),
+                settings.cluster,
+                clock,
+                sleep=sleep,
+            )
     return DrainController(
         settings,
         DynamoDrainStore(

@@ -34,6 +34,11 @@ class Settings:
     queue_url: str = ""
     coordinator_url: str = ""
     coordinator_org: str = ""
+    #: Buildkite's GraphQL endpoint (``https://graphql.buildkite.com/v1``): an instance's agents
+    #: are found there by meta-data, one request whatever the organization's size, instead of
+    #: a REST listing of the whole organization shared by the drains. Empty: REST only (the
+    #: token needs GraphQL access for this).
+    coordinator_graphql_url: str = ""
     coordinator_token_secret_arn: str = ""
     #: Scale-in: how long agents may keep working (lifecycle heartbeats) before a forced drain.
     drain_budget: float = 3600.0
@@ -82,6 +87,7 @@ class Settings:
             queue_url=env.get("FLEETDRAIN_QUEUE_URL", ""),
             coordinator_url=env.get("FLEETDRAIN_COORDINATOR_URL", "").rstrip("/"),
             coordinator_org=env.get("FLEETDRAIN_COORDINATOR_ORG", ""),
+            coordinator_graphql_url=env.get("FLEETDRAIN_COORDINATOR_GRAPHQL_URL", "").strip(),
             coordinator_token_secret_arn=env.get("FLEETDRAIN_COORDINATOR_TOKEN_SECRET_ARN", ""),
             drain_budget=_float(env, "FLEETDRAIN_DRAIN_BUDGET_SECONDS", 3600.0),
             spot_margin=_float(env, "FLEETDRAIN_SPOT_MARGIN_SECONDS", 20.0),

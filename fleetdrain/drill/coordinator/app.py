@@ -45,6 +45,7 @@ from fleetdrain.agent.buildkite.models import (
     StopRequest,
     dump,
 )
+from fleetdrain.drill.coordinator import graphql_api
 from fleetdrain.drill.coordinator.errors import (
     BadRequest,
     CoordinatorError,
@@ -584,6 +585,49 @@ def _route(
     return endpoint
 
 
+class GraphqlRequest(BaseModel):
+    """A GraphQL request body."""
+
+    query: str
+    variables: dict[str, Any] | None = None
+
+
+def _graphql_endpoint(coord: Coordinator) -> Callable[[Request], Awaitable[Response]]:
+    """``POST /graphql/v1`` (Buildkite: ``https://graphql.buildkite.com/v1``): the API token,
+    the query answered by :mod:`~fleetdrain.drill.coordinator.graphql_api`, charged in points
+    against the organization's GraphQL limit (``RateLimit-*`` in points, 429 beyond)."""
+
+    async def endpoint(request: Request) -> Response:
+        token = _bearer(request, "Bearer")
+        try:
+            coord.rest_authorize(token, coord.org)
+        except CoordinatorError as exc:
+            return _message(exc.status, exc.message)
+        fault = coord.take_fault("graphql", None)
+        if fault is not None and fault.kind == "latency":
+            await asyncio.sleep(fault.seconds)
+        elif fault is not None and fault.kind == "status":
+            return _fault_response(fault)
+        try:
+            body = await _json_body(request, GraphqlRequest)
+        except CoordinatorError as exc:
+            return _message(exc.status, exc.message)
+        answer = graphql_api.execute(
+            coord.org, coord.agents_with_meta_data, body.query, body.variables
+        )
+        rate = coord.graphql_rate.take(graphql_api.points(answer))
+        if rate is not None and not rate.allowed:
+            return JSONResponse(
+                {"errors": [{"message": "API rate limit exceeded (complexity points)"}]},
+                status_code=429,
+                headers=rate.headers(),
+            )
+        return JSONResponse(answer, headers=rate.headers() if rate is not None else None)
+
+    endpoint.__name__ = "coordinator_graphql"
+    return endpoint
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     response = _message(exc.status_code, exc.detail)
@@ -606,7 +650,8 @@ async def _watch_lost(coord: Coordinator) -> None:
 
 
 def build_app(coord: Coordinator) -> Starlette:
-    """The Starlette app serving ``coord``: agent API under ``/v3``, REST under ``/v2``.
+    """The Starlette app serving ``coord``: agent API under ``/v3``, REST under ``/v2``,
+    GraphQL (agents by meta-data) at ``/graphql/v1``.
 
     Its lifespan runs the lost-agent rule every 0.02-0.2 s (a quarter of the timeout).
     """
@@ -676,6 +721,7 @@ def build_app(coord: Coordinator) -> Starlette:
         rest("/{agent_id}/resume", "rest_resume", _rest_resume, "PUT"),
         builds("", "rest_create_build", _rest_create_build, "POST"),
         builds("/{number:int}", "rest_build", _rest_build, "GET"),
+        Route("/graphql/v1", _graphql_endpoint(coord), methods=["POST"], name="graphql"),
     ]
 
     @contextlib.asynccontextmanager

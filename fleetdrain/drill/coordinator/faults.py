@@ -39,6 +39,7 @@ FAULT_ENDPOINTS: frozenset[str] = frozenset(
         "rest_stop",
         "rest_pause",
         "rest_resume",
+        "graphql",
         "*",
     }
 )

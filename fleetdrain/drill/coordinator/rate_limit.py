@@ -31,6 +31,10 @@ from dataclasses import dataclass
 DEFAULT_REST_RATE_LIMIT = 200
 #: Its window, in seconds.
 DEFAULT_REST_RATE_WINDOW = 60.0
+#: Buildkite's GraphQL limit: complexity points in 5 minutes for an organization
+#: (https://buildkite.com/docs/apis/graphql/graphql-resource-limits).
+DEFAULT_GRAPHQL_RATE_LIMIT = 20_000
+DEFAULT_GRAPHQL_RATE_WINDOW = 300.0
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,9 @@ class RestRateLimit:
         #: Every request: (its time on the clock, refused).
         self._log: list[tuple[float, bool]] = []
 
-    def take(self) -> RateDecision | None:
-        """Count one request now; its decision (None when the limit is not enforced)."""
+    def take(self, cost: int = 1) -> RateDecision | None:
+        """Count one request of ``cost`` (points: GraphQL's requests cost what they read) now;
+        its decision (None when the limit is not enforced)."""
         with self._lock:
             now = self._clock()
             index = math.floor(now / self.window)
@@ -107,10 +112,10 @@ class RestRateLimit:
                 self._log.append((now, False))
                 return None
             reset = max(1, math.ceil((index + 1) * self.window - now))
-            if self._used >= self.limit:
+            if self._used + max(1, cost) > self.limit:
                 self._log.append((now, True))
-                return RateDecision(False, self.limit, 0, reset)
-            self._used += 1
+                return RateDecision(False, self.limit, max(0, self.limit - self._used), reset)
+            self._used += max(1, cost)
             self._log.append((now, False))
             return RateDecision(True, self.limit, self.limit - self._used, reset)
 

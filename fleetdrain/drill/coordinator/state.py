@@ -43,6 +43,8 @@ from fleetdrain.drill.coordinator.errors import (
 )
 from fleetdrain.drill.coordinator.faults import Fault, FaultSet
 from fleetdrain.drill.coordinator.rate_limit import (
+    DEFAULT_GRAPHQL_RATE_LIMIT,
+    DEFAULT_GRAPHQL_RATE_WINDOW,
     DEFAULT_REST_RATE_LIMIT,
     DEFAULT_REST_RATE_WINDOW,
     RestRateLimit,
@@ -153,6 +155,8 @@ class Coordinator:
         pipeline: str = DEFAULT_PIPELINE,
         rest_rate_limit: int | None = DEFAULT_REST_RATE_LIMIT,
         rest_rate_window: float = DEFAULT_REST_RATE_WINDOW,
+        graphql_rate_limit: int | None = DEFAULT_GRAPHQL_RATE_LIMIT,
+        graphql_rate_window: float = DEFAULT_GRAPHQL_RATE_WINDOW,
     ) -> None:
         if chunks_max_size_bytes < 1:
             raise ValueError("chunks_max_size_bytes must be >= 1")
@@ -188,6 +192,8 @@ class Coordinator:
             )
         self.faults = FaultSet(clock)
         self.rest_rate = RestRateLimit(rest_rate_limit, rest_rate_window, clock)
+        #: The GraphQL API's own limit, in complexity points (``/graphql/v1``).
+        self.graphql_rate = RestRateLimit(graphql_rate_limit, graphql_rate_window, clock)
         # Re-entrant so that internal helpers can be called with the lock held or not.
         self._lock = threading.RLock()
         self._agents: dict[str, AgentRecord] = {}
@@ -860,6 +866,13 @@ class Coordinator:
             start = (page - 1) * per_page
             chosen = agents[start : start + per_page]
             return [self._rest_view(a) for a in chosen], start + per_page < len(agents)
+
+    def agents_with_meta_data(self, entries: list[str]) -> list[RestAgent]:
+        """The agents having every ``key=value`` entry of ``entries`` in their meta-data, in
+        registration order (GraphQL's ``Organization.agents(metaData:)``)."""
+        wanted = set(entries)
+        with self._lock:
+            return [self._rest_view(a) for a in self._agents.values() if wanted <= set(a.meta_data)]
 
     def rest_agent(self, agent_id: str) -> RestAgent:
         """One agent as REST shows it (NotFound if unknown)."""
