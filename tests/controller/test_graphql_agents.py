@@ -5,11 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import boto3
 import pytest
 
 from fleetdrain.agent.buildkite.models import RegisterRequest
+from fleetdrain.controller import runtime
+from fleetdrain.controller.drain.config import Settings
 from fleetdrain.controller.drain.errors import CoordinatorUnavailable, RateLimited
-from fleetdrain.controller.drain.graphql_agents import GraphqlAgentLookup, lookup_query
+from fleetdrain.controller.drain.graphql_agents import (
+    GraphqlAgentLookup,
+    GraphqlCoordinator,
+    lookup_query,
+)
+from fleetdrain.controller.drain.shared_listing import SharedAgentListing
 from fleetdrain.drill.coordinator import Coordinator, CoordinatorServer
 from fleetdrain.drill.coordinator.faults import Fault
 from tests.controller.test_drains import World, make_world
@@ -132,3 +140,34 @@ def test_a_busy_drain_finds_its_agents_with_graphql_and_lists_nothing(world: Wor
     assert world.coord.job(agent.job_id or "").passed
     assert world.graphql.requests >= 2, "its looks asked GraphQL"
     assert world.rest.requests == 1, "REST: the pause only, no listing"
+
+
+def test_the_deployed_setting_chooses_graphql_and_its_absence_the_shared_listing(
+    aws_env: None,
+) -> None:
+    """template.yaml's CoordinatorGraphqlUrl reaches the functions as
+    FLEETDRAIN_COORDINATOR_GRAPHQL_URL, and the handlers' wiring builds on it."""
+    env = {
+        "FLEETDRAIN_CLUSTER": "ci",
+        "FLEETDRAIN_TABLE": "drains",
+        "FLEETDRAIN_COORDINATOR_URL": "https://api.buildkite.com",
+        "FLEETDRAIN_COORDINATOR_ORG": "acme",
+        "FLEETDRAIN_COORDINATOR_TOKEN_SECRET_ARN": "arn:aws:secretsmanager:us-east-1:1:secret:t",
+    }
+    session = boto3.session.Session(region_name="us-east-1")
+    plain = runtime.build_controller(Settings.from_env(env), session)
+    assert isinstance(plain.coordinator, SharedAgentListing)
+    url = "https://graphql.buildkite.com/v1"
+    with_graphql = Settings.from_env({**env, "FLEETDRAIN_COORDINATOR_GRAPHQL_URL": url})
+    ctl = runtime.build_controller(with_graphql, session)
+    assert isinstance(ctl.coordinator, GraphqlCoordinator)
+    assert (ctl.coordinator.lookup.url, ctl.coordinator.lookup.org) == (url, "acme")
+
+
+def test_the_template_passes_the_graphql_url_to_every_function() -> None:
+    from fleetdrain.drill.aws.template import load_template
+
+    template = load_template()
+    env = template["Globals"]["Function"]["Environment"]["Variables"]
+    assert env["FLEETDRAIN_COORDINATOR_GRAPHQL_URL"] == {"Ref": "CoordinatorGraphqlUrl"}
+    assert template["Parameters"]["CoordinatorGraphqlUrl"]["Default"] == ""
