@@ -687,6 +687,31 @@ def test_a_hard_drain_waiting_for_its_force_asks_the_coordinator_nothing(world: 
     assert world.metrics.counts[core.JOBS_FORCE_CANCELLED] == 1, "the force read the agent"
 
 
+def test_a_hard_drain_whose_action_is_gone_reads_its_agents_before_it_forces(
+    world: World,
+) -> None:
+    """A hard drain that only waits takes its agents by id, but when its lifecycle action is
+    gone it forces at once: it reads them first, so the job it cancels is counted."""
+    (a,) = world.build(instances=1)
+    world.controller(heartbeat_interval=30)
+    agent = world.add_agent(a, job_seconds=3600)
+    world.emit(world.gaps.begin_termination(a))
+    world.advance(5)
+    assert world.emit(world.gaps.spot_interruption(a))[0]["status"] == "joined"
+    rec = world.record(a)
+    assert rec.phase == "hard" and rec.force_at is not None
+    world.gaps.actions[a].heartbeat_timeout = 1  # it is gone at the next heartbeat
+    world.clock.advance(2)
+    world.gaps.expire_lifecycle_actions()
+    world.run_until(lambda: world.record(a).phase == "done", limit=90)
+    rec = world.record(a)
+    assert rec.outcome == "lifecycle_gone" and rec.forced_at is not None
+    assert rec.forced_at < rec.force_at, "forced when the action went, not at the deadline"
+    world.advance(2)
+    assert world.coord.job(agent.job_id or "").signal_reason == "agent_stop"
+    assert world.metrics.counts[core.JOBS_FORCE_CANCELLED] == 1
+
+
 def test_rebalance_is_a_soft_drain_that_never_forces(world: World) -> None:
     (a,) = world.build(instances=1)
     world.controller(drain_budget=60)

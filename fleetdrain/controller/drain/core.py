@@ -733,6 +733,8 @@ class _Step:
         self.retry_at: float | None = None
         #: A token AWS had accepted was refused in this step.
         self.lost_live_token = False
+        #: The step took its agents by the ids found earlier (``waits_hard``), not from a read.
+        self.by_id = False
 
     def act(self) -> None:
         """The step is about to change the world (or the drain's course): a look that has not
@@ -755,7 +757,7 @@ class _Step:
         tasks = self.remembered_tasks()
         agents: list[AgentView] | None = None
         if tasks is not None and self.waits_hard(tasks, forcing):
-            agents = self.known_by_id(tasks)
+            agents, self.by_id = self.known_by_id(tasks), True
         elif tasks is not None:
             agents = self.agents(tasks, known_only=True)
         if tasks is None or agents is None:
@@ -763,7 +765,7 @@ class _Step:
             # after someone else's stop is told to cancel and report it before the instance goes.
             tasks = self.read_tasks(exact=forcing)
             if tasks and self.waits_hard(tasks, forcing):
-                agents = self.known_by_id(tasks)
+                agents, self.by_id = self.known_by_id(tasks), True
             else:
                 agents = self.agents(tasks) if tasks else None
         if not tasks:
@@ -1193,6 +1195,10 @@ class _Step:
             return
         self.log.warning("lifecycle action gone: the instance is terminating now")
         if rec.forced_at is None:
+            if self.by_id:
+                # The look took its agents by id (a hard drain that only waited): the force
+                # reads them, so the jobs it cancels are counted (rate-limited: by id again).
+                agents = self.agents(tasks)
             self.force(tasks, agents)
         self.finish("lifecycle_gone", "the lifecycle action expired or was completed elsewhere")
 
