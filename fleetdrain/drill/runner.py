@@ -142,6 +142,11 @@ STORM_SCENARIOS: dict[str, tuple[ScenarioKind, str]] = {
         "a 1,000-agent org, REST limit enforced: every build cancelled, reported, retried; "
         "every drain ends",
     ),
+    "spot-storm-graphql": (
+        "after",
+        "the spot storm with agents found by GraphQL lookups (CoordinatorGraphqlUrl): the same "
+        "outcome, no REST listing",
+    ),
 }
 
 #: Every scenario a name can select.
@@ -685,6 +690,7 @@ def run_scenario(
                     time_scale=speed,
                     instances=spec.instances,
                     notification_queue=spec.notification_queue,
+                    graphql=spec.graphql,
                     pid1=pid1,
                     progress=progress,
                 ) as fleet,

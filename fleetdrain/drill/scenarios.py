@@ -66,6 +66,9 @@ class Spec:
     run: Callable[[Run], None]
     #: The ASG also sends lifecycle notifications to an SQS queue (see ``local_fleet``).
     notification_queue: bool = False
+    #: The stack is deployed with ``CoordinatorGraphqlUrl`` (the embedded coordinator's
+    #: ``/graphql/v1``): drains find their agents with GraphQL lookups.
+    graphql: bool = False
 
 
 @dataclass

@@ -49,6 +49,8 @@ from fleetdrain.drill.world.org_traffic import OrgTraffic
 from fleetdrain.drill.world.task_runtime import SPOT_NOTICE_SECONDS, RunningTask
 
 NAME = "spot-storm"
+#: The same storm, deployed with ``CoordinatorGraphqlUrl``.
+NAME_GRAPHQL = "spot-storm-graphql"
 #: Agents a core the storm runs (each a Python process; a busy one runs its job beside it), the
 #: most (the issue's "20 instances at once") and the fewest (one busy, one idle, one survivor).
 PROCESSES_PER_CORE = 4
@@ -316,6 +318,28 @@ def spot_storm(run: Run, size: StormSize | None = None, org_traffic: float = ORG
     run.note(figures.note())
 
 
+def spot_storm_graphql(run: Run) -> None:
+    """:func:`spot_storm` with the stack's ``CoordinatorGraphqlUrl`` set: every drain finds
+    its agents with GraphQL lookups (one request a look, on GraphQL's own points), so the
+    REST budget carries only the pauses and the forced stops."""
+    spot_storm(run)
+    lookups = run.fleet.coord.graphql_rate.stats()
+    if not lookups.requests:
+        run.note("no drain found its agents with GraphQL: CoordinatorGraphqlUrl was not used")
+        return
+    run.timeline(
+        "note",
+        "coordinator",
+        "graphql figures",
+        lookups=lookups.requests,
+        rate_limited=lookups.limited,
+    )
+    run.note(
+        f"{FIGURES}GraphQL: {lookups.requests} lookups "
+        f"({lookups.requests / STORM.storm:.1f} an instance), 429s {lookups.limited}"
+    )
+
+
 def _start_all(run: Run, instances: Sequence[int]) -> list[RunningTask]:
     """An agent on each of these instances (``storm-<n>``), started together, connected."""
     fleet = run.fleet
@@ -416,5 +440,13 @@ SPECS: dict[str, Spec] = {
         "every drain ends",
         STORM.instances,
         spot_storm,
+    ),
+    NAME_GRAPHQL: Spec(
+        "after",
+        "the spot storm with agents found by GraphQL lookups (CoordinatorGraphqlUrl): the same "
+        "outcome, no REST listing",
+        STORM.instances,
+        spot_storm_graphql,
+        graphql=True,
     ),
 }

@@ -198,3 +198,33 @@ def test_a_spot_storm_loses_nothing_and_gives_its_figures(tmp_path: Path) -> Non
     # The organization's padding is not on the timeline.
     assert not [e for e in s.timeline if e.subject.startswith("elsewhere-")]
     assert s.max_heartbeat_gap_intervals is not None and s.max_heartbeat_gap_intervals < 5
+
+
+@pytest.mark.slow
+@pytest.mark.pid1
+@pytest.mark.timeout(600)
+def test_the_storm_with_graphql_lookups_loses_nothing_and_lists_nothing(tmp_path: Path) -> None:
+    """The same storm, the stack deployed with CoordinatorGraphqlUrl (template parameter ->
+    the functions' environment -> the handlers' wiring): every drain finds its agents with
+    GraphQL lookups, and nothing is lost."""
+    from fleetdrain.drill.runner import run_local_drill
+    from fleetdrain.drill.scenarios_storm import NAME_GRAPHQL
+
+    ok, why = pid_namespaces_available()
+    if not ok:
+        pytest.skip(f"the drill's agents run as PID 1: {why}")
+    report = run_local_drill([NAME_GRAPHQL], workdir=tmp_path)
+    (s,) = report.scenarios
+    assert s.lost == 0, (s.cause, s.notes)
+    if s.inconclusive:
+        pytest.skip(f"{NAME_GRAPHQL} was inconclusive: {s.cause}")
+    assert s.outcome == "passed", (s.cause, s.notes)
+    (event,) = [e for e in s.timeline if e.what == "graphql figures"]
+    assert event.detail["lookups"] >= STORM.storm, "a lookup a drain at least"
+    assert event.detail["rate_limited"] == 0
+    (storm,) = [e for e in s.timeline if e.what == "storm figures"]
+    assert storm.detail["drains_done"] == STORM.storm
+    assert (
+        storm.detail["coordinator_stops"] + storm.detail["stop_task_fallbacks"]
+        >= (storm.detail["forced"])
+    )

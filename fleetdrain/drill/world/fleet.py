@@ -323,11 +323,14 @@ def local_fleet(
     progress: Callable[[str], None] = lambda _m: None,
     template_params: dict[str, str] | None = None,
     notification_queue: bool = False,
+    graphql: bool = False,
 ) -> Iterator[Fleet]:
     """A fleet of ``instances`` container instances in the ASG, everything wired and running.
 
     ``notification_queue``: the group also sends its lifecycle notifications to an SQS queue,
-    deployed as the template's ``LifecycleNotificationQueueArn`` (the lifecycle function then
+    deployed as the template's ``LifecycleNotificationQueueArn``; ``graphql``: the stack's
+    ``CoordinatorGraphqlUrl`` is the embedded coordinator's ``/graphql/v1`` (drains find their
+    agents with GraphQL lookups). (With the queue, the lifecycle function then
     gets each action twice: from EventBridge and as an SQS batch).
     """
     import boto3
@@ -377,6 +380,8 @@ def local_fleet(
         )
         notifications_url: str | None = None
         extra = dict(template_params or {})
+        if graphql:
+            extra["CoordinatorGraphqlUrl"] = f"{server.url}/graphql/v1"
         if notification_queue:
             sqs = session.client("sqs")
             notifications_url = sqs.create_queue(QueueName="ci-agents-lifecycle")["QueueUrl"]
