@@ -184,6 +184,31 @@ class Drains(RuleBasedStateMachine):
             event(f"job {job.state}")
 
 
+def test_a_stop_whose_first_step_died_is_forced_by_its_redelivery_not_its_old_tick() -> None:
+    """Found by the machine above (CI, 2026-12-04): a soft drain (rebalance) waits on a long
+    job; the instance is stopped from outside; the step that merges the stop (force now, 30 s
+    before the instance goes) dies after its claim. Its redelivery 5 s later is a duplicate,
+    and a duplicate stepped only when no tick was pending: the pending one was the soft
+    drain's, after the instance had gone, and the job was lost with it."""
+    state = Drains()
+    state.agents(busy=[30, 91, 30])
+    state.nothing_went_wrong()
+    state.rebalance(delay=0, i=1)
+    state.wait(seconds=60)
+    state.nothing_went_wrong()
+    state.crash(n=5)
+    state.stopped_outside_the_group(i=1, state="stopping")
+    state.nothing_went_wrong()
+    state.wait(seconds=60)
+    state.nothing_went_wrong()
+    rec = state.w.store.records[state.iids[1]]
+    assert rec.forced_at is not None and rec.force_at is not None
+    assert rec.forced_at <= rec.force_at + 5, "forced by the redelivered event"
+    state.w.settle()
+    state.w.ok()
+    assert not state.w.store.in_flight()
+
+
 Drains.TestCase.settings = settings(
     max_examples=500,
     stateful_step_count=50,

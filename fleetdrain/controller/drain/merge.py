@@ -129,9 +129,19 @@ def merge(
 
 def duplicate(rec: DrainRecord, now: float) -> Merge:
     """An event already merged: nothing changes; step only if no tick is pending (a crash may
-    have lost it)."""
+    have lost it), or if the pending one comes after the drain's force: a step that merged
+    this event (a stop, a spot notice: the force moved earlier) and died before it acted left
+    the tick of the old schedule, and only this delivery can force in time (a tick is never
+    scheduled past the force: see ``DrainController._schedule_tick``; 1 s is its rounding)."""
     pending = rec.tick_due is not None and rec.tick_due > now - LOST_TICK_SLACK
-    return Merge(rec, "duplicate", changed=False, step=rec.phase != "done" and not pending)
+    late = (
+        rec.tick_due is not None
+        and rec.force_at is not None
+        and rec.forced_at is None
+        and rec.tick_due > rec.force_at + 1
+    )
+    step = rec.phase != "done" and (not pending or late)
+    return Merge(rec, "duplicate", changed=False, step=step)
 
 
 def _new(
