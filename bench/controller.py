@@ -661,33 +661,12 @@ def fleet_controller(
     ctls = w.counted_controllers(calls, tick_interval=20, spot_margin=20, **grow)
     for ctl in ctls.values():
         # The client on the world's clock (a wait for the rate-limit window moves it).
-        client = CoordinatorClient(
-            w.server.url,
-            w.coord.org,
-            w.token.get,
-            w.token.invalidate,
-            timeout=2.0,
-            attempts=2,
-            backoff=0.0,
-            clock=w.clock,
-            sleep=w.clock.advance,
-            honour_rate_limit=not before,
-        )
+        client = w.rest_client(honour_rate_limit=not before)
         clients.append(client)
         # As deployed: every drain shares one listing of the organization through the drain
         # table (its reads counted); --before: each drain lists on its own.
         if graphql:
-            lookup = GraphqlAgentLookup(
-                f"{w.server.url}/graphql/v1",
-                w.coord.org,
-                w.token.get,
-                w.token.invalidate,
-                timeout=2.0,
-                attempts=2,
-                backoff=0.0,
-                clock=w.clock,
-                sleep=w.clock.advance,
-            )
+            lookup = w.graphql_lookup()
             w.lookups.append(lookup)
             ctl.coordinator = GraphqlCoordinator(client, lookup)
             continue
@@ -734,7 +713,7 @@ def fleet_figures(
         "held_back": sum(c.rate_refused for c in clients),
         "waits": sum(c.rate_waits for c in clients),
         "fallbacks": int(w.metrics.counts.get(core.COORDINATOR_FALLBACKS, 0)),
-        "rest_per_instance": (stats.requests + gql.requests) / max(1, len(ids)),
+        "coordinator_per_instance": (stats.requests + gql.requests) / max(1, len(ids)),
         "graphql_requests": gql.requests,
         "graphql_limited": gql.limited,
         "aws_idle": statistics.mean(w.charged_aws[i] for i in idle) if idle else 0.0,
@@ -875,7 +854,7 @@ def show_fleet(f: dict[str, Any], indent: str = "   ") -> list[str]:
             f"429s {f['graphql_limited']}"
         )
     print(
-        f"{indent}per drained instance: coordinator {f['rest_per_instance']:.1f} requests "
+        f"{indent}per drained instance: coordinator {f['coordinator_per_instance']:.1f} requests "
         f"(idle {f['rest_idle']:.1f}, busy {f['rest_busy']:.1f}; goal <= "
         f"{g['coordinator_per_instance']}); AWS calls idle {f['aws_idle']:.1f} (goal <= "
         f"{g['aws_idle']}), busy {f['aws_busy']:.1f} (goal <= {g['aws_busy']})"
@@ -907,7 +886,7 @@ def show_fleet(f: dict[str, Any], indent: str = "   ") -> list[str]:
         missed.append("429s")
     if f["aws_idle"] > g["aws_idle"] or (f["busy"] and f["aws_busy"] > g["aws_busy"]):
         missed.append("AWS calls per instance")
-    if f["rest_per_instance"] > g["coordinator_per_instance"]:
+    if f["coordinator_per_instance"] > g["coordinator_per_instance"]:
         missed.append("coordinator requests per instance")
     if f["lost"] > g["lost"]:
         missed.append("jobs lost")

@@ -285,31 +285,10 @@ class World:
         self.token = SecretToken(self.sm, self.secret_arn, clock=self.clock)
         self.ecs_client = boto3.client("ecs", region_name=REGION)
         #: The REST client; the controller reaches it through the shared listing, as deployed.
-        self.rest = CoordinatorClient(
-            self.server.url,
-            self.coord.org,
-            self.token.get,
-            self.token.invalidate,
-            timeout=2.0,
-            attempts=2,
-            backoff=0.0,
-            # The coordinator's rate-limit windows are on the world's clock: so is the budget.
-            clock=self.clock,
-            sleep=self.clock.advance,
-        )
+        self.rest = self.rest_client()
         self.listing: Any
         if graphql:
-            self.graphql = GraphqlAgentLookup(
-                f"{self.server.url}/graphql/v1",
-                self.coord.org,
-                self.token.get,
-                self.token.invalidate,
-                timeout=2.0,
-                attempts=2,
-                backoff=0.0,
-                clock=self.clock,
-                sleep=self.clock.advance,
-            )
+            self.graphql = self.graphql_lookup()
             self.listing = GraphqlCoordinator(self.rest, self.graphql)
         else:
             self.listing = SharedAgentListing(
@@ -333,6 +312,38 @@ class World:
         runtime.set_controller(ctl)
         self.ctl = ctl
         return ctl
+
+    def _client_options(self) -> dict[str, Any]:
+        """The coordinator clients' options here: short, few retries, and on the world's clock
+        (the coordinator's rate-limit windows are on it: so is the budget, and a wait for a
+        window moves it)."""
+        return {
+            "timeout": 2.0,
+            "attempts": 2,
+            "backoff": 0.0,
+            "clock": self.clock,
+            "sleep": self.clock.advance,
+        }
+
+    def rest_client(self, **options: Any) -> CoordinatorClient:
+        """A REST client of the embedded coordinator, with the world's token."""
+        return CoordinatorClient(
+            self.server.url,
+            self.coord.org,
+            self.token.get,
+            self.token.invalidate,
+            **{**self._client_options(), **options},
+        )
+
+    def graphql_lookup(self) -> GraphqlAgentLookup:
+        """A GraphQL lookup of the embedded coordinator (``/graphql/v1``), the world's token."""
+        return GraphqlAgentLookup(
+            f"{self.server.url}/graphql/v1",
+            self.coord.org,
+            self.token.get,
+            self.token.invalidate,
+            **self._client_options(),
+        )
 
     def start_task(self, iid: str, family: str, group: str) -> str:
         out = self.ecs.start_task(

@@ -153,6 +153,15 @@ class SecretToken:
         self._value = None
 
 
+def controller_http(timeout: float) -> httpx.Client:
+    """The HTTP client the controller talks to Buildkite with (REST and GraphQL): ``timeout``
+    seconds a request, at most 2 to connect."""
+    return httpx.Client(
+        timeout=httpx.Timeout(timeout, connect=min(timeout, 2.0)),
+        headers={"User-Agent": "fleetdrain-controller"},
+    )
+
+
 class CoordinatorClient:
     """:class:`~fleetdrain.controller.drain.ports.CoordinatorPort`: REST client for one
     organization. ``token`` is called for the token before each call."""
@@ -177,10 +186,7 @@ class CoordinatorClient:
         self._base = f"{base_url.rstrip('/')}/v2/organizations/{org}/agents"
         self._token = token
         self._invalidate = invalidate
-        self._http = http or httpx.Client(
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 2.0)),
-            headers={"User-Agent": "fleetdrain-controller"},
-        )
+        self._http = http or controller_http(timeout)
         self._attempts = max(1, attempts)
         self._backoff = backoff
         self._sleep = sleep

@@ -33,7 +33,11 @@ from typing import Any
 
 import httpx
 
-from fleetdrain.controller.drain.coordinator import CoordinatorClient, RateBudget
+from fleetdrain.controller.drain.coordinator import (
+    CoordinatorClient,
+    RateBudget,
+    controller_http,
+)
 from fleetdrain.controller.drain.errors import CoordinatorUnavailable, RateLimited
 from fleetdrain.controller.drain.ports import AgentView
 
@@ -102,10 +106,7 @@ class GraphqlAgentLookup:
         self.org = org
         self._token = token
         self._invalidate = invalidate
-        self._http = http or httpx.Client(
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 2.0)),
-            headers={"User-Agent": "fleetdrain-controller"},
-        )
+        self._http = http or controller_http(timeout)
         self._attempts = max(1, attempts)
         self._backoff = backoff
         self._sleep = sleep
