@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from fleetdrain.controller.drain.ports import CoordinatorPort
 
 from fleetdrain.controller.drain.config import Settings
-from fleetdrain.controller.drain.core import EVENTS_REJECTED, DrainController
+from fleetdrain.controller.drain.core import EVENTS_REJECTED, DrainController, Result
 from fleetdrain.controller.drain.events import MalformedEvent, parse_event, parse_message
 from fleetdrain.controller.drain.signals import Ignored, Several, Signal
 
@@ -174,32 +174,30 @@ def _reject(reason: str, where: str) -> dict[str, Any]:
     return {"status": "rejected", "reason": reason}
 
 
-def _run(signal: Signal | Several, accept: tuple[type, ...], where: str) -> dict[str, Any]:
+def _leaves(
+    signal: Signal | Several, accept: tuple[type, ...], where: str
+) -> list[Signal | dict[str, Any]]:
+    """What handling ``signal`` comes to: a signal for the controller, or an answer already
+    (rejected, ignored), for it and for each instance of an event about several."""
     if isinstance(signal, Several):
         # One event about several instances: each on its own (a retry repeats them all; the
         # ones done already are duplicates by the event's id).
-        results = [_run(one, accept, where) for one in signal.signals]
-        statuses = sorted({str(r["status"]) for r in results})
-        return {"status": ",".join(statuses), "results": results}
+        return [leaf for one in signal.signals for leaf in _leaves(one, accept, where)]
     if not isinstance(signal, (Ignored, *accept)):
-        return _reject(f"{type(signal).__name__} is not for the {where} function", where)
+        return [_reject(f"{type(signal).__name__} is not for the {where} function", where)]
     if isinstance(signal, Ignored):
         logger.info("event ignored", extra={"reason": signal.reason})
-        return {"status": "ignored", "detail": signal.reason}
-    instance_id = getattr(signal, "instance_id", None)
-    if instance_id:
-        logger.append_keys(instance_id=instance_id)
-    try:
-        result = controller().handle(signal)
-    finally:
-        logger.remove_keys(["instance_id", "drain_id"])
+        return [{"status": "ignored", "detail": signal.reason}]
+    return [signal]
+
+
+def _answer(result: Result) -> dict[str, Any]:
+    extra = {"action": result.action, "phase": result.phase, "detail": result.detail}
+    if result.instance_id:
+        extra["instance_id"] = result.instance_id
     if result.drain_id:
-        logger.append_keys(instance_id=result.instance_id, drain_id=result.drain_id)
-    logger.info(
-        "event handled",
-        extra={"action": result.action, "phase": result.phase, "detail": result.detail},
-    )
-    logger.remove_keys(["instance_id", "drain_id"])
+        extra["drain_id"] = result.drain_id
+    logger.info("event handled", extra=extra)
     return {
         "status": result.action,
         "instance_id": result.instance_id,
@@ -207,6 +205,46 @@ def _run(signal: Signal | Several, accept: tuple[type, ...], where: str) -> dict
         "phase": result.phase,
         "detail": result.detail,
     }
+
+
+def _run_all(
+    units: list[Signal | Several], accept: tuple[type, ...], where: str
+) -> list[dict[str, Any] | Exception]:
+    """Handle what one invocation brought (each unit: one event or message), the new drains
+    among them together (``DrainController.handle_batch``: their first steps share calls):
+    each unit's answer, or what it raised (a unit fails if any of its instances did)."""
+    leaves = [_leaves(unit, accept, where) for unit in units]
+    signals = [leaf for unit in leaves for leaf in unit if not isinstance(leaf, dict)]
+    results = iter(controller().handle_batch(signals) if signals else [])
+    out: list[dict[str, Any] | Exception] = []
+    for unit, parts in zip(units, leaves, strict=True):
+        answers: list[dict[str, Any]] = []
+        failed: Exception | None = None
+        for leaf in parts:
+            if isinstance(leaf, dict):
+                answers.append(leaf)
+                continue
+            result = next(results)
+            if isinstance(result, Exception):
+                failed = failed or result
+            else:
+                answers.append(_answer(result))
+        if failed is not None:
+            out.append(failed)
+        elif isinstance(unit, Several):
+            statuses = sorted({str(r["status"]) for r in answers})
+            out.append({"status": ",".join(statuses), "results": answers})
+        else:
+            out.append(answers[0])
+    return out
+
+
+def _run(signal: Signal | Several, accept: tuple[type, ...], where: str) -> dict[str, Any]:
+    """One event's answer; what it raised is raised (Lambda's retries, then the DLQ)."""
+    (answer,) = _run_all([signal], accept, where)
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
 
 
 def _records_kind(records: list[Any]) -> str:
@@ -261,13 +299,25 @@ def handle_sqs_batch(
     from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType
 
     processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+    # The whole batch is handled first (the new drains in it share their calls); the processor
+    # then reports each message as its part came out.
+    answers: dict[str, dict[str, Any] | Exception] = {}
+    units: list[Signal | Several] = []
+    ids: list[str] = []
+    for raw in event["Records"]:
+        message_id = str(raw.get("messageId", ""))
+        try:
+            units.append(parse_message(str(raw.get("body", ""))))
+            ids.append(message_id)
+        except MalformedEvent as exc:
+            answers[message_id] = _reject(str(exc), f"{where} (SQS message {message_id})")
+    answers.update(zip(ids, _run_all(units, accept, where), strict=True))
 
     def record_handler(record: SQSRecord) -> dict[str, Any]:
-        try:
-            signal = parse_message(record.body)
-        except MalformedEvent as exc:
-            return _reject(str(exc), f"{where} (SQS message {record.message_id})")
-        return _run(signal, accept, where)
+        answer = answers[record.message_id]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     with processor(records=event["Records"], handler=record_handler):
         processor.process()
@@ -283,19 +333,26 @@ def handle_sns(event: dict[str, Any], accept: tuple[type, ...], where: str) -> d
     """A function subscribed to an SNS topic (the group's notification target): each record's
     ``Sns.Message`` is what an SQS subscription would carry. Invoked asynchronously, so a
     retryable failure raises (Lambda's retries, then the DLQ), as for EventBridge."""
-    results = []
+    answers: list[dict[str, Any] | None] = []
+    units: list[Signal | Several] = []
     for record in event["Records"]:
         sns = record["Sns"]
         message = sns.get("Message")
         if not isinstance(message, str):
-            results.append(_reject("SNS record without a Message string", where))
+            answers.append(_reject("SNS record without a Message string", where))
             continue
         try:
-            signal = parse_message(message)
+            units.append(parse_message(message))
+            answers.append(None)
         except MalformedEvent as exc:
-            results.append(_reject(str(exc), f"{where} (SNS message {sns.get('MessageId')})"))
-            continue
-        results.append(_run(signal, accept, where))
+            answers.append(_reject(str(exc), f"{where} (SNS message {sns.get('MessageId')})"))
+    handled = iter(_run_all(units, accept, where))
+    results: list[dict[str, Any]] = []
+    for answer in answers:
+        got = answer if answer is not None else next(handled)
+        if isinstance(got, Exception):
+            raise got
+        results.append(got)
     if len(results) == 1:
         return results[0]
     return {"status": ",".join(sorted({str(r["status"]) for r in results})), "results": results}

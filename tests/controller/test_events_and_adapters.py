@@ -253,6 +253,16 @@ class RecordingController:
             raise Retryable("ECS ListTasks: throttled")
         return Result(self.outcome, signal.instance_id, "d", "soft")
 
+    def handle_batch(self, signals: Any) -> list[Any]:
+        """As the controller's: each signal's result, or what it raised."""
+        out: list[Any] = []
+        for signal in signals:
+            try:
+                out.append(self.handle(signal))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
 
 def test_an_sns_to_lambda_event_is_handled_not_crashed_on() -> None:
     # Finding 5: Records[].Sns crashed in the batch processor (KeyError: 'messageId').
@@ -309,6 +319,9 @@ def test_a_health_event_about_several_instances_is_handled_for_each() -> None:
 
             self.seen.append(signal.instance_id)
             return Result("ignored" if signal.instance_id == "i-2" else "started")
+
+        def handle_batch(self, signals: Any) -> list[Any]:
+            return [self.handle(s) for s in signals]
 
     ctl = Controller()
     runtime.set_controller(ctl)  # type: ignore[arg-type]

@@ -24,7 +24,7 @@ from fleetdrain.controller.drain.ports import DrainRecord
 from fleetdrain.controller.drain.state import record_from_doc, record_from_item, record_to_doc
 
 DRAIN = Path(__file__).resolve().parents[2] / "fleetdrain" / "controller" / "drain"
-PURE = ("core", "look", "merge", "signals", "ports", "errors", "config")
+PURE = ("core", "batch", "look", "merge", "signals", "ports", "errors", "config")
 FORBIDDEN = ("botocore", "boto3", "httpx", "pydantic", "pydantic_core", "aws_lambda_powertools")
 ADAPTERS = ("events", "state", "ecs_fleet", "coordinator", "lifecycle", "ticks", "aws_errors")
 

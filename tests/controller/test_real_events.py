@@ -15,7 +15,7 @@ import pytest
 
 from fleetdrain.controller import drain_monitor, lifecycle_hook, runtime, spot_interruption
 from fleetdrain.controller.drain.events import parse_event, parse_message
-from fleetdrain.controller.drain.signals import LifecycleSignal, Several
+from fleetdrain.controller.drain.signals import LifecycleSignal
 from fleetdrain.drill.aws.rules import EventRule, event_rules
 from fleetdrain.drill.aws.template import load_template
 from tests.controller.memory import Action, World, at
@@ -127,21 +127,23 @@ class Outcomes:
 @pytest.fixture
 def outcomes(monkeypatch: pytest.MonkeyPatch) -> Iterator[Outcomes]:
     seen = Outcomes()
-    run, reject = runtime._run, runtime._reject
+    run_all, reject = runtime._run_all, runtime._reject
 
-    def _run(signal: Any, accept: Any, where: str) -> dict[str, Any]:
-        out = run(signal, accept, where)
-        if not isinstance(signal, Several):
-            seen.statuses.append(str(out["status"]))
-            seen.reasons.append(str(out.get("detail") or ""))
-        return out
+    def _run_all(units: Any, accept: Any, where: str) -> list[Any]:
+        answers = run_all(units, accept, where)
+        for answer in answers:
+            if isinstance(answer, dict):  # an event about several instances: each of them
+                for one in answer.get("results", [answer]):
+                    seen.statuses.append(str(one["status"]))
+                    seen.reasons.append(str(one.get("detail") or ""))
+        return answers
 
     def _reject(reason: str, where: str) -> dict[str, Any]:
         seen.statuses.append("rejected")
         seen.reasons.append(reason)
         return reject(reason, where)
 
-    monkeypatch.setattr(runtime, "_run", _run)
+    monkeypatch.setattr(runtime, "_run_all", _run_all)
     monkeypatch.setattr(runtime, "_reject", _reject)
     yield seen
     runtime.set_controller(None)

@@ -54,10 +54,11 @@ import dataclasses
 import logging
 import math
 import uuid
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fleetdrain.controller.drain.batch import AheadFleet, FirstSteps
 from fleetdrain.controller.drain.config import Settings
 from fleetdrain.controller.drain.errors import (
     Conflict,
@@ -79,6 +80,7 @@ from fleetdrain.controller.drain.ports import (
     MetricsPort,
     Sleep,
     TaskInfo,
+    Tick,
     TicksPort,
     TokenRef,
 )
@@ -212,8 +214,71 @@ class DrainController:
         #: Instances whose drain this container saw end: (drain id, when it ended).
         self._ended_at: dict[str, tuple[str, float]] = {}
         self._seen: dict[str, None] = {}
+        #: While :meth:`handle_batch` runs its first steps: what they share.
+        self._batch: FirstSteps | None = None
 
     # ------------------------------------------------------------------ entry point
+
+    def handle_batch(self, signals: Sequence[Signal]) -> list[Result | Exception]:
+        """:meth:`handle` each of ``signals`` (one invocation's), the first steps of the new
+        drains among them sharing their calls (:mod:`~fleetdrain.controller.drain.batch`): each
+        signal's result, or what it raised (its notice is to be retried). Signals of an
+        instance whose record this controller has seen, a second signal of an instance, and
+        everything that starts no drain, run afterwards, one by one."""
+        out: list[Result | Exception | None] = [None] * len(signals)
+        firsts: dict[str, int] = {}
+        for index, signal in enumerate(signals):
+            iid = getattr(signal, "instance_id", "")
+            if (
+                isinstance(signal, _STARTS)
+                and iid
+                and iid not in firsts
+                and iid not in self._seen
+                and not (isinstance(signal, LifecycleSignal) and self._not_ours(signal))
+            ):
+                firsts[iid] = index
+        if len(firsts) >= 2:
+            self._first_steps(signals, firsts, out)
+        return [self._handled(s) if r is None else r for s, r in zip(signals, out, strict=True)]
+
+    def _first_steps(
+        self,
+        signals: Sequence[Signal],
+        firsts: dict[str, int],
+        out: list[Result | Exception | None],
+    ) -> None:
+        """Run the batch's first steps (``firsts``: instance -> index), then send what they
+        held back and create their records; fill ``out`` for them."""
+        fleet = self.fleet
+        batch = FirstSteps(fleet, self.ticks, self.clock)
+        batch.look_ahead(list(firsts))
+        self.fleet, self._batch = AheadFleet(batch, fleet), batch
+        try:
+            for index in firsts.values():
+                batch.current = index
+                out[index] = result = self._handled(signals[index])
+                if isinstance(result, Exception):
+                    batch.owned().failed = result
+        finally:
+            self.fleet, self._batch = fleet, None
+        for index, left in batch.flush().items():
+            if isinstance(left, Exception):
+                out[index] = left
+                continue
+            record, link = left
+            try:
+                self._remember(self.store.create(record, link=link))
+            except Conflict:
+                # Another event's step created it meanwhile: this one merges as any event.
+                out[index] = self._handled(signals[index])
+            except Exception as exc:
+                out[index] = exc
+
+    def _handled(self, signal: Signal) -> Result | Exception:
+        try:
+            return self.handle(signal)
+        except Exception as exc:
+            return exc
 
     def handle(self, signal: Signal) -> Result:
         """Merge ``signal`` into its drain and step it. Raises :class:`Retryable` on trouble
@@ -513,6 +578,9 @@ class DrainController:
         now = self.clock()
         step = _Step(self, rec, now, lg, looked, acting=acting, tick=tick)
         link = None
+        batch = self._batch if fresh else None
+        if batch is not None:
+            batch.holding = True  # its DRAINING and its tick go out before its create
         try:
             step.run()
             if rec.container_instance_arn and step.linked:
@@ -521,7 +589,9 @@ class DrainController:
                 step.act()
                 link = rec.container_instance_arn
             if rec.phase != "done":
-                self._schedule_tick(rec, now, step.coordinator_down_since, step.retry_at)
+                self._schedule_tick(
+                    rec, now, step.coordinator_down_since, step.retry_at, hold=batch is not None
+                )
         except _MustAct:
             if acting:
                 raise AssertionError("a claimed step cannot stop to claim") from None
@@ -536,7 +606,13 @@ class DrainController:
             if acting:
                 self._release(record, lg, fresh)
             raise
+        finally:
+            if batch is not None:
+                batch.holding = False
         rec.lease_id = rec.lease_until = None
+        if batch is not None:
+            batch.hold_create(rec, link)
+            return dataclasses.replace(rec, version=1)
         if fresh:
             return self.store.create(rec, link=link)
         return self._save(rec, link=link)
@@ -599,6 +675,7 @@ class DrainController:
         now: float,
         down_since: float | None,
         retry_at: float | None = None,
+        hold: bool = False,
     ) -> None:
         s = self.settings
         due = now + wait_tick(rec, now, s)
@@ -630,7 +707,10 @@ class DrainController:
             tick_id=tick_id,
             tick_due=due,
         )
-        self.ticks.schedule(rec.instance_id, rec.drain_id, tick_id, delay, carried)
+        if hold and self._batch is not None:
+            self._batch.hold_tick(Tick(rec.instance_id, rec.drain_id, tick_id, delay, carried))
+        else:
+            self.ticks.schedule(rec.instance_id, rec.drain_id, tick_id, delay, carried)
         rec.tick_id, rec.tick_due = tick_id, due
 
     # ------------------------------------------------------------------ helpers
@@ -862,6 +942,9 @@ class _Step:
             if how == "heartbeat":
                 ctl.lifecycle.heartbeat(ref.asg_name, ref.hook_name, ref.token, rec.instance_id)
             else:
+                if ctl._batch is not None:
+                    # DRAINING before the instance is let go (nothing may be placed there).
+                    ctl._batch.before_completion()
                 ctl.lifecycle.complete(
                     ref.asg_name, ref.hook_name, ref.token, rec.instance_id, "CONTINUE"
                 )

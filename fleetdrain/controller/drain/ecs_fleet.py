@@ -27,6 +27,8 @@ T = TypeVar("T")
 FULL_LISTING_EVERY = math.inf
 #: Container instances whose last look is remembered (the oldest is forgotten first).
 MAX_REMEMBERED = 512
+#: EC2 instance ids in one ``ec2InstanceId in [...]`` filter (well inside its length).
+FILTER_IDS = 20
 
 
 def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
@@ -68,6 +70,21 @@ class _Seen:
     full_at: float
 
 
+@dataclass
+class _Look:
+    """A look at one container instance's tasks between its listings and its describe."""
+
+    ci: str
+    now: float
+    seen: _Seen | None
+    #: Both listings read (or to be: see :meth:`EcsFleet._answer`).
+    full: bool
+    known_stopped: set[str]
+    #: Tasks still listed RUNNING as the last look described them.
+    again: list[dict[str, Any]]
+    to_describe: list[str]
+
+
 class EcsFleet:
     """:class:`~fleetdrain.controller.drain.ports.EcsPort`: ECS calls for one cluster."""
 
@@ -106,6 +123,34 @@ class EcsFleet:
         if len(arns) == 1:
             return ContainerInstance(arns[0], instance_id, "")
         return self._match(arns, instance_id)
+
+    def find_container_instances(
+        self, instance_ids: Sequence[str]
+    ) -> dict[str, ContainerInstance | None]:
+        """:meth:`find_container_instance` of several EC2 instances at once: one
+        ``ListContainerInstances`` with ``ec2InstanceId in [...]`` (:data:`FILTER_IDS` ids a
+        filter) and one ``DescribeContainerInstances`` (100 a call) to pair the ARNs it names
+        with their EC2 instances, where one instance at a time takes a listing each. Two or
+        fewer are asked one by one (that is no more calls)."""
+        ids = list(dict.fromkeys(instance_ids))
+        if len(ids) <= 2:
+            return {iid: self.find_container_instance(iid) for iid in ids}
+        found: dict[str, ContainerInstance | None] = dict.fromkeys(ids)
+        for group in _chunks(ids, FILTER_IDS):
+            arns = self._list_instances(filter=f"ec2InstanceId in [{', '.join(group)}]")
+            for batch in _chunks(arns, 100):
+                out = self._call(
+                    "DescribeContainerInstances",
+                    self._ecs.describe_container_instances,
+                    containerInstances=batch,
+                )
+                for ci in out.get("containerInstances", []):
+                    iid = ci.get("ec2InstanceId")
+                    if iid in found and found[iid] is None:
+                        found[iid] = ContainerInstance(
+                            ci["containerInstanceArn"], iid, ci.get("status", "")
+                        )
+        return found
 
     def _list_instances(self, **kwargs: Any) -> list[str]:
         arns: list[str] = []
@@ -158,6 +203,23 @@ class EcsFleet:
             reason = failures[0].get("reason", "unknown")
             raise RuntimeError(f"UpdateContainerInstancesState DRAINING failed: {reason}")
 
+    def set_draining_many(self, arns: Sequence[str]) -> dict[str, str]:
+        """DRAINING for several container instances, 10 a call (what
+        ``UpdateContainerInstancesState`` takes); the ones that failed, with ECS's reason."""
+        failed: dict[str, str] = {}
+        for batch in _chunks(list(dict.fromkeys(arns)), 10):
+            out = self._call(
+                "UpdateContainerInstancesState",
+                self._ecs.update_container_instances_state,
+                containerInstances=batch,
+                status="DRAINING",
+            )
+            for failure in out.get("failures") or []:
+                arn, reason = str(failure.get("arn", "")), str(failure.get("reason", "unknown"))
+                # A failure that names no instance of ours is taken as all of the call's.
+                failed.update({arn: reason} if arn in batch else dict.fromkeys(batch, reason))
+        return failed
+
     # ------------------------------------------------------------------ tasks
 
     def saw_stopped(self, container_instance_arn: str, task_arn: str) -> None:
@@ -193,7 +255,30 @@ class EcsFleet:
         ``known``: the tasks as a look elsewhere left them (a drain record's: a step in
         another Lambda container), the last look when this adapter has none of its own.
         """
-        ci = container_instance_arn
+        look = self._plan(container_instance_arn, known, exact)
+        return self._answer(look, self._describe(look.ci, look.to_describe))
+
+    def tasks_on_many(self, container_instance_arns: Sequence[str]) -> dict[str, list[TaskInfo]]:
+        """:meth:`tasks_on` (not ``exact``, nothing ``known``) of several container instances
+        at once: a ``ListTasks`` each, and the tasks to describe of all of them in shared
+        ``DescribeTasks`` calls (100 ARNs a call, across instances), where one instance at a
+        time takes one call each."""
+        looks = [self._plan(ci, (), False) for ci in dict.fromkeys(container_instance_arns)]
+        wanted = [(look.ci, arn) for look in looks for arn in look.to_describe]
+        by_ci: dict[str, list[dict[str, Any]]] = {look.ci: [] for look in looks}
+        for batch in _chunks(wanted, 100):
+            owner = dict((arn, ci) for ci, arn in batch)
+            out = self._call(
+                "DescribeTasks", self._ecs.describe_tasks, tasks=[arn for _, arn in batch]
+            )
+            for task in out.get("tasks", []):
+                ci = owner.get(task.get("taskArn", ""))
+                if ci is not None and task.get("containerInstanceArn", ci) == ci:
+                    by_ci[ci].append(task)
+        return {look.ci: self._answer(look, by_ci[look.ci]) for look in looks}
+
+    def _plan(self, ci: str, known: Sequence[TaskInfo], exact: bool) -> _Look:
+        """A look's listings of ``ci`` (what :meth:`tasks_on` reads before it describes)."""
         now = self._clock()
         seen = self._seen.pop(ci, None)
         if seen is None and known:
@@ -208,9 +293,20 @@ class EcsFleet:
             wanted = _unique(wanted, self._list_tasks(ci, "STOPPED"))
         again = [{**known_live[a], "desiredStatus": "RUNNING"} for a in running if a in known_live]
         reused = {t["taskArn"] for t in again}
-        described = again + self._describe(
-            ci, [a for a in wanted if a not in known_stopped and a not in reused]
+        return _Look(
+            ci=ci,
+            now=now,
+            seen=seen,
+            full=full,
+            known_stopped=known_stopped,
+            again=again,
+            to_describe=[a for a in wanted if a not in known_stopped and a not in reused],
         )
+
+    def _answer(self, look: _Look, described_now: list[dict[str, Any]]) -> list[TaskInfo]:
+        """The answer of a look whose tasks to describe were described (``described_now``)."""
+        ci, seen, full, known_stopped = look.ci, look.seen, look.full, look.known_stopped
+        described = look.again + described_now
         live = [t for t in described if t.get("lastStatus") != "STOPPED"]
         daemons = self._daemons_of(live)
         if not full and all(_service(t) in daemons for t in live):
@@ -232,7 +328,7 @@ class EcsFleet:
             _Seen(
                 live={t["taskArn"]: t for t in live},
                 stopped=known_stopped,
-                full_at=now if full else (seen.full_at if seen else now),
+                full_at=look.now if full else (seen.full_at if seen else look.now),
             ),
         )
         return [

@@ -388,6 +388,18 @@ class TicksPort(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Tick:
+    """One tick to send: what :meth:`TicksPort.schedule` takes, as a value (a batch of first
+    steps holds its ticks back and sends them together: see ``batch``)."""
+
+    instance_id: str
+    drain_id: str
+    tick_id: str
+    delay: int
+    record: DrainRecord | None = None
+
+
 class MetricsPort(Protocol):
     """Where the core's metrics go (names in ``core``)."""
 

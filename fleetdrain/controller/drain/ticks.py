@@ -7,13 +7,14 @@ write is, find out if anything wrote the record since (a Conflict, and then it i
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from fleetdrain.controller.drain.aws_errors import reraise_retryable
 from fleetdrain.controller.drain.events import TICK_KIND
-from fleetdrain.controller.drain.ports import DrainRecord
+from fleetdrain.controller.drain.ports import DrainRecord, Tick
 from fleetdrain.controller.drain.state import record_to_doc
 
 MAX_DELAY = 900  # SQS DelaySeconds ceiling
@@ -63,3 +64,25 @@ class SqsTicks:
         except (ClientError, BotoCoreError) as exc:
             reraise_retryable(exc, "SQS SendMessage")
             raise
+
+    def schedule_many(self, ticks: Sequence[Tick]) -> set[str]:
+        """Several ticks, 10 a ``SendMessageBatch``; the tick ids SQS did not take (a call
+        that fails as a whole raises, as :meth:`schedule` does)."""
+        failed: set[str] = set()
+        for start in range(0, len(ticks), 10):
+            batch = ticks[start : start + 10]
+            entries = [
+                {
+                    "Id": str(n),
+                    "MessageBody": tick_body(t.instance_id, t.drain_id, t.tick_id, t.record),
+                    "DelaySeconds": max(0, min(MAX_DELAY, int(t.delay))),
+                }
+                for n, t in enumerate(batch)
+            ]
+            try:
+                out = self._sqs.send_message_batch(QueueUrl=self._queue_url, Entries=entries)
+            except (ClientError, BotoCoreError) as exc:
+                reraise_retryable(exc, "SQS SendMessageBatch")
+                raise
+            failed.update(batch[int(f["Id"])].tick_id for f in out.get("Failed") or [])
+        return failed
