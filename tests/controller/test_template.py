@@ -1,5 +1,6 @@
 """template.yaml and infra/: lint-clean, SAM expands them, the EventBridge patterns match the
-sample events (and not their near misses), and the IAM stays least-privilege."""
+sample events (and not their near misses), the lifecycle and spot notices reach their
+functions batched through a queue each, and the IAM stays least-privilege."""
 
 from __future__ import annotations
 
@@ -45,6 +46,28 @@ def targets(rules: list[EventRule], event: dict[str, Any]) -> set[str]:
     return {f"{r.function}.{r.name}" for r in rules if r.matches(event)}
 
 
+class NoManagedPolicies:
+    def load(self) -> dict[str, str]:
+        return {}
+
+
+def expand(template: dict[str, Any], params: dict[str, str] | None = None) -> dict[str, Any]:
+    """The template as the SAM transform expands it (AWS_DEFAULT_REGION set by the caller)."""
+    from samtranslator.translator.transform import transform
+
+    fragment = copy.deepcopy(template)
+    fragment["Globals"]["Function"]["CodeUri"] = "s3://bucket/lambdas.zip"
+    return dict(transform(fragment, {**PARAMS, **(params or {})}, NoManagedPolicies()))
+
+
+#: The notice rules: rule -> (its queue, the function that consumes the queue).
+NOTICE_RULES = {
+    "TerminateLifecycleAction": ("LifecycleNoticeQueue", "LifecycleHookFunction"),
+    "SpotInterruptionWarning": ("InstanceNoticeQueue", "SpotInterruptionFunction"),
+    "RebalanceRecommendation": ("InstanceNoticeQueue", "SpotInterruptionFunction"),
+}
+
+
 def test_cfn_lint_is_clean() -> None:
     files = [
         str(ROOT / "template.yaml"),
@@ -62,17 +85,8 @@ def test_cfn_lint_is_clean() -> None:
 def test_sam_expands_the_template(
     template: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from samtranslator.translator.transform import transform
-
-    class NoManagedPolicies:
-        def load(self) -> dict[str, str]:
-            return {}
-
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    fragment = copy.deepcopy(template)
-    fragment["Globals"]["Function"]["CodeUri"] = "s3://bucket/lambdas.zip"
-    out = transform(fragment, {**PARAMS}, NoManagedPolicies())
-    resources = out["Resources"]
+    resources = expand(template)["Resources"]
     functions = {k: v for k, v in resources.items() if v["Type"] == "AWS::Lambda::Function"}
     assert len(functions) == 3
     for fn in functions.values():
@@ -84,9 +98,20 @@ def test_sam_expands_the_template(
     rules = [v for v in resources.values() if v["Type"] == "AWS::Events::Rule"]
     assert len(rules) == 5
     mappings = [v for v in resources.values() if v["Type"] == "AWS::Lambda::EventSourceMapping"]
-    assert any(
+    # The drain queue's ticks and the two notice queues, and the notification queue's (only
+    # with LifecycleNotificationQueueArn).
+    assert len(mappings) == 4
+    assert [m["Condition"] for m in mappings if "Condition" in m] == ["HasNotificationQueue"]
+    assert all(
         m["Properties"].get("FunctionResponseTypes") == ["ReportBatchItemFailures"]
         for m in mappings
+    )
+    # The expanded template routes as the template as written does.
+    assert sorted(
+        (r.function, r.name, r.queue) for r in event_rules(expand(template), PARAMS)
+    ) == sorted(
+        (r.function, r.name if r.queue else f"{r.function}{r.name}", r.queue)
+        for r in event_rules(template, PARAMS)
     )
 
 
@@ -165,30 +190,31 @@ def test_functions_have_reserved_concurrency_and_the_queue_is_capped_to_it(
     assert ticks["Properties"]["ScalingConfig"]["Fn::If"][1] == capped
     mapping = template["Resources"]["LifecycleNotificationMapping"]["Properties"]
     assert mapping["ScalingConfig"]["Fn::If"][1] == capped
+    for fn, event in (
+        ("LifecycleHookFunction", "LifecycleNotices"),
+        ("SpotInterruptionFunction", "InstanceNotices"),
+    ):
+        notices = template["Resources"][fn]["Properties"]["Events"][event]["Properties"]
+        assert notices["ScalingConfig"] == ticks["Properties"]["ScalingConfig"], fn
 
 
 def test_sam_expands_reserved_concurrency_onto_every_function(
     template: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from samtranslator.translator.transform import transform
-
-    class NoManagedPolicies:
-        def load(self) -> dict[str, str]:
-            return {}
-
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    fragment = copy.deepcopy(template)
-    fragment["Globals"]["Function"]["CodeUri"] = "s3://bucket/lambdas.zip"
-    out = transform(fragment, {**PARAMS}, NoManagedPolicies())["Resources"]
+    out = expand(template)["Resources"]
     functions = [v for v in out.values() if v["Type"] == "AWS::Lambda::Function"]
     assert all("ReservedConcurrentExecutions" in f["Properties"] for f in functions)
-    (ticks,) = [
-        v
-        for v in out.values()
-        if v["Type"] == "AWS::Lambda::EventSourceMapping"
-        and "DrainQueue" in json.dumps(v["Properties"]["EventSourceArn"])
-    ]
-    assert "ScalingConfig" in ticks["Properties"]
+    mappings = [v for v in out.values() if v["Type"] == "AWS::Lambda::EventSourceMapping"]
+    queues = {json.dumps(m["Properties"]["EventSourceArn"]) for m in mappings}
+    assert queues == {
+        json.dumps({"Ref": "LifecycleNotificationQueueArn"}),
+        *(
+            json.dumps({"Fn::GetAtt": [q, "Arn"]})
+            for q in ("DrainQueue", "LifecycleNoticeQueue", "InstanceNoticeQueue")
+        ),
+    }
+    assert all("ScalingConfig" in m["Properties"] for m in mappings)
 
 
 def test_functions_know_their_group_and_hook(template: dict[str, Any]) -> None:
@@ -209,6 +235,245 @@ def test_iam_is_least_privilege(template: dict[str, Any]) -> None:
     lifecycle = by_sid["LifecycleActionsOfTheGroup"]
     assert "autoScalingGroupName/${AutoScalingGroupName}" in lifecycle["Resource"]["Fn::Sub"]
     assert by_sid["CoordinatorToken"]["Resource"] == {"Ref": "CoordinatorTokenSecretArn"}
+    # The functions may send to the drain queue only (their ticks), not to the notice queues.
+    sends = [s for s in statements if "sqs:SendMessage" in json.dumps(s["Action"])]
+    assert [s["Resource"] for s in sends] == [{"Fn::GetAtt": ["DrainQueue", "Arn"]}]
+
+
+#: Everything a function's role may have, as SAM expands it: AWS managed policies by name, and
+#: the inline policies' statements. SAM's SQS event (the drain queue's ticks, the notice
+#: queues) adds AWSLambdaSQSQueueExecutionRole, the poller's ReceiveMessage, DeleteMessage and
+#: GetQueueAttributes; nothing else of AWS's is attached.
+AWS_MANAGED = "arn:aws:iam::aws:policy/service-role/"
+ALLOWED_MANAGED = {
+    "LifecycleHookFunction": {"AWSLambdaBasicExecutionRole", "AWSLambdaSQSQueueExecutionRole"},
+    "SpotInterruptionFunction": {"AWSLambdaBasicExecutionRole", "AWSLambdaSQSQueueExecutionRole"},
+    "DrainMonitorFunction": {"AWSLambdaBasicExecutionRole", "AWSLambdaSQSQueueExecutionRole"},
+}
+DLQ_SEND = {
+    "Action": "sqs:SendMessage",
+    "Resource": {"Fn::GetAtt": ["DrainDeadLetterQueue", "Arn"]},
+    "Effect": "Allow",
+}
+NOTIFICATION_QUEUE_POLL = {
+    "Effect": "Allow",
+    "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"],
+    "Resource": {"Ref": "LifecycleNotificationQueueArn"},
+}
+
+
+def assert_least_privilege(resources: dict[str, Any], function: str) -> None:
+    """``function``'s role, as SAM expanded it, has DrainPolicy (checked above), the AWS managed
+    policies of :data:`ALLOWED_MANAGED` and the inline statements it needs, and nothing more."""
+    role = resources[f"{function}Role"]["Properties"]
+    managed = set()
+    for arn in role.get("ManagedPolicyArns", []):
+        if arn == {"Ref": "DrainPolicy"}:
+            continue
+        assert isinstance(arn, str) and arn.startswith(AWS_MANAGED), arn
+        managed.add(arn.removeprefix(AWS_MANAGED))
+    assert managed == ALLOWED_MANAGED[function]
+    assert {"Ref": "DrainPolicy"} in role["ManagedPolicyArns"]
+    inline: list[Any] = []
+    for policy in role.get("Policies", []):
+        if "Fn::If" in policy:  # the notification queue's, when there is one
+            _, policy, no = policy["Fn::If"]
+            assert no == {"Ref": "AWS::NoValue"}
+        inline.extend(policy["PolicyDocument"]["Statement"])
+    allowed = [DLQ_SEND]
+    if function == "LifecycleHookFunction":
+        allowed.append(NOTIFICATION_QUEUE_POLL)
+    assert inline == allowed
+
+
+@pytest.mark.parametrize("function", sorted(ALLOWED_MANAGED))
+def test_the_roles_have_nothing_but_the_drain_policy_logs_and_their_pollers(
+    template: dict[str, Any], monkeypatch: pytest.MonkeyPatch, function: str
+) -> None:
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    assert_least_privilege(expand(template)["Resources"], function)
+
+
+@pytest.mark.parametrize(
+    "grant",
+    [
+        "AWSLambdaSQSQueueExecutionRole",  # on a function without a queue of its own
+        "AmazonSQSFullAccess",
+        {"Statement": [{"Effect": "Allow", "Action": "sqs:*", "Resource": "*"}]},
+        {"Statement": [{"Effect": "Allow", "Action": "ecs:StopTask", "Resource": "*"}]},
+    ],
+    ids=["sqs-poller-without-a-queue", "managed-sqs-full", "inline-sqs-star", "inline-ecs"],
+)
+def test_the_role_check_catches_a_broader_grant(
+    template: dict[str, Any], monkeypatch: pytest.MonkeyPatch, grant: Any
+) -> None:
+    # What the check above is for: a function given more than it needs is caught. Here the
+    # spot function's notice queue is taken away first, so that the poller's policy SAM adds
+    # for it is more than it needs too.
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    broader = copy.deepcopy(template)
+    props = broader["Resources"]["SpotInterruptionFunction"]["Properties"]
+    if grant == "AWSLambdaSQSQueueExecutionRole":
+        props.pop("Events")
+        monkeypatch.setitem(
+            ALLOWED_MANAGED, "SpotInterruptionFunction", {"AWSLambdaBasicExecutionRole"}
+        )
+        assert_least_privilege(expand(broader)["Resources"], "SpotInterruptionFunction")
+    props["Policies"].append(grant)
+
+    class KnownPolicies(NoManagedPolicies):
+        def load(self) -> dict[str, str]:
+            return {
+                "AmazonSQSFullAccess": "arn:aws:iam::aws:policy/AmazonSQSFullAccess",
+                "AWSLambdaSQSQueueExecutionRole": AWS_MANAGED + "AWSLambdaSQSQueueExecutionRole",
+            }
+
+    from samtranslator.translator.transform import transform
+
+    broader["Globals"]["Function"]["CodeUri"] = "s3://bucket/lambdas.zip"
+    resources = transform(broader, {**PARAMS}, KnownPolicies())["Resources"]
+    with pytest.raises(AssertionError):
+        assert_least_privilege(resources, "SpotInterruptionFunction")
+
+
+# ---------------------------------------------------------------------------- notice queues
+
+
+def test_the_notice_rules_target_their_queues(template: dict[str, Any]) -> None:
+    res = template["Resources"]
+    for name, (queue, _) in NOTICE_RULES.items():
+        rule = res[name]
+        assert rule["Type"] == "AWS::Events::Rule", name
+        assert rule["Properties"]["State"] == "ENABLED"
+        (target,) = rule["Properties"]["Targets"]
+        assert target == {"Id": queue, "Arn": {"Fn::GetAtt": [queue, "Arn"]}}, name
+    # The two functions have no EventBridge event of their own any more; the monitor's stay.
+    for fn in ("LifecycleHookFunction", "SpotInterruptionFunction"):
+        events = res[fn]["Properties"]["Events"]
+        assert [e["Type"] for e in events.values()] == ["SQS"], fn
+    monitor = res["DrainMonitorFunction"]["Properties"]["Events"]
+    assert {k: e["Type"] for k, e in monitor.items()} == {
+        "TaskStopped": "EventBridgeRule",
+        "InstanceDraining": "EventBridgeRule",
+        "Ticks": "SQS",
+    }
+
+
+def test_event_rules_say_which_queue_a_notice_goes_through(rules: list[EventRule]) -> None:
+    routes = {(r.function, r.name): r.queue for r in rules}
+    assert routes == {
+        **{(fn, name): queue for name, (queue, fn) in NOTICE_RULES.items()},
+        ("DrainMonitorFunction", "TaskStopped"): None,
+        ("DrainMonitorFunction", "InstanceDraining"): None,
+    }
+
+
+def test_the_notice_queues_are_like_the_drain_queue(template: dict[str, Any]) -> None:
+    res = template["Resources"]
+    drain = res["DrainQueue"]["Properties"]
+    for queue in ("LifecycleNoticeQueue", "InstanceNoticeQueue"):
+        props = res[queue]["Properties"]
+        assert props["SqsManagedSseEnabled"] is True
+        assert props["VisibilityTimeout"] == drain["VisibilityTimeout"] == 360
+        assert props["RedrivePolicy"] == {
+            "deadLetterTargetArn": {"Fn::GetAtt": ["DrainDeadLetterQueue", "Arn"]},
+            "maxReceiveCount": 5,
+        }
+    # Six times the functions' timeout (Lambda's advice for an SQS event source).
+    assert template["Globals"]["Function"]["Timeout"] * 6 <= 360
+
+
+def test_only_eventbridge_and_only_its_rules_may_send_to_a_notice_queue(
+    template: dict[str, Any],
+) -> None:
+    res = template["Resources"]
+    policies = {
+        v["Properties"]["Queues"][0]["Ref"]: v["Properties"]["PolicyDocument"]
+        for v in res.values()
+        if v["Type"] == "AWS::SQS::QueuePolicy"
+    }
+    for queue in ("LifecycleNoticeQueue", "InstanceNoticeQueue"):
+        doc = policies[queue]
+        arn = {"Fn::GetAtt": [queue, "Arn"]}
+        allows = [s for s in doc["Statement"] if s["Effect"] == "Allow"]
+        (allow,) = allows
+        assert allow["Principal"] == {"Service": "events.amazonaws.com"}
+        assert allow["Action"] == "sqs:SendMessage"
+        assert allow["Resource"] == arn
+        # aws:SourceArn: exactly the rules that target this queue, no more, no fewer.
+        (condition,) = allow["Condition"].items()
+        assert condition[0] == "ArnEquals"
+        (source,) = condition[1].items()
+        assert source[0] == "aws:SourceArn"
+        targeting = sorted(
+            name
+            for name, r in res.items()
+            if r["Type"] == "AWS::Events::Rule"
+            and any(t["Arn"] == arn for t in r["Properties"]["Targets"])
+        )
+        assert targeting == sorted(n for n, (q, _) in NOTICE_RULES.items() if q == queue)
+        assert sorted(a["Fn::GetAtt"][0] for a in source[1]) == targeting
+        assert all(a["Fn::GetAtt"][1] == "Arn" for a in source[1])
+        (deny,) = [s for s in doc["Statement"] if s["Effect"] == "Deny"]
+        assert deny["Sid"] == "DenyInsecureTransport" and deny["Resource"] == arn
+        assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+
+
+def test_the_notices_are_batched_by_the_parameter(
+    template: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Spot and Health notices: a short window (a spot notice gives 120 s in all); lifecycle
+    # actions: a longer one (a scale-in's actions come spread out, and wait 300 s for a heartbeat).
+    for name, bounds in (
+        ("NoticeBatchingSeconds", (1, 0, 10)),
+        ("LifecycleBatchingSeconds", (5, 0, 30)),
+    ):
+        param = template["Parameters"][name]
+        assert param["Type"] == "Number"
+        assert (param["Default"], param["MinValue"], param["MaxValue"]) == bounds
+    res = template["Resources"]
+    for fn, event, queue, window in (
+        (
+            "LifecycleHookFunction",
+            "LifecycleNotices",
+            "LifecycleNoticeQueue",
+            "LifecycleBatchingSeconds",
+        ),
+        (
+            "SpotInterruptionFunction",
+            "InstanceNotices",
+            "InstanceNoticeQueue",
+            "NoticeBatchingSeconds",
+        ),
+    ):
+        props = res[fn]["Properties"]["Events"][event]["Properties"]
+        assert props["Queue"] == {"Fn::GetAtt": [queue, "Arn"]}
+        assert props["BatchSize"] == 10
+        assert props["MaximumBatchingWindowInSeconds"] == {"Ref": window}
+        assert props["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert res["LifecycleNotificationMapping"]["Properties"]["MaximumBatchingWindowInSeconds"] == {
+        "Ref": "LifecycleBatchingSeconds"
+    }
+    # ...and SAM carries it onto the mappings it makes.
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    out = expand(template, {"LifecycleNotificationQueueArn": "arn:aws:sqs:us-east-1:1:n"})
+    mappings = {
+        k: v["Properties"]
+        for k, v in out["Resources"].items()
+        if v["Type"] == "AWS::Lambda::EventSourceMapping"
+    }
+    batched = sorted(k for k, m in mappings.items() if m.get("MaximumBatchingWindowInSeconds"))
+    assert batched == [
+        "LifecycleHookFunctionLifecycleNotices",
+        "LifecycleNotificationMapping",
+        "SpotInterruptionFunctionInstanceNotices",
+    ]
+    windows = {k: mappings[k]["MaximumBatchingWindowInSeconds"] for k in batched}
+    assert windows == {
+        "LifecycleHookFunctionLifecycleNotices": {"Ref": "LifecycleBatchingSeconds"},
+        "LifecycleNotificationMapping": {"Ref": "LifecycleBatchingSeconds"},
+        "SpotInterruptionFunctionInstanceNotices": {"Ref": "NoticeBatchingSeconds"},
+    }
 
 
 # ---------------------------------------------------------------------------- patterns

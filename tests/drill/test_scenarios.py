@@ -109,8 +109,13 @@ def first_t(s: ScenarioReport, kind: str, subject: str, what: str) -> float:
 def test_scale_in_lets_a_long_build_finish_then_completes_the_hook(report: DrillReport) -> None:
     s = by_name(report, "scale-in")
     assert s.ok and (s.passed, s.retried, s.lost) == (1, 0, 0)
+    # The action came through the lifecycle notice queue (an SQS batch), and its drain began soft.
     controller = whats(s, "controller", "LifecycleHookFunction")
-    assert controller and controller[0] == "started (soft)"
+    assert controller and controller[0] == "batch of 1"
+    drain = [
+        e.what for e in s.timeline if e.kind == "controller" and e.subject.startswith("drain ")
+    ]
+    assert drain and drain[0] == "phase soft"
     hook = whats(s, "hook")
     assert "heartbeat 1" in hook, "the action was kept alive while the build ran"
     assert hook[-1] == "hook completed (CONTINUE)"

@@ -6,23 +6,25 @@ What ``sam deploy`` would do, done in-process:
    plain CloudFormation, after the local ``CodeUri`` is replaced with an ``s3://`` URI as
    ``sam package`` does.
 2. :func:`deploy_stack`: the code artifact is uploaded to a moto bucket and moto's
-   ``create_stack`` creates the functions, the drain queue and its event source mapping, the
+   ``create_stack`` creates the functions, the queues and their event source mappings, the
    table, the EventBridge rules with the template's own patterns, roles and permissions.
    moto's CloudFormation keeps an ``AWS::NoValue`` that sits in a list (CloudFormation drops
    it): :func:`drop_no_values` resolves such ``Fn::If`` items first, a gap filler and nothing
    more. What was created is read back from moto (:class:`Deployment`), not from the template.
 3. :class:`EventRouter`: each event is matched against the deployed rules' ``EventPattern``
-   (:func:`~fleetdrain.drill.aws.rules.matches`, moto's own EventBridge matcher) and the
-   target function is invoked in-process, the way Lambda would: its ``Handler`` string
+   (:func:`~fleetdrain.drill.aws.rules.matches`, moto's own EventBridge matcher). A rule whose
+   target is a function invokes it in-process, the way Lambda would: its ``Handler`` string
    resolved by import, a Lambda context, asynchronous retries (``MaximumRetryAttempts``) then
-   the function's dead-letter queue; the SQS-fed function gets SQS batches from its queue
+   the function's dead-letter queue. A rule whose target is one of the stack's queues (the
+   lifecycle and spot notices) sends the event there, as EventBridge's SQS target does (the
+   message body is the event). The SQS-fed functions get SQS batches from their queues
    (``BatchSize``), and with ``ReportBatchItemFailures`` only the failed records stay on the
    queue.
 
-moto does not run Lambda code without Docker, and it does not deliver to Lambda targets; that
-is why the router exists. One thread (:meth:`EventRouter.run`) plays the Lambda service.
-The template is read through :mod:`fleetdrain.drill.aws.template`, its rules through
-:mod:`fleetdrain.drill.aws.rules`.
+moto does not run Lambda code without Docker, it does not deliver to Lambda targets, and it
+does not poll a queue for an event source mapping; that is why the router exists. One thread
+(:meth:`EventRouter.run`) plays the Lambda service. The template is read through
+:mod:`fleetdrain.drill.aws.template`, its rules through :mod:`fleetdrain.drill.aws.rules`.
 """
 
 from __future__ import annotations
@@ -156,7 +158,11 @@ class DeployedRule:
 
     name: str
     pattern: dict[str, Any]
+    #: The stack's functions the rule invokes itself.
     target_arns: tuple[str, ...]
+    #: The URLs of the stack's queues the rule sends the event to, each one that an event source
+    #: mapping of the stack consumes (the function then gets it in an SQS batch).
+    queue_urls: tuple[str, ...] = ()
 
     def matches(self, event: Event) -> bool:
         """Whether EventBridge would deliver ``event`` by this rule."""
@@ -173,6 +179,9 @@ class QueueMapping:
     batch_size: int
     report_batch_item_failures: bool
     visibility_timeout: int
+    #: ``MaximumBatchingWindowInSeconds`` as deployed (the router does not wait it out: it
+    #: polls every ``poll_interval``, and what has arrived by then shares a batch).
+    batching_window: int = 0
 
 
 @dataclass(frozen=True)
@@ -234,7 +243,27 @@ def _deploy(
         raise RuntimeError(f"stack {stack_name}: {stack['StackStatus']}")
     _ensure_rules(session, stack_name, body, params, region)
     _ensure_table_ttl(session, stack_name, body)
-    return read_deployment(session, stack_name, body)
+    deployment = read_deployment(session, stack_name, body)
+    _leave_the_queues_to_the_router(deployment.mappings)
+    return deployment
+
+
+def _leave_the_queues_to_the_router(mappings: list[QueueMapping]) -> None:
+    """Stop moto's own delivery to the stack's SQS event source mappings.
+
+    On every SendMessage to such a queue moto receives the queue's visible messages (each
+    receive counts towards the redrive policy's ``maxReceiveCount``), tries to run the function
+    in Docker, fails without it, and makes them visible again: a few notices sent together
+    before the router polls would be moved to the DLQ unread. The router is the Lambda service
+    here (:meth:`EventRouter.poll_queues`); the mappings stay as deployed (listed, enabled).
+    """
+    from moto.sqs.models import sqs_backends
+
+    for mapping in mappings:
+        _, _, _, region, account, name = mapping.queue_arn.split(":", 5)
+        queue = sqs_backends[account][region].queues.get(name)
+        if queue is not None:
+            queue.lambda_event_source_mappings.clear()
 
 
 def _create(cfn: Any, stack_name: str, body: dict[str, Any], params: Mapping[str, str]) -> None:
@@ -274,39 +303,50 @@ def _ensure_rules(
 ) -> None:
     """Create any template rule that moto's create_stack left out, exactly as written.
 
-    moto 5.2 now and then skips one of two rules that target the same function (the stack
-    still reports CREATE_COMPLETE); CloudFormation would have created it.
+    moto 5.2 now and then skips one of two rules that target the same function or queue (the
+    stack still reports CREATE_COMPLETE); CloudFormation would have created it. A target is
+    the function itself, or the queue between the rule and its function
+    (:attr:`EventRule.queue`). A rule is there when a rule of its pattern targets the very
+    function or queue (another stack in the account can have rules of the same patterns).
     """
     cfn = session.client("cloudformation")
     events = session.client("events")
     summaries = cfn.list_stack_resources(StackName=stack_name)["StackResourceSummaries"]
     physical = {r["LogicalResourceId"]: r.get("PhysicalResourceId", "") for r in summaries}
-    existing = events.get_paginator("list_rules").paginate().build_full_result()["Rules"]
-    patterns = [json.loads(r["EventPattern"]) for r in existing if r.get("EventPattern")]
+    existing: set[tuple[str, str]] = set()  # (pattern, target ARN)
+    for r in events.get_paginator("list_rules").paginate().build_full_result()["Rules"]:
+        if r.get("EventPattern"):
+            key = json.dumps(json.loads(r["EventPattern"]), sort_keys=True)
+            for t in events.list_targets_by_rule(Rule=r["Name"])["Targets"]:
+                existing.add((key, t["Arn"]))
     # The expanded template's AWS::Events::Rule resources: one EventRule per target.
     wanted: dict[str, list[EventRule]] = {}
     for rule in event_rules(template, params, region=region):
         wanted.setdefault(rule.name, []).append(rule)
     lam = session.client("lambda")
+    sqs = session.client("sqs")
+
+    def target_arn(rule: EventRule) -> str:
+        if rule.queue is not None:  # an SQS queue's physical id is its URL
+            attrs = sqs.get_queue_attributes(
+                QueueUrl=physical[rule.queue], AttributeNames=["QueueArn"]
+            )
+            return str(attrs["Attributes"]["QueueArn"])
+        return str(
+            lam.get_function(FunctionName=physical[rule.function])["Configuration"]["FunctionArn"]
+        )
+
     for logical_id, targets in wanted.items():
         pattern = targets[0].pattern
-        if pattern in patterns:
+        # One target per Id: a queue's rule is one EventRule per consuming function.
+        by_id = {t.target_id: target_arn(t) for t in targets}
+        key = json.dumps(pattern, sort_keys=True)
+        if all((key, arn) in existing for arn in by_id.values()):
             continue
         name = f"{stack_name}-{logical_id}"[:64]
         log.info("moto left out rule %s: creating it as the template says", logical_id)
         events.put_rule(Name=name, EventPattern=json.dumps(pattern), State="ENABLED")
-        events.put_targets(
-            Rule=name,
-            Targets=[
-                {
-                    "Id": t.target_id,
-                    "Arn": lam.get_function(FunctionName=physical[t.function])["Configuration"][
-                        "FunctionArn"
-                    ],
-                }
-                for t in targets
-            ],
-        )
+        events.put_targets(Rule=name, Targets=[{"Id": i, "Arn": a} for i, a in by_id.items()])
 
 
 def read_deployment(session: Any, stack_name: str, template: dict[str, Any]) -> Deployment:
@@ -356,16 +396,6 @@ def read_deployment(session: Any, stack_name: str, template: dict[str, Any]) -> 
             max_retry_attempts=retries,
         )
 
-    # The rules as EventBridge has them (moto's stack resource list can miss one when two
-    # rules target the same function): every rule on the default bus aimed at our functions.
-    events = session.client("events")
-    rules = []
-    for rule in events.get_paginator("list_rules").paginate().build_full_result()["Rules"]:
-        targets = events.list_targets_by_rule(Rule=rule["Name"])["Targets"]
-        arns = tuple(t["Arn"] for t in targets if t["Arn"] in functions)
-        if arns and rule.get("EventPattern"):
-            rules.append(DeployedRule(rule["Name"], json.loads(rule["EventPattern"]), arns))
-
     sqs = session.client("sqs")
     mappings = []
     for m in lam.list_event_source_mappings()["EventSourceMappings"]:
@@ -390,8 +420,22 @@ def read_deployment(session: Any, stack_name: str, template: dict[str, Any]) -> 
                 report_batch_item_failures="ReportBatchItemFailures"
                 in (m.get("FunctionResponseTypes") or []),
                 visibility_timeout=int(attrs["Attributes"]["VisibilityTimeout"]),
+                batching_window=int(m.get("MaximumBatchingWindowInSeconds") or 0),
             )
         )
+    # The rules as EventBridge has them (moto's stack resource list can miss one when two
+    # rules target the same function): every rule on the default bus aimed at our functions,
+    # or at a queue that an event source mapping of ours consumes.
+    events = session.client("events")
+    queue_urls = {m.queue_arn: m.queue_url for m in mappings}
+    rules = []
+    for rule in events.get_paginator("list_rules").paginate().build_full_result()["Rules"]:
+        targets = events.list_targets_by_rule(Rule=rule["Name"])["Targets"]
+        arns = tuple(t["Arn"] for t in targets if t["Arn"] in functions)
+        urls = tuple(queue_urls[t["Arn"]] for t in targets if t["Arn"] in queue_urls)
+        if (arns or urls) and rule.get("EventPattern"):
+            rules.append(DeployedRule(rule["Name"], json.loads(rule["EventPattern"]), arns, urls))
+
     return Deployment(stack_name, outputs, functions, rules, mappings, resources)
 
 
@@ -552,12 +596,18 @@ class EventRouter:
 
     def deliver(self, event: Event) -> list[Invocation]:
         """Deliver one event to every matching rule's targets now (asynchronous-invoke rules:
-        up to ``MaximumRetryAttempts`` retries, then the function's dead-letter queue)."""
+        up to ``MaximumRetryAttempts`` retries, then the function's dead-letter queue; a queue
+        target gets the event as a message, which its function gets at the next
+        :meth:`poll_queues`, in a batch). The invocations made now."""
         before = len(self.invocations)
         rules = self.matching(event)
         if not rules:
             self.unmatched.append(event)
         for rule in rules:
+            for url in rule.queue_urls:
+                # EventBridge's SQS target: the message body is the event as JSON.
+                with self._lock:
+                    self._sqs.send_message(QueueUrl=url, MessageBody=json.dumps(event))
             for target in rule.target_arns:
                 fn = self.deployment.functions.get(target)
                 if fn is None:
@@ -690,8 +740,13 @@ class EventRouter:
                 event = None
             self._busy += 1
             try:
+                # What had arrived by now is delivered before the queues are polled, so that
+                # notices that came together share a batch (as a batching window would have);
+                # what these deliveries cause waits for the next round, after the poll.
                 if event is not None:
                     self.deliver(event)
+                    for _ in range(self._events.qsize()):
+                        self.deliver(self._events.get_nowait())
                 self.poll_queues()
             except Exception as exc:  # never let the Lambda service die silently
                 log.exception("router failure")

@@ -277,12 +277,16 @@ class ScaledDelays:
         self._lock = threading.Lock()
 
     def __call__(self, params: dict[str, Any], **_kw: Any) -> None:
-        delay = params.get("DelaySeconds")
-        if isinstance(delay, int) and delay > 0:
-            wall = self.clock.wall(delay)
-            with self._lock:
-                self._due[str(params.get("MessageBody"))] = time.monotonic() + wall
-            params["DelaySeconds"] = int(wall)
+        # SendMessage's parameters, or each entry of a SendMessageBatch (a batch of first
+        # steps sends its ticks together).
+        entries = params.get("Entries")
+        for message in entries if isinstance(entries, list) else [params]:
+            delay = message.get("DelaySeconds")
+            if isinstance(delay, int) and delay > 0:
+                wall = self.clock.wall(delay)
+                with self._lock:
+                    self._due[str(message.get("MessageBody"))] = time.monotonic() + wall
+                message["DelaySeconds"] = int(wall)
 
     def due(self, body: str) -> float | None:
         """When the message with this body is due (``time.monotonic()``), if it was delayed."""
@@ -374,6 +378,7 @@ def local_fleet(
         session = boto3.session.Session(botocore_session=_botocore_session(), region_name=REGION)
         delays = ScaledDelays(clock)
         session.events.register("provide-client-params.sqs.SendMessage", delays)
+        session.events.register("provide-client-params.sqs.SendMessageBatch", delays)
         ids = _build_aws(session, instances)
         secret = session.client("secretsmanager").create_secret(
             Name="fleetdrain/coordinator-token", SecretString=coord.api_token
