@@ -68,7 +68,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,11 +103,13 @@ from fleetdrain.controller.drain.graphql_agents import (  # noqa: E402
     GraphqlAgentLookup,
     GraphqlCoordinator,
 )
-from fleetdrain.controller.drain.ports import DrainRecord  # noqa: E402
+from fleetdrain.controller.drain.ports import DrainRecord, Tick  # noqa: E402
 from fleetdrain.controller.drain.shared_listing import SharedAgentListing  # noqa: E402
 from fleetdrain.controller.drain.state import DynamoDrainStore, DynamoListingCache  # noqa: E402
 from fleetdrain.controller.drain.ticks import tick_body  # noqa: E402
 from fleetdrain.drill.aws.gaps import AwsGaps  # noqa: E402
+from fleetdrain.drill.aws.rules import event_rules  # noqa: E402
+from fleetdrain.drill.aws.template import load_template  # noqa: E402
 from fleetdrain.drill.coordinator import Coordinator, CoordinatorServer  # noqa: E402
 from tests.controller.test_drains import (  # noqa: E402
     HANDLERS,
@@ -224,6 +226,26 @@ class BenchWorld(World):
                 body = tick_body(instance_id, drain_id, tick_id, record)
                 sqs.send_message(QueueUrl=url, MessageBody=body, DelaySeconds=0)
                 fake.schedule(instance_id, drain_id, tick_id, delay, record)
+
+            def schedule_many(self, ticks: Sequence[Tick]) -> set[str]:
+                # As SqsTicks sends a batch's ticks: 10 a SendMessageBatch.
+                for start in range(0, len(ticks), 10):
+                    chunk = ticks[start : start + 10]
+                    sqs.send_message_batch(
+                        QueueUrl=url,
+                        Entries=[
+                            {
+                                "Id": str(n),
+                                "MessageBody": tick_body(
+                                    t.instance_id, t.drain_id, t.tick_id, t.record
+                                ),
+                            }
+                            for n, t in enumerate(chunk)
+                        ],
+                    )
+                for t in ticks:
+                    fake.schedule(t.instance_id, t.drain_id, t.tick_id, t.delay, t.record)
+                return set()
 
         ctl.ticks = CountedTicks()
         return ctl
@@ -507,8 +529,11 @@ class DrivenWorld(BenchWorld):
     clients: list[CoordinatorClient]
     lookups: list[GraphqlAgentLookup]
 
-    def drive(self, calls: Calls) -> None:
+    def drive(self, calls: Calls, batching: dict[str, float] | None = None) -> None:
+        """Count ``calls``; ``batching``: the functions fed by a notice queue, with their
+        batching windows (None: every notice straight to its function, as before)."""
         self.calls = calls
+        self.batching = batching
         self.charged_aws: Counter[str] = Counter()
         self.charged_rest: Counter[str] = Counter()
         #: Instance -> its AWS calls by operation (for the breakdown of idle and busy drains).
@@ -517,6 +542,10 @@ class DrivenWorld(BenchWorld):
         self.later: list[tuple[float, dict[str, Any], int]] = []
         self.failures = 0
         self.dropped = 0
+        #: Notices on their way through a queue, by function: (when sent, event).
+        self.notices: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+        #: The batches the notice queues delivered (their sizes).
+        self.batches: list[int] = []
         #: Instances whose drain has begun (only their agents are simulated), spot deaths.
         self.active: set[str] = set()
         self.deaths: dict[str, float] = {}
@@ -548,11 +577,31 @@ class DrivenWorld(BenchWorld):
                 mine = self.charged_ops.setdefault(iid, Counter())
                 mine.update(delta(self.calls.snapshot(), ops))
 
+    def charged_many(self, iids: list[str], fn: Any) -> Any:
+        """:meth:`charged`, the calls and requests shared evenly by ``iids`` (one batch)."""
+        aws, rest = self.calls.total, self.coordinator_requests()
+        ops = self.calls.snapshot()
+        try:
+            return fn()
+        finally:
+            share = 1.0 / max(1, len(iids))
+            spent = delta(self.calls.snapshot(), ops)
+            for iid in iids:
+                self.charged_aws[iid] += (self.calls.total - aws) * share
+                self.charged_rest[iid] += (self.coordinator_requests() - rest) * share
+                mine = self.charged_ops.setdefault(iid, Counter())
+                for op, n in spent.items():
+                    mine[op] += n * share
+
     def route(self, event: dict[str, Any], tries: int = 0) -> list[dict[str, Any]]:
         out = []
         iid = self.instance_of(event)
         for rule in self.rules:
             if not rule.matches(event):
+                continue
+            if rule.queue is not None and self.batching is not None:
+                # EventBridge puts it on the rule's queue; the function gets it in a batch.
+                self.notices.setdefault(rule.function, []).append((self.clock(), event))
                 continue
             try:
                 out.append(self.charged(iid, lambda f=rule.function: self.invoke(f, event)))
@@ -563,6 +612,25 @@ class DrivenWorld(BenchWorld):
                 else:
                     self.dropped += 1
         return out
+
+    def deliver_notices(self) -> None:
+        """The notice queues' event source mappings: a batch of up to 10 once it is full or its
+        oldest message has waited the function's batching window (one poller each)."""
+        now = self.clock()
+        for function, pending in self.notices.items():
+            window = (self.batching or {}).get(function, 0.0)
+            while pending and (len(pending) >= 10 or now - pending[0][0] >= window):
+                batch, pending[:] = pending[:10], pending[10:]
+                events = [e for _, e in batch]
+                iids = [i for e in events if (i := self.instance_of(e))]
+                event = sqs_event(*(json.dumps(e) for e in events))
+                response = self.charged_many(iids, lambda f=function, e=event: self.invoke(f, e))
+                self.batches.append(len(batch))
+                failed = {f["itemIdentifier"] for f in response.get("batchItemFailures", [])}
+                for record, (_, notice) in zip(event["Records"], batch, strict=True):
+                    if record["messageId"] in failed:
+                        self.failures += 1
+                        pending.append((now + TICK_REDELIVERY, notice))
 
     def deliver_ticks(self) -> None:
         for body in self.ticks.due():
@@ -630,6 +698,7 @@ class DrivenWorld(BenchWorld):
         self.later = [x for x in self.later if x[0] > now]
         for _, event, tries in due:
             self.route(event, tries)
+        self.deliver_notices()
         self.deliver_ticks()
         self.pump()
 
@@ -685,8 +754,38 @@ def fleet_controller(
             ctl.fleet.full_listing_every = 0.0  # both task listings every step
     w.rest = clients[0]
     w.clients = clients
-    w.drive(calls)
+    # As deployed: notices through their queues, in batches (--before: one by one).
+    w.drive(calls, None if before else notice_windows())
     return clients
+
+
+def notice_windows() -> dict[str, float]:
+    """template.yaml's functions fed by a queue that EventBridge puts notices on, with their
+    batching windows (``MaximumBatchingWindowInSeconds``, a parameter's default resolved)."""
+    template = load_template(ROOT / "template.yaml")
+    params = template.get("Parameters", {})
+    queues = {
+        rule.function: rule.queue
+        for rule in event_rules(template, {"ClusterName": "ci", "AutoScalingGroupName": "g"})
+        if rule.queue is not None
+    }
+    windows: dict[str, float] = {}
+    for name, resource in template.get("Resources", {}).items():
+        if name not in queues:
+            continue
+        for spec in (resource.get("Properties", {}).get("Events") or {}).values():
+            props = spec.get("Properties", {})
+            if spec.get("Type") != "SQS":
+                continue
+            att = (props.get("Queue") or {}).get("Fn::GetAtt")
+            target = att[0] if isinstance(att, list) else str(att or "").split(".")[0]
+            if target != queues[name]:
+                continue
+            window = props.get("MaximumBatchingWindowInSeconds", 0)
+            if isinstance(window, dict) and "Ref" in window:
+                window = params[window["Ref"]].get("Default", 0)
+            windows[name] = float(window)
+    return windows
 
 
 def fleet_figures(
@@ -729,6 +828,7 @@ def fleet_figures(
         "self_cancelled": len(w.self_cancelled),
         "lost": len(w.lost),
         "forced": w.forced,
+        "batches": list(w.batches),
     }
 
 
@@ -870,6 +970,15 @@ def show_fleet(f: dict[str, Any], indent: str = "   ") -> list[str]:
     if f["busy"]:
         print(f"{indent}  busy, by operation:", end=" ")
         show_mean_ops(f["ops_busy"], "")
+    sizes = f["batches"]
+    if sizes:
+        print(
+            f"{indent}notices through their queues: {len(sizes)} batches, "
+            f"{statistics.mean(sizes):.1f} notices a batch (the first steps of one batch share "
+            "their ECS and SQS calls)"
+        )
+    else:
+        print(f"{indent}notices: each to its function on its own (no queue)")
     print(
         f"{indent}drains done {f['done']}/{f['instances']} "
         f"({', '.join(f'{k} {v}' for k, v in sorted(f['outcomes'].items()))}); "

@@ -44,6 +44,7 @@ from fleetdrain.controller.drain.ports import (
     ContainerInstance,
     DrainRecord,
     TaskInfo,
+    Tick,
 )
 from fleetdrain.controller.drain.signals import (
     LifecycleSignal,
@@ -418,6 +419,36 @@ class World:
         self.pump()
         return result
 
+    def deliver_batch(self, signals: Sequence[Signal]) -> None:
+        """Hand ``signals`` to the controller in one invocation (an SQS batch: the new drains
+        among them take their first steps together); each that failed comes back on its own
+        later, and all of them if the invocation died (then SQS redelivers the whole batch)."""
+        pendings = [Pending(self.now, next(self._seq), s) for s in signals]
+        self.fuse, self._armed = self._armed, None
+        try:
+            results: list[Result | Exception] = self.ctl.handle_batch(list(signals))
+        except Died as exc:
+            results = [exc] * len(signals)
+        finally:
+            self.fuse = None
+            self.observe()
+        died = any(isinstance(r, Died) for r in results)
+        for pending, result in zip(pendings, results, strict=True):
+            if died or isinstance(result, Retryable):
+                pending.attempts += 1
+                pending.due = self.now + RETRY_AFTER
+                self.queue.append(pending)
+                continue
+            if isinstance(result, Exception):
+                raise result
+            self.results.append((pending.signal, result))
+            if isinstance(pending.signal, LifecycleSignal):
+                action = self.actions.get(pending.signal.token)
+                if action is not None:
+                    action.delivered = True
+        self.observe()
+        self.pump()
+
     def crash(self, after_calls: int) -> None:
         """The next invocation dies after ``after_calls`` more port calls."""
         self._armed = after_calls
@@ -666,6 +697,22 @@ class _Ecs:
     def saw_stopped(self, container_instance_arn: str, task_arn: str) -> None:
         """Nothing to keep: this world's reads are exact and free."""
 
+    # Several at once, as the ECS adapter does them for a batch of first steps (one call each
+    # here, so a crash falls between a batch's reads and its actions, not inside one).
+
+    def find_container_instances(
+        self, instance_ids: Sequence[str]
+    ) -> dict[str, ContainerInstance | None]:
+        return {iid: self.find_container_instance(iid) for iid in instance_ids}
+
+    def tasks_on_many(self, container_instance_arns: Sequence[str]) -> dict[str, list[TaskInfo]]:
+        return {arn: self.tasks_on(arn) for arn in container_instance_arns}
+
+    def set_draining_many(self, arns: Sequence[str]) -> dict[str, str]:
+        for arn in arns:
+            self.set_draining(arn)
+        return {}
+
     def set_draining(self, arn: str) -> None:
         inst = self._instance(arn)
         inst.status = "DRAINING"
@@ -767,3 +814,8 @@ class _Ticks:
         # The record travels as a copy, as it does in an SQS message body.
         carried = copy.deepcopy(record)
         self.w.send(TickSignal(instance_id, drain_id, tick_id, carried), delay=delay)
+
+    def schedule_many(self, ticks: Sequence[Tick]) -> set[str]:
+        for t in ticks:
+            self.schedule(t.instance_id, t.drain_id, t.tick_id, t.delay, t.record)
+        return set()

@@ -114,6 +114,26 @@ class Drains(RuleBasedStateMachine):
         if self.running(i):
             self.send(self.w.spot(self.iids[i]), delay)
 
+    @rule(picks=st.lists(instance, min_size=2, max_size=INSTANCES, unique=True), spot=st.booleans())
+    def notices_together(self, picks: list[int], spot: bool) -> None:
+        """A storm's spot warnings, or a scale-in's lifecycle actions, in one SQS batch: their
+        first steps share their calls (and a crash can fall between the batch's DRAINING, its
+        ticks and its records)."""
+        signals = []
+        for i in picks:
+            iid = self.iids[i]
+            if not self.running(i) or self.w.instances[iid].down_at is not None:
+                continue
+            if spot:
+                signals.append(self.w.spot(iid))
+            elif not any(
+                a.instance == iid and a.state == "waiting" for a in self.w.actions.values()
+            ):
+                signals.append(self.w.scale_in(iid))
+        if signals:
+            self.sent.extend(signals)
+            self.w.deliver_batch(signals)
+
     @rule(i=instance, delay=late)
     def rebalance(self, i: int, delay: int) -> None:
         if self.running(i):

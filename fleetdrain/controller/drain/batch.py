@@ -31,6 +31,7 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -45,6 +46,8 @@ from fleetdrain.controller.drain.ports import (
     Tick,
     TicksPort,
 )
+
+log = logging.getLogger("fleetdrain.drain")
 
 #: How long a read made ahead stands in for the step's own (seconds on the drain clock): a
 #: batch's steps run one after another, and one that waited for the coordinator's window must
@@ -160,10 +163,17 @@ class FirstSteps:
         if len(instance_ids) < 2 or not isinstance(fleet, BatchEcsPort):
             return
         self._read_at = self.clock()
-        self._instances = fleet.find_container_instances(instance_ids)
-        arns = [ci.arn for ci in self._instances.values() if ci is not None]
-        if len(arns) >= 2:
-            self._tasks = fleet.tasks_on_many(arns)
+        try:
+            self._instances = fleet.find_container_instances(instance_ids)
+            arns = [ci.arn for ci in self._instances.values() if ci is not None]
+            if len(arns) >= 2:
+                self._tasks = fleet.tasks_on_many(arns)
+        except Exception as exc:
+            # A read ahead only saves calls: each step reads for itself (and fails, and is
+            # retried, on its own) rather than the whole batch coming back after SQS's
+            # visibility timeout.
+            log.warning("reads ahead of a batch failed", extra={"error": str(exc)})
+            self._instances, self._tasks = {}, {}
 
     def _fresh(self) -> bool:
         return self.clock() - self._read_at < AHEAD_SECONDS
