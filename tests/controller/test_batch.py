@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from fleetdrain.controller.drain.batch import AHEAD_SECONDS, FirstSteps
+from fleetdrain.controller.drain.errors import Retryable
 from fleetdrain.controller.drain.ports import ContainerInstance, TaskInfo, Tick
 from tests.controller.test_drains import FakeTicks, World, make_world, sqs_event
 
@@ -159,7 +160,8 @@ def test_a_batch_step_that_completes_at_once_sets_draining_first(world: World) -
 
 
 class DrainingRefused:
-    """The fleet whose batched DRAINING fails for one container instance (ECS's ``failures``)."""
+    """The fleet whose DRAINING of one container instance fails: in a batch (ECS's
+    ``failures``) and alone (throttled, what the retries gave up on)."""
 
     def __init__(self, fleet: Any, arn: str) -> None:
         self._fleet, self.arn = fleet, arn
@@ -172,10 +174,15 @@ class DrainingRefused:
         failed = self._fleet.set_draining_many(ok) if ok else {}
         return {**failed, self.arn: "MISSING"} if self.arn in arns else failed
 
+    def set_draining(self, arn: str) -> None:
+        if arn == self.arn:
+            raise Retryable("ECS UpdateContainerInstancesState: ThrottlingException")
+        self._fleet.set_draining(arn)
 
-def test_a_notice_whose_draining_failed_is_not_recorded_and_comes_back(world: World) -> None:
+
+def test_a_notice_whose_draining_failed_steps_alone_and_claims_nothing(world: World) -> None:
     ids = world.build(instances=3)
-    ctl, _ = counted(world, spot_margin=20)
+    ctl, calls = counted(world, spot_margin=20)
     for iid in ids:
         world.add_agent(iid)
     bad = ids[1]
@@ -184,37 +191,44 @@ def test_a_notice_whose_draining_failed_is_not_recorded_and_comes_back(world: Wo
     world.cursor = len(world.gaps.events)
     event = sqs_event(*(json.dumps(e) for e in notices))
     out = world.invoke("SpotInterruptionFunction", event)
+    # The batch's DRAINING failed for it, so it stepped on its own at once, and failed again:
+    # its notice comes back, and its record (written as the drain was merged) claims no
+    # DRAINING and holds no lease; the retry tick 30 s later steps it again.
     failed = [f["itemIdentifier"] for f in out["batchItemFailures"]]
     assert failed == [event["Records"][1]["messageId"]]
-    with pytest.raises(AssertionError):
-        world.record(bad)  # no record: nothing claims a DRAINING that did not happen
+    assert calls.count()["UpdateContainerInstancesState"] == 1  # the refused one never went
+    rec = world.record(bad)
+    assert rec.draining_at is None and rec.lease_id is None
     assert world.ci_status(bad) == "ACTIVE"
     assert all(world.ci_status(i) == "DRAINING" for i in ids if i != bad)
-    # SQS brings the notice back; ECS takes the DRAINING this time.
-    ctl.fleet = ctl.fleet._fleet
-    again = world.invoke("SpotInterruptionFunction", sqs_event(json.dumps(notices[1])))
-    assert again == {"batchItemFailures": []}
-    assert world.ci_status(bad) == "DRAINING" and world.record(bad).phase in ("hard", "done")
+    ctl.fleet = ctl.fleet._fleet  # ECS takes it now
+    world.pump()
+    world.advance(31)
+    assert world.ci_status(bad) == "DRAINING"
+    world.run_until(lambda: all(world.record(i).phase == "done" for i in ids), limit=60)
+    assert all(world.record(i).outcome == "drained" for i in ids)
+
+
+def test_a_notice_whose_tick_was_not_taken_sends_it_alone_before_its_record(
+    world: World,
+) -> None:
+    ids = world.build(instances=3)
+    _, calls = counted(world, spot_margin=20)
+    for iid in ids:
+        world.add_agent(iid, job_seconds=30)  # busy: their drains wait, a tick pending
+    world.ticks.refuse = {ids[2]}  # type: ignore[attr-defined]
+    out = deliver(world, "SpotInterruptionFunction", [world.gaps.spot_interruption(i) for i in ids])
+    assert out == {"batchItemFailures": []}
+    # Not created with the batch (a record without its tick would lose its safety net): it
+    # stepped alone, its tick sent on its own before its record was created.
+    alone = calls.index("SendMessage", lambda p: p.get("instance_id") == ids[2])
+    created = [n for n, (op, _) in enumerate(calls.log) if op == "TransactWriteItems"]
+    assert calls.index("SendMessageBatch") < created[0] and len(created) == 3
+    assert created[1] < alone < created[2]
+    assert world.record(ids[2]).tick_id is not None
     world.pump()
     world.run_until(lambda: all(world.record(i).phase == "done" for i in ids), limit=60)
-
-
-def test_a_notice_whose_tick_was_not_taken_is_not_recorded(world: World) -> None:
-    ids = world.build(instances=3)
-    counted(world, spot_margin=20)
-    for iid in ids:
-        world.add_agent(iid)
-    world.ticks.refuse = {ids[2]}  # type: ignore[attr-defined]
-    notices = [world.gaps.spot_interruption(i) for i in ids]
-    world.cursor = len(world.gaps.events)
-    event = sqs_event(*(json.dumps(e) for e in notices))
-    out = world.invoke("SpotInterruptionFunction", event)
-    assert [f["itemIdentifier"] for f in out["batchItemFailures"]] == [
-        event["Records"][2]["messageId"]
-    ]
-    with pytest.raises(AssertionError):
-        world.record(ids[2])  # a record without its tick would lose its safety net
-    assert world.record(ids[0]).tick_id is not None
+    assert all(world.coord.job(a.job_id or "").passed for a in world.agents.values() if a.job_id)
 
 
 def test_the_same_instance_twice_and_one_not_in_the_cluster(world: World) -> None:

@@ -253,17 +253,32 @@ class DrainController:
         batch = FirstSteps(fleet, self.ticks, self.clock)
         batch.look_ahead(list(firsts))
         self.fleet, self._batch = AheadFleet(batch, fleet), batch
+        stepped_failed: set[int] = set()
         try:
             for index in firsts.values():
                 batch.current = index
                 out[index] = result = self._handled(signals[index])
                 if isinstance(result, Exception):
                     batch.owned().failed = result
+                    stepped_failed.add(index)
         finally:
             self.fleet, self._batch = fleet, None
         for index, left in batch.flush().items():
             if isinstance(left, Exception):
-                out[index] = left
+                if index not in stepped_failed:
+                    # Its DRAINING or its tick did not go out with the batch's: it takes the
+                    # one-drain path now (whose failure leaves a record and a retry tick in
+                    # 30 s), rather than wait for SQS's visibility timeout to bring it back.
+                    log.warning(
+                        "a batched action failed: the drain steps on its own",
+                        extra={
+                            "instance_id": getattr(signals[index], "instance_id", ""),
+                            "error": str(left),
+                        },
+                    )
+                    out[index] = self._handled(signals[index])
+                else:
+                    out[index] = left
                 continue
             record, link = left
             try:
