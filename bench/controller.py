@@ -761,7 +761,8 @@ def fleet_controller(
 
 def notice_windows() -> dict[str, float]:
     """template.yaml's functions fed by a queue that EventBridge puts notices on, with their
-    batching windows (``MaximumBatchingWindowInSeconds``, a parameter's default resolved)."""
+    batching windows (the queue's event source mapping's ``MaximumBatchingWindowInSeconds``,
+    a parameter's default resolved)."""
     template = load_template(ROOT / "template.yaml")
     params = template.get("Parameters", {})
     queues = {
@@ -770,21 +771,19 @@ def notice_windows() -> dict[str, float]:
         if rule.queue is not None
     }
     windows: dict[str, float] = {}
-    for name, resource in template.get("Resources", {}).items():
-        if name not in queues:
+    for resource in template.get("Resources", {}).values():
+        props = resource.get("Properties", {})
+        if resource.get("Type") != "AWS::Lambda::EventSourceMapping":
             continue
-        for spec in (resource.get("Properties", {}).get("Events") or {}).values():
-            props = spec.get("Properties", {})
-            if spec.get("Type") != "SQS":
-                continue
-            att = (props.get("Queue") or {}).get("Fn::GetAtt")
-            target = att[0] if isinstance(att, list) else str(att or "").split(".")[0]
-            if target != queues[name]:
-                continue
-            window = props.get("MaximumBatchingWindowInSeconds", 0)
-            if isinstance(window, dict) and "Ref" in window:
-                window = params[window["Ref"]].get("Default", 0)
-            windows[name] = float(window)
+        att = (props.get("EventSourceArn") or {}).get("Fn::GetAtt")
+        queue = att[0] if isinstance(att, list) else str(att or "").split(".")[0]
+        function = (props.get("FunctionName") or {}).get("Ref")
+        if function not in queues or queues[function] != queue:
+            continue
+        window = props.get("MaximumBatchingWindowInSeconds", 0)
+        if isinstance(window, dict) and "Ref" in window:
+            window = params[window["Ref"]].get("Default", 0)
+        windows[function] = float(window)
     return windows
 
 

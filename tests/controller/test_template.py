@@ -186,16 +186,9 @@ def test_functions_have_reserved_concurrency_and_the_queue_is_capped_to_it(
         ]
     }
     capped = {"MaximumConcurrency": {"Ref": "ReservedConcurrency"}}
-    ticks = template["Resources"]["DrainMonitorFunction"]["Properties"]["Events"]["Ticks"]
-    assert ticks["Properties"]["ScalingConfig"]["Fn::If"][1] == capped
-    mapping = template["Resources"]["LifecycleNotificationMapping"]["Properties"]
-    assert mapping["ScalingConfig"]["Fn::If"][1] == capped
-    for fn, event in (
-        ("LifecycleHookFunction", "LifecycleNotices"),
-        ("SpotInterruptionFunction", "InstanceNotices"),
-    ):
-        notices = template["Resources"][fn]["Properties"]["Events"][event]["Properties"]
-        assert notices["ScalingConfig"] == ticks["Properties"]["ScalingConfig"], fn
+    for name in MAPPINGS:
+        mapping = template["Resources"][name]["Properties"]
+        assert mapping["ScalingConfig"]["Fn::If"][1] == capped, name
 
 
 def test_sam_expands_reserved_concurrency_onto_every_function(
@@ -240,16 +233,32 @@ def test_iam_is_least_privilege(template: dict[str, Any]) -> None:
     assert [s["Resource"] for s in sends] == [{"Fn::GetAtt": ["DrainQueue", "Arn"]}]
 
 
+#: The queues' event source mappings: queue, function, batching window parameter (None: none).
+MAPPINGS = {
+    "LifecycleNoticeMapping": (
+        "LifecycleNoticeQueue",
+        "LifecycleHookFunction",
+        "LifecycleBatchingSeconds",
+    ),
+    "InstanceNoticeMapping": (
+        "InstanceNoticeQueue",
+        "SpotInterruptionFunction",
+        "NoticeBatchingSeconds",
+    ),
+    "DrainTickMapping": ("DrainQueue", "DrainMonitorFunction", None),
+}
+
 #: Everything a function's role may have, as SAM expands it: AWS managed policies by name, and
-#: the inline policies' statements. SAM's SQS event (the drain queue's ticks, the notice
-#: queues) adds AWSLambdaSQSQueueExecutionRole, the poller's ReceiveMessage, DeleteMessage and
-#: GetQueueAttributes; nothing else of AWS's is attached.
+#: the inline policies' statements. The queues' mappings are resources, not SAM SQS events, so
+#: SAM attaches no AWSLambdaSQSQueueExecutionRole (the poller's actions on every queue, "*"):
+#: each role may poll its own queue and nothing else.
 AWS_MANAGED = "arn:aws:iam::aws:policy/service-role/"
 ALLOWED_MANAGED = {
-    "LifecycleHookFunction": {"AWSLambdaBasicExecutionRole", "AWSLambdaSQSQueueExecutionRole"},
-    "SpotInterruptionFunction": {"AWSLambdaBasicExecutionRole", "AWSLambdaSQSQueueExecutionRole"},
-    "DrainMonitorFunction": {"AWSLambdaBasicExecutionRole", "AWSLambdaSQSQueueExecutionRole"},
+    "LifecycleHookFunction": {"AWSLambdaBasicExecutionRole"},
+    "SpotInterruptionFunction": {"AWSLambdaBasicExecutionRole"},
+    "DrainMonitorFunction": {"AWSLambdaBasicExecutionRole"},
 }
+POLL = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"]
 DLQ_SEND = {
     "Action": "sqs:SendMessage",
     "Resource": {"Fn::GetAtt": ["DrainDeadLetterQueue", "Arn"]},
@@ -257,9 +266,15 @@ DLQ_SEND = {
 }
 NOTIFICATION_QUEUE_POLL = {
     "Effect": "Allow",
-    "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"],
+    "Action": POLL,
     "Resource": {"Ref": "LifecycleNotificationQueueArn"},
 }
+
+
+def own_queue_poll(function: str) -> dict[str, Any]:
+    """The statement that lets ``function`` poll the queue its mapping reads."""
+    (queue,) = [q for q, fn, _ in MAPPINGS.values() if fn == function]
+    return {"Effect": "Allow", "Action": POLL, "Resource": {"Fn::GetAtt": [queue, "Arn"]}}
 
 
 def assert_least_privilege(resources: dict[str, Any], function: str) -> None:
@@ -280,10 +295,10 @@ def assert_least_privilege(resources: dict[str, Any], function: str) -> None:
             _, policy, no = policy["Fn::If"]
             assert no == {"Ref": "AWS::NoValue"}
         inline.extend(policy["PolicyDocument"]["Statement"])
-    allowed = [DLQ_SEND]
+    allowed = [own_queue_poll(function), DLQ_SEND]
     if function == "LifecycleHookFunction":
-        allowed.append(NOTIFICATION_QUEUE_POLL)
-    assert inline == allowed
+        allowed.insert(1, NOTIFICATION_QUEUE_POLL)
+    assert sorted(map(json.dumps, inline)) == sorted(map(json.dumps, allowed))
 
 
 @pytest.mark.parametrize("function", sorted(ALLOWED_MANAGED))
@@ -297,28 +312,21 @@ def test_the_roles_have_nothing_but_the_drain_policy_logs_and_their_pollers(
 @pytest.mark.parametrize(
     "grant",
     [
-        "AWSLambdaSQSQueueExecutionRole",  # on a function without a queue of its own
+        "AWSLambdaSQSQueueExecutionRole",
         "AmazonSQSFullAccess",
         {"Statement": [{"Effect": "Allow", "Action": "sqs:*", "Resource": "*"}]},
         {"Statement": [{"Effect": "Allow", "Action": "ecs:StopTask", "Resource": "*"}]},
     ],
-    ids=["sqs-poller-without-a-queue", "managed-sqs-full", "inline-sqs-star", "inline-ecs"],
+    ids=["managed-sqs-poller", "managed-sqs-full", "inline-sqs-star", "inline-ecs"],
 )
 def test_the_role_check_catches_a_broader_grant(
     template: dict[str, Any], monkeypatch: pytest.MonkeyPatch, grant: Any
 ) -> None:
-    # What the check above is for: a function given more than it needs is caught. Here the
-    # spot function's notice queue is taken away first, so that the poller's policy SAM adds
-    # for it is more than it needs too.
+    # What the check above is for: a function given more than it needs is caught (AWS's
+    # poller policy too: it would let the function read every queue).
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     broader = copy.deepcopy(template)
     props = broader["Resources"]["SpotInterruptionFunction"]["Properties"]
-    if grant == "AWSLambdaSQSQueueExecutionRole":
-        props.pop("Events")
-        monkeypatch.setitem(
-            ALLOWED_MANAGED, "SpotInterruptionFunction", {"AWSLambdaBasicExecutionRole"}
-        )
-        assert_least_privilege(expand(broader)["Resources"], "SpotInterruptionFunction")
     props["Policies"].append(grant)
 
     class KnownPolicies(NoManagedPolicies):
@@ -347,15 +355,14 @@ def test_the_notice_rules_target_their_queues(template: dict[str, Any]) -> None:
         assert rule["Properties"]["State"] == "ENABLED"
         (target,) = rule["Properties"]["Targets"]
         assert target == {"Id": queue, "Arn": {"Fn::GetAtt": [queue, "Arn"]}}, name
-    # The two functions have no EventBridge event of their own any more; the monitor's stay.
+    # The two functions have no event of their own any more (their queues' mappings are
+    # resources: see MAPPINGS); the monitor's rules stay.
     for fn in ("LifecycleHookFunction", "SpotInterruptionFunction"):
-        events = res[fn]["Properties"]["Events"]
-        assert [e["Type"] for e in events.values()] == ["SQS"], fn
+        assert "Events" not in res[fn]["Properties"], fn
     monitor = res["DrainMonitorFunction"]["Properties"]["Events"]
     assert {k: e["Type"] for k, e in monitor.items()} == {
         "TaskStopped": "EventBridgeRule",
         "InstanceDraining": "EventBridgeRule",
-        "Ticks": "SQS",
     }
 
 
@@ -432,29 +439,18 @@ def test_the_notices_are_batched_by_the_parameter(
         assert param["Type"] == "Number"
         assert (param["Default"], param["MinValue"], param["MaxValue"]) == bounds
     res = template["Resources"]
-    for fn, event, queue, window in (
-        (
-            "LifecycleHookFunction",
-            "LifecycleNotices",
-            "LifecycleNoticeQueue",
-            "LifecycleBatchingSeconds",
-        ),
-        (
-            "SpotInterruptionFunction",
-            "InstanceNotices",
-            "InstanceNoticeQueue",
-            "NoticeBatchingSeconds",
-        ),
-    ):
-        props = res[fn]["Properties"]["Events"][event]["Properties"]
-        assert props["Queue"] == {"Fn::GetAtt": [queue, "Arn"]}
+    for name, (queue, fn, window) in MAPPINGS.items():
+        props = res[name]["Properties"]
+        assert res[name]["Type"] == "AWS::Lambda::EventSourceMapping"
+        assert props["EventSourceArn"] == {"Fn::GetAtt": [queue, "Arn"]}
+        assert props["FunctionName"] == {"Ref": fn}
         assert props["BatchSize"] == 10
-        assert props["MaximumBatchingWindowInSeconds"] == {"Ref": window}
+        assert props.get("MaximumBatchingWindowInSeconds") == ({"Ref": window} if window else None)
         assert props["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
     assert res["LifecycleNotificationMapping"]["Properties"]["MaximumBatchingWindowInSeconds"] == {
         "Ref": "LifecycleBatchingSeconds"
     }
-    # ...and SAM carries it onto the mappings it makes.
+    # ...and SAM leaves the mappings as written (the drain queue's ticks are not batched).
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     out = expand(template, {"LifecycleNotificationQueueArn": "arn:aws:sqs:us-east-1:1:n"})
     mappings = {
@@ -462,17 +458,13 @@ def test_the_notices_are_batched_by_the_parameter(
         for k, v in out["Resources"].items()
         if v["Type"] == "AWS::Lambda::EventSourceMapping"
     }
-    batched = sorted(k for k, m in mappings.items() if m.get("MaximumBatchingWindowInSeconds"))
-    assert batched == [
-        "LifecycleHookFunctionLifecycleNotices",
-        "LifecycleNotificationMapping",
-        "SpotInterruptionFunctionInstanceNotices",
-    ]
-    windows = {k: mappings[k]["MaximumBatchingWindowInSeconds"] for k in batched}
+    assert sorted(mappings) == sorted([*MAPPINGS, "LifecycleNotificationMapping"])
+    windows = {k: m.get("MaximumBatchingWindowInSeconds") for k, m in mappings.items()}
     assert windows == {
-        "LifecycleHookFunctionLifecycleNotices": {"Ref": "LifecycleBatchingSeconds"},
+        "LifecycleNoticeMapping": {"Ref": "LifecycleBatchingSeconds"},
         "LifecycleNotificationMapping": {"Ref": "LifecycleBatchingSeconds"},
-        "SpotInterruptionFunctionInstanceNotices": {"Ref": "NoticeBatchingSeconds"},
+        "InstanceNoticeMapping": {"Ref": "NoticeBatchingSeconds"},
+        "DrainTickMapping": None,
     }
 
 
