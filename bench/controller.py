@@ -137,6 +137,8 @@ FLEET_GOALS = {
 REST_LIMIT = 200
 #: What template.yaml sets: a failed tick comes back after the queue's visibility timeout; an
 #: EventBridge invocation that raised is retried twice by Lambda.
+#: A notice whose batch item failed shows again after its queue's visibility timeout.
+NOTICE_REDELIVERY = 60.0
 TICK_REDELIVERY = 360.0
 EVENT_RETRIES = (60.0, 120.0)
 #: An agent's own deadline after SIGTERM: stopTimeout 120 - cancel grace 10 - margin 5.
@@ -529,11 +531,14 @@ class DrivenWorld(BenchWorld):
     clients: list[CoordinatorClient]
     lookups: list[GraphqlAgentLookup]
 
-    def drive(self, calls: Calls, batching: dict[str, float] | None = None) -> None:
+    def drive(self, calls: Calls, batching: dict[str, float] | None = None, most: int = 10) -> None:
         """Count ``calls``; ``batching``: the functions fed by a notice queue, with their
-        batching windows (None: every notice straight to its function, as before)."""
+        batching windows (None: every notice straight to its function, as before); ``most``:
+        the most notices a batch holds (the mapping's BatchSize; less: what Lambda's several
+        pollers, each gathering its own batch, may come to)."""
         self.calls = calls
         self.batching = batching
+        self.most = most
         self.charged_aws: Counter[str] = Counter()
         self.charged_rest: Counter[str] = Counter()
         #: Instance -> its AWS calls by operation (for the breakdown of idle and busy drains).
@@ -619,8 +624,9 @@ class DrivenWorld(BenchWorld):
         now = self.clock()
         for function, pending in self.notices.items():
             window = (self.batching or {}).get(function, 0.0)
-            while pending and (len(pending) >= 10 or now - pending[0][0] >= window):
-                batch, pending[:] = pending[:10], pending[10:]
+            most = self.most
+            while pending and (len(pending) >= most or now - pending[0][0] >= window):
+                batch, pending[:] = pending[:most], pending[most:]
                 events = [e for _, e in batch]
                 iids = [i for e in events if (i := self.instance_of(e))]
                 event = sqs_event(*(json.dumps(e) for e in events))
@@ -630,7 +636,7 @@ class DrivenWorld(BenchWorld):
                 for record, (_, notice) in zip(event["Records"], batch, strict=True):
                     if record["messageId"] in failed:
                         self.failures += 1
-                        pending.append((now + TICK_REDELIVERY, notice))
+                        pending.append((now + NOTICE_REDELIVERY, notice))
 
     def deliver_ticks(self) -> None:
         for body in self.ticks.due():
@@ -717,7 +723,7 @@ def other_agents(w: DrivenWorld, count: int) -> None:
 
 
 def fleet_controller(
-    w: DrivenWorld, calls: Calls, before: bool, graphql: bool = False
+    w: DrivenWorld, calls: Calls, before: bool, graphql: bool = False, most: int = 10
 ) -> list[CoordinatorClient]:
     """One counted controller per function (as deployed: one warm container each), events and
     ticks delivered to the controller of the function that handles them; their REST clients.
@@ -755,7 +761,7 @@ def fleet_controller(
     w.rest = clients[0]
     w.clients = clients
     # As deployed: notices through their queues, in batches (--before: one by one).
-    w.drive(calls, None if before else notice_windows())
+    w.drive(calls, None if before else notice_windows(), most)
     return clients
 
 
@@ -832,7 +838,12 @@ def fleet_figures(
 
 
 def bench_scale_in(
-    instances: int, org_agents: int, per_minute: float, before: bool, graphql: bool = False
+    instances: int,
+    org_agents: int,
+    per_minute: float,
+    before: bool,
+    graphql: bool = False,
+    most: int = 10,
 ) -> dict[str, Any]:
     with world(REST_LIMIT, DrivenWorld) as w:
         t = time.perf_counter()
@@ -845,7 +856,7 @@ def bench_scale_in(
         other_agents(w, max(0, org_agents - instances))
         setup = time.perf_counter() - t
         calls = Calls()
-        clients = fleet_controller(w, calls, before, graphql)
+        clients = fleet_controller(w, calls, before, graphql, most)
         t, start = time.perf_counter(), w.clock()
         pending = list(ids)
         next_at = start
@@ -875,7 +886,7 @@ def bench_scale_in(
 
 
 def bench_storm(
-    instances: int, org_agents: int, before: bool, graphql: bool = False
+    instances: int, org_agents: int, before: bool, graphql: bool = False, most: int = 10
 ) -> dict[str, Any]:
     with world(REST_LIMIT, DrivenWorld) as w:
         t = time.perf_counter()
@@ -891,7 +902,7 @@ def bench_storm(
         other_agents(w, max(0, org_agents - 2 * instances))
         setup = time.perf_counter() - t
         calls = Calls()
-        clients = fleet_controller(w, calls, before, graphql)
+        clients = fleet_controller(w, calls, before, graphql, most)
         t, start = time.perf_counter(), w.clock()
         for iid in ids:
             w.active.add(iid)
@@ -1042,6 +1053,13 @@ def main(argv: list[str] | None = None) -> int:
         help="4 and 5 with agents found by GraphQL lookups (CoordinatorGraphqlUrl) instead of "
         "the shared REST listing",
     )
+    parser.add_argument(
+        "--notices-a-batch",
+        type=int,
+        default=10,
+        help="4 and 5: the most notices a batch holds (default 10, the mappings' BatchSize; "
+        "this bench's one poller fills it, Lambda's several pollers each gather their own)",
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     args = parser.parse_args(argv)
     instances = args.instances or (100 if args.quick else 1000)
@@ -1121,7 +1139,12 @@ def main(argv: list[str] | None = None) -> int:
         which += ", agents found with GraphQL (--graphql)"
     if 4 in sections:
         scale = bench_scale_in(
-            instances, args.org_agents, args.scale_in_per_minute, args.before, args.graphql
+            instances,
+            args.org_agents,
+            args.scale_in_per_minute,
+            args.before,
+            args.graphql,
+            args.notices_a_batch,
         )
         print(
             f"\n4. scale-in of {scale['instances']} instances ({scale['busy']} busy for 300 s) "
@@ -1137,7 +1160,7 @@ def main(argv: list[str] | None = None) -> int:
             missed.append("scale-in: hooks")
 
     if 5 in sections:
-        spot = bench_storm(storm, args.org_agents, args.before, args.graphql)
+        spot = bench_storm(storm, args.org_agents, args.before, args.graphql, args.notices_a_batch)
         print(
             f"\n5. spot storm: {spot['instances']} instances interrupted at once "
             f"({spot['busy']} with a job that cannot finish in time) in a "

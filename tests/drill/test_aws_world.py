@@ -112,8 +112,11 @@ def test_the_stack_creates_what_sam_deploy_would(deployed: Deployment) -> None:
     assert len(deployed.mappings) == 3
     for mapping in deployed.mappings:
         assert mapping.report_batch_item_failures and mapping.batch_size == 10
-        assert mapping.visibility_timeout == 360
     ticks = mapping_of(deployed, "DrainMonitorFunction")
+    # A failed batch of notices comes back after the functions' timeout; the ticks' after six.
+    assert ticks.visibility_timeout == 360
+    assert mapping_of(deployed, "LifecycleHookFunction").visibility_timeout == 60
+    assert mapping_of(deployed, "SpotInterruptionFunction").visibility_timeout == 60
     assert ticks.queue_url == deployed.outputs["DrainQueueUrl"]
     # The notices wait for a batch (LifecycleBatchingSeconds, default 5; NoticeBatchingSeconds,
     # default 1); the ticks do not.
