@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -106,7 +107,7 @@ from fleetdrain.controller.drain.graphql_agents import (  # noqa: E402
 from fleetdrain.controller.drain.ports import DrainRecord, Tick  # noqa: E402
 from fleetdrain.controller.drain.shared_listing import SharedAgentListing  # noqa: E402
 from fleetdrain.controller.drain.state import DynamoDrainStore, DynamoListingCache  # noqa: E402
-from fleetdrain.controller.drain.ticks import tick_body  # noqa: E402
+from fleetdrain.controller.drain.ticks import SqsTicks  # noqa: E402
 from fleetdrain.drill.aws.gaps import AwsGaps  # noqa: E402
 from fleetdrain.drill.aws.rules import event_rules  # noqa: E402
 from fleetdrain.drill.aws.template import load_template  # noqa: E402
@@ -215,6 +216,10 @@ class BenchWorld(World):
         url = sqs.create_queue(QueueName="drain-queue")["QueueUrl"]
         fake = self.ticks
 
+        # The messages as the controller's adapter sends them (the record a tick carries
+        # included), at once: delivery follows the fake clock.
+        sent = SqsTicks(sqs, url)
+
         class CountedTicks:
             def schedule(
                 self,
@@ -224,30 +229,15 @@ class BenchWorld(World):
                 delay: int,
                 record: DrainRecord | None = None,
             ) -> None:
-                # The body as SqsTicks sends it (the record it carries included).
-                body = tick_body(instance_id, drain_id, tick_id, record)
-                sqs.send_message(QueueUrl=url, MessageBody=body, DelaySeconds=0)
+                sent.schedule(instance_id, drain_id, tick_id, 0, record)
                 fake.schedule(instance_id, drain_id, tick_id, delay, record)
 
             def schedule_many(self, ticks: Sequence[Tick]) -> set[str]:
-                # As SqsTicks sends a batch's ticks: 10 a SendMessageBatch.
-                for start in range(0, len(ticks), 10):
-                    chunk = ticks[start : start + 10]
-                    sqs.send_message_batch(
-                        QueueUrl=url,
-                        Entries=[
-                            {
-                                "Id": str(n),
-                                "MessageBody": tick_body(
-                                    t.instance_id, t.drain_id, t.tick_id, t.record
-                                ),
-                            }
-                            for n, t in enumerate(chunk)
-                        ],
-                    )
+                failed = sent.schedule_many([dataclasses.replace(t, delay=0) for t in ticks])
                 for t in ticks:
-                    fake.schedule(t.instance_id, t.drain_id, t.tick_id, t.delay, t.record)
-                return set()
+                    if t.tick_id not in failed:
+                        fake.schedule(t.instance_id, t.drain_id, t.tick_id, t.delay, t.record)
+                return failed
 
         ctl.ticks = CountedTicks()
         return ctl
@@ -571,19 +561,11 @@ class DrivenWorld(BenchWorld):
         return self.iid_of_ci.get(str(detail.get("containerInstanceArn", "")))
 
     def charged(self, iid: str | None, fn: Any) -> Any:
-        aws, rest = self.calls.total, self.coordinator_requests()
-        ops = self.calls.snapshot() if iid is not None else None
-        try:
-            return fn()
-        finally:
-            if iid is not None and ops is not None:
-                self.charged_aws[iid] += self.calls.total - aws
-                self.charged_rest[iid] += self.coordinator_requests() - rest
-                mine = self.charged_ops.setdefault(iid, Counter())
-                mine.update(delta(self.calls.snapshot(), ops))
+        """Run ``fn``; its AWS calls and coordinator requests are charged to ``iid``."""
+        return self.charged_many([iid] if iid is not None else [], fn)
 
     def charged_many(self, iids: list[str], fn: Any) -> Any:
-        """:meth:`charged`, the calls and requests shared evenly by ``iids`` (one batch)."""
+        """Run ``fn``; its calls and requests are shared evenly by ``iids`` (one batch)."""
         aws, rest = self.calls.total, self.coordinator_requests()
         ops = self.calls.snapshot()
         try:

@@ -435,17 +435,11 @@ class World:
         died = any(isinstance(r, Died) for r in results)
         for pending, result in zip(pendings, results, strict=True):
             if died or isinstance(result, Retryable):
-                pending.attempts += 1
-                pending.due = self.now + RETRY_AFTER
-                self.queue.append(pending)
+                self._again(pending)
                 continue
             if isinstance(result, Exception):
                 raise result
-            self.results.append((pending.signal, result))
-            if isinstance(pending.signal, LifecycleSignal):
-                action = self.actions.get(pending.signal.token)
-                if action is not None:
-                    action.delivered = True
+            self._answered(pending, result)
         self.observe()
         self.pump()
 
@@ -468,20 +462,30 @@ class World:
         try:
             result = self.ctl.handle(pending.signal)
         except (Died, Retryable):
-            pending.attempts += 1
-            pending.due = self.now + RETRY_AFTER
-            self.queue.append(pending)
+            self._again(pending)
             return None
         finally:
             self.fuse = None
             self.observe()
+        if self._answered(pending, result):
+            self.observe()
+        return result
+
+    def _again(self, pending: Pending) -> None:
+        """The invocation failed: ``pending`` is delivered again later."""
+        pending.attempts += 1
+        pending.due = self.now + RETRY_AFTER
+        self.queue.append(pending)
+
+    def _answered(self, pending: Pending, result: Result) -> bool:
+        """Note what the controller answered; True when that delivered a lifecycle action."""
         self.results.append((pending.signal, result))
         if isinstance(pending.signal, LifecycleSignal):
             action = self.actions.get(pending.signal.token)
             if action is not None:
                 action.delivered = True
-                self.observe()
-        return result
+                return True
+        return False
 
     def _call(self, port: str, name: str) -> None:
         self.calls[f"{port}.{name}"] += 1

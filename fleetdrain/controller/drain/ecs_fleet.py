@@ -138,18 +138,7 @@ class EcsFleet:
         found: dict[str, ContainerInstance | None] = dict.fromkeys(ids)
         for group in _chunks(ids, FILTER_IDS):
             arns = self._list_instances(filter=f"ec2InstanceId in [{', '.join(group)}]")
-            for batch in _chunks(arns, 100):
-                out = self._call(
-                    "DescribeContainerInstances",
-                    self._ecs.describe_container_instances,
-                    containerInstances=batch,
-                )
-                for ci in out.get("containerInstances", []):
-                    iid = ci.get("ec2InstanceId")
-                    if iid in found and found[iid] is None:
-                        found[iid] = ContainerInstance(
-                            ci["containerInstanceArn"], iid, ci.get("status", "")
-                        )
+            found.update(self._pair(arns, set(group)))
         return found
 
     def _list_instances(self, **kwargs: Any) -> list[str]:
@@ -168,18 +157,27 @@ class EcsFleet:
                 return arns
 
     def _match(self, arns: list[str], instance_id: str) -> ContainerInstance | None:
+        return self._pair(arns, {instance_id}).get(instance_id)
+
+    def _pair(self, arns: list[str], wanted: set[str]) -> dict[str, ContainerInstance]:
+        """The container instances among ``arns`` on the EC2 instances ``wanted`` (the first
+        found of each), described 100 a call until every one of them is found."""
+        found: dict[str, ContainerInstance] = {}
         for batch in _chunks(arns, 100):
+            if len(found) == len(wanted):
+                break
             out = self._call(
                 "DescribeContainerInstances",
                 self._ecs.describe_container_instances,
                 containerInstances=batch,
             )
             for ci in out.get("containerInstances", []):
-                if ci.get("ec2InstanceId") == instance_id:
-                    return ContainerInstance(
-                        ci["containerInstanceArn"], instance_id, ci.get("status", "")
+                iid = ci.get("ec2InstanceId")
+                if iid in wanted and iid not in found:
+                    found[iid] = ContainerInstance(
+                        ci["containerInstanceArn"], iid, ci.get("status", "")
                     )
-        return None
+        return found
 
     def container_instance_status(self, arn: str) -> str | None:
         out = self._call(
@@ -192,15 +190,9 @@ class EcsFleet:
         return None
 
     def set_draining(self, arn: str) -> None:
-        out = self._call(
-            "UpdateContainerInstancesState",
-            self._ecs.update_container_instances_state,
-            containerInstances=[arn],
-            status="DRAINING",
-        )
-        failures = out.get("failures") or []
-        if failures:
-            reason = failures[0].get("reason", "unknown")
+        failed = self.set_draining_many([arn])
+        if failed:
+            reason = next(iter(failed.values()))
             raise RuntimeError(f"UpdateContainerInstancesState DRAINING failed: {reason}")
 
     def set_draining_many(self, arns: Sequence[str]) -> dict[str, str]:
@@ -264,18 +256,8 @@ class EcsFleet:
         ``DescribeTasks`` calls (100 ARNs a call, across instances), where one instance at a
         time takes one call each."""
         looks = [self._plan(ci, (), False) for ci in dict.fromkeys(container_instance_arns)]
-        wanted = [(look.ci, arn) for look in looks for arn in look.to_describe]
-        by_ci: dict[str, list[dict[str, Any]]] = {look.ci: [] for look in looks}
-        for batch in _chunks(wanted, 100):
-            owner = dict((arn, ci) for ci, arn in batch)
-            out = self._call(
-                "DescribeTasks", self._ecs.describe_tasks, tasks=[arn for _, arn in batch]
-            )
-            for task in out.get("tasks", []):
-                ci = owner.get(task.get("taskArn", ""))
-                if ci is not None and task.get("containerInstanceArn", ci) == ci:
-                    by_ci[ci].append(task)
-        return {look.ci: self._answer(look, by_ci[look.ci]) for look in looks}
+        by_ci = self._describe_on([(look.ci, arn) for look in looks for arn in look.to_describe])
+        return {look.ci: self._answer(look, by_ci.get(look.ci, [])) for look in looks}
 
     def _plan(self, ci: str, known: Sequence[TaskInfo], exact: bool) -> _Look:
         """A look's listings of ``ci`` (what :meth:`tasks_on` reads before it describes)."""
@@ -383,13 +365,23 @@ class EcsFleet:
     def _describe(self, ci: str, arns: list[str]) -> list[dict[str, Any]]:
         """The tasks of ``arns`` on ``ci`` (100 a call; a task ECS no longer knows is left
         out)."""
-        described: list[dict[str, Any]] = []
-        for batch in _chunks(arns, 100):
-            out = self._call("DescribeTasks", self._ecs.describe_tasks, tasks=batch)
-            described.extend(
-                t for t in out.get("tasks", []) if t.get("containerInstanceArn", ci) == ci
+        return self._describe_on([(ci, arn) for arn in arns]).get(ci, [])
+
+    def _describe_on(self, wanted: list[tuple[str, str]]) -> dict[str, list[dict[str, Any]]]:
+        """The tasks of ``wanted`` ((container instance, task ARN) pairs), by container
+        instance: 100 ARNs a ``DescribeTasks`` call, across instances; a task ECS no longer
+        knows, or found on another instance, is left out."""
+        by_ci: dict[str, list[dict[str, Any]]] = {}
+        for batch in _chunks(wanted, 100):
+            owner = dict((arn, ci) for ci, arn in batch)
+            out = self._call(
+                "DescribeTasks", self._ecs.describe_tasks, tasks=[arn for _, arn in batch]
             )
-        return described
+            for task in out.get("tasks", []):
+                ci = owner.get(task.get("taskArn", ""))
+                if ci is not None and task.get("containerInstanceArn", ci) == ci:
+                    by_ci.setdefault(ci, []).append(task)
+        return by_ci
 
     def _daemons_of(self, tasks: list[dict[str, Any]]) -> set[str]:
         """The DAEMON services among these tasks' services."""

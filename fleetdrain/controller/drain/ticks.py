@@ -40,6 +40,14 @@ def tick_body(
     return json.dumps(body)
 
 
+def _message(tick: Tick) -> dict[str, Any]:
+    """A tick's SQS message: its body and its delay (within the queue's ceiling)."""
+    return {
+        "MessageBody": tick_body(tick.instance_id, tick.drain_id, tick.tick_id, tick.record),
+        "DelaySeconds": max(0, min(MAX_DELAY, int(tick.delay))),
+    }
+
+
 class SqsTicks:
     """:class:`~fleetdrain.controller.drain.ports.TicksPort` on the drain queue."""
 
@@ -58,8 +66,7 @@ class SqsTicks:
         try:
             self._sqs.send_message(
                 QueueUrl=self._queue_url,
-                MessageBody=tick_body(instance_id, drain_id, tick_id, record),
-                DelaySeconds=max(0, min(MAX_DELAY, int(delay))),
+                **_message(Tick(instance_id, drain_id, tick_id, delay, record)),
             )
         except (ClientError, BotoCoreError) as exc:
             reraise_retryable(exc, "SQS SendMessage")
@@ -71,14 +78,7 @@ class SqsTicks:
         failed: set[str] = set()
         for start in range(0, len(ticks), 10):
             batch = ticks[start : start + 10]
-            entries = [
-                {
-                    "Id": str(n),
-                    "MessageBody": tick_body(t.instance_id, t.drain_id, t.tick_id, t.record),
-                    "DelaySeconds": max(0, min(MAX_DELAY, int(t.delay))),
-                }
-                for n, t in enumerate(batch)
-            ]
+            entries = [{"Id": str(n), **_message(t)} for n, t in enumerate(batch)]
             try:
                 out = self._sqs.send_message_batch(QueueUrl=self._queue_url, Entries=entries)
             except (ClientError, BotoCoreError) as exc:
