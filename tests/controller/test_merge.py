@@ -379,6 +379,63 @@ CASES = [
         "started",
         {"reasons": ["scale_in", "spot"], "phase": "hard", "force_at": NOW + 60},
     ),
+    Case(
+        "a spot deadline of a run that stopped under it does not carry over",
+        done(
+            reasons=["spot", "stopping"],
+            spot_deadline=NOW + 60,
+            completed_at=NOW - 30,
+            lifecycle_state="none",
+            dead_tokens=[],
+        ),
+        lifecycle(),
+        "started",
+        {"reasons": ["scale_in"], "phase": "soft", "spot_deadline": None},
+    ),
+    Case(
+        "nor one whose notice came after a stop's drain, for the run that stopped",
+        done(
+            reasons=["spot"],
+            spot_deadline=NOW + 60,
+            lifecycle_state="none",
+            dead_tokens=[],
+            history=[
+                PastEpisode(
+                    drain_id="d-1",
+                    episode=1,
+                    reasons=["stopping"],
+                    started_at=NOW - 80,
+                    completed_at=NOW - 55,
+                    outcome="drained",
+                )
+            ],
+        ),
+        lifecycle(),
+        "started",
+        {"reasons": ["scale_in"], "phase": "soft", "spot_deadline": None},
+    ),
+    Case(
+        "a stop that ended before the notice does not void it (the notice is the new run's)",
+        done(
+            reasons=["spot"],
+            spot_deadline=NOW + 60,
+            lifecycle_state="none",
+            dead_tokens=[],
+            history=[
+                PastEpisode(
+                    drain_id="d-1",
+                    episode=1,
+                    reasons=["stopping"],
+                    started_at=NOW - 400,
+                    completed_at=NOW - 300,
+                    outcome="drained",
+                )
+            ],
+        ),
+        lifecycle(),
+        "started",
+        {"reasons": ["scale_in", "spot"], "phase": "hard", "force_at": NOW + 60},
+    ),
     # ------------------------------------------------------------------ spot notices
     Case(
         "a spot notice starts a hard drain, for an instance of the cluster",

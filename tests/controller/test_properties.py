@@ -236,3 +236,46 @@ Drains.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_drains_hold_under_any_interleaving = Drains.TestCase
+
+
+def test_a_spot_notice_does_not_force_the_run_after_the_instance_stopped_and_came_back() -> None:
+    """Found by the machine above (2026-12-04): a spot notice, then the instance is stopped from
+    outside (its drain forces and ends), a warm pool starts it again, it takes a job, and the
+    group scales it in. The new episode took on the old notice's deadline, 100 s after the
+    notice, and forced the new run's job: cut short on an instance that was not going then.
+    The same when the notice came late, after the stop's drain had ended (second half)."""
+    state = Drains()
+    state.agents(busy=[30, 30, 30])
+    state.spot(i=0, delay=0)
+    state.stopped_outside_the_group(i=0, state="stopping")
+    state.wait(seconds=60)
+    state.nothing_went_wrong()
+    state.warm_pool_reuse(i=0)
+    state.place_agent(i=0)
+    state.start_job(i=0, seconds=42)
+    state.scale_in(delay=0, i=0, warm=False)
+    state.wait(seconds=60)
+    state.nothing_went_wrong()
+    rec = state.w.store.records[state.iids[0]]
+    assert rec.episode == 2 and rec.reasons == ["scale_in"] and rec.forced_at is None
+    state.w.settle()
+    state.w.ok()
+    assert not state.w.store.in_flight()
+    # The notices in one batch that dies; delivered again after the stop's drain has ended.
+    state = Drains()
+    state.agents(busy=[30, 30, 30])
+    state.crash(n=0)
+    state.notices_together(picks=[0, 1], spot=True)
+    state.stopped_outside_the_group(i=1, state="stopping")
+    state.wait(seconds=60)
+    state.nothing_went_wrong()
+    state.warm_pool_reuse(i=1)
+    state.place_agent(i=1)
+    state.start_job(i=1, seconds=42)
+    state.scale_in(delay=0, i=1, warm=False)
+    state.wait(seconds=60)
+    state.nothing_went_wrong()
+    rec = state.w.store.records[state.iids[1]]
+    assert rec.reasons == ["scale_in"] and rec.forced_at is None
+    state.w.settle()
+    state.w.ok()

@@ -169,7 +169,9 @@ def next_episode(
 
     A new ``drain_id`` (ticks of the last episode are ignored), its own phase and deadline;
     carried over: the events seen, the spent tokens, one line of history, and a spot deadline
-    still ahead (the instance dies then, whatever drains it next).
+    still ahead (the instance dies then, whatever drains it next), unless a drain for a stop
+    ended at or after the notice: the run the notice was about stopped, and what is drained
+    now is the instance started again (a warm pool's), which a notice of its own would name.
     """
     if rec is None:
         fresh = _new(settings, new_id, instance_id, now, **fields)
@@ -195,7 +197,11 @@ def next_episode(
             listing_pages=rec.listing_pages,
             **fields,
         )
-        if rec.spot_deadline is not None and rec.spot_deadline > now:
+        if (
+            rec.spot_deadline is not None
+            and rec.spot_deadline > now
+            and not _stopped_since(rec, rec.spot_deadline - SPOT_NOTICE_SECONDS)
+        ):
             if "spot" not in fresh.reasons:
                 fresh.reasons.append("spot")
             fresh.spot_deadline = min(fresh.spot_deadline or rec.spot_deadline, rec.spot_deadline)
@@ -203,6 +209,14 @@ def next_episode(
             fresh.phase = "hard"
     fresh.remember(event_id)
     return fresh
+
+
+def _stopped_since(rec: DrainRecord, when: float) -> bool:
+    """Whether a drain of the instance for a stop (the instance stopping) ended at or after
+    ``when``: its run was over then, or being stopped."""
+    ended = [(e.reasons, e.completed_at) for e in rec.history]
+    ended.append((rec.reasons, rec.completed_at))
+    return any("stopping" in reasons and at is not None and at >= when for reasons, at in ended)
 
 
 def _earlier(a: float | None, b: float | None) -> float | None:
